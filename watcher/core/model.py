@@ -1,0 +1,108 @@
+"""The map of the contract, as msgspec Structs.
+
+These types are the JSON the daemon serves, `scan` prints and CRIU records. Field names
+are the public contract; new fields may be added, none renamed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Severity = Literal["error", "warning", "info"]
+Kind = Literal[
+    "control",
+    "modeset",
+    "gpu",
+    "uvm",
+    "uvm-tools",
+    "cap",
+    "imex-channel",
+    "nvswitch",
+    "nvswitch-control",
+]
+DriverSource = Literal["validations", "config", "detected"]
+ProblemCode = Literal[
+    "driver-not-loaded",
+    "no-device-root",
+    "not-in-dev",
+    "driver-root-empty",
+    "missing-node",
+    "wrong-major",
+    "wrong-minor",
+    "not-char-device",
+    "nodev-mount",
+    "validations-mismatch",
+]
+
+
+class Mount(msgspec.Struct, frozen=True, kw_only=True):
+    """The mount that holds a node, as the host sees it."""
+
+    id: int
+    mount_point: str
+    fstype: str
+    source: str
+    options: tuple[str, ...]
+    nodev: bool
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True):
+    """One NVIDIA node found in the dev root, valid or not."""
+
+    name: str
+    path: str
+    kind: Kind
+    major: int
+    minor: int
+    mode: str
+    valid: bool
+    mount: Mount | None
+
+
+class Gpu(msgspec.Struct, frozen=True, kw_only=True):
+    minor: int | None
+    bus_id: str
+    model: str | None
+    uuid: str | None
+    device: str | None
+
+
+class Problem(msgspec.Struct, frozen=True, kw_only=True):
+    code: ProblemCode
+    severity: Severity
+    message: str
+    path: str | None = None
+
+
+class Driver(msgspec.Struct, frozen=True, kw_only=True):
+    loaded: bool
+    version: str | None
+    root: str | None
+    dev_root: str | None
+    source: DriverSource
+
+
+class DeviceMap(msgspec.Struct, frozen=True, kw_only=True):
+    generation: int
+    updated: str
+    driver: Driver
+    devices: tuple[Device, ...]
+    gpus: tuple[Gpu, ...]
+    problems: tuple[Problem, ...]
+
+    def same_content(self, other: DeviceMap) -> bool:
+        """True when only the generation and timestamp differ: no new generation is due."""
+        return (
+            self.driver == other.driver
+            and self.devices == other.devices
+            and self.gpus == other.gpus
+            and self.problems == other.problems
+        )
+
+    def device(self, name: str) -> Device | None:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        return None
