@@ -1,0 +1,170 @@
+"""The TOML config and the command line merged into one validated `Settings`.
+
+Command-line options win over the file; the file wins over defaults. An unknown key or a
+wrong type is a `ConfigError` naming the key, which the CLI turns into exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from watcher.core.scan import DEFAULT_DRIVER_ROOTS, DEFAULT_VALIDATIONS_DIR, HostView
+
+DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
+DEFAULT_SOCKET = "/run/gpu-device-watcher.sock"
+SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+_MODE = re.compile(r"0?[0-7]{3,4}")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The keys of config.toml; None means "not set here"."""
+
+    socket: str | None = None
+    root: str | None = None
+    proc: str | None = None
+    mountinfo: str | None = None
+    driver_roots: list[str] | None = None
+    validations_dir: str | None = None
+    debounce_ms: int | None = None
+    log_level: LogLevel | None = None
+    max_clients: int | None = None
+    socket_mode: str | None = None
+    socket_group: str | int | None = None
+    allowed_uids: list[int] | None = None
+    allowed_gids: list[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    view: HostView
+    socket: str
+    debounce_ms: int = 20
+    log_level: LogLevel = "info"
+    max_clients: int = 256
+    socket_mode: int = 0o660
+    socket_group: str | int | None = None
+    allowed_uids: frozenset[int] | None = None
+    allowed_gids: frozenset[int] | None = None
+    config_path: str | None = None
+
+
+def _explain(error: msgspec.ValidationError) -> str:
+    # msgspec says "Object contains unknown field `x`" or "Expected `int`, got `str` - at
+    # `$.debounce_ms`"; say it in the terms of a config file.
+    # Every key is optional in the Struct; "| null" would only confuse a reader.
+    text = str(error).replace(" | null", "")
+    unknown = re.search(r"unknown field `([^`]+)`", text)
+    if unknown:
+        known = ", ".join(ConfigFile.__struct_fields__)
+        return f"unknown key {unknown.group(1)!r} (known keys: {known})"
+    where = re.search(r" - at `\$\.?([^`]*)`", text)
+    if where:
+        return f"key {where.group(1)!r}: {text[: where.start()]}"
+    return text
+
+
+def check_file_safety(path: str) -> None:
+    """Refuse a config that anyone but its owner and root could have written."""
+    info = os.stat(path)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and info.st_gid != 0):
+        raise ConfigError(
+            f"config {path} is writable by others than its owner and root (mode {mode:04o});"
+            f" run: chmod go-w {path}"
+        )
+
+
+def load_config_file(path: str, *, required: bool) -> ConfigFile:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config {path} does not exist") from None
+        return ConfigFile()
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    check_file_safety(path)
+    try:
+        config = msgspec.toml.decode(data, type=ConfigFile)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"config {path}: {_explain(error)}") from None
+    except msgspec.DecodeError as error:
+        raise ConfigError(f"config {path} is not valid TOML: {error}") from None
+    _validate(path, config)
+    return config
+
+
+def _validate(path: str, config: ConfigFile) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"config {path}: key {key!r}: {why}")
+
+    for key in ("socket", "root", "proc", "mountinfo", "validations_dir"):
+        value = getattr(config, key)
+        if value is not None and not value.startswith("/"):
+            raise bad(key, f"must be an absolute path, got {value!r}")
+    for root in config.driver_roots or ():
+        if not root.startswith("/"):
+            raise bad("driver_roots", f"every root must be an absolute path, got {root!r}")
+    if config.driver_roots is not None and not config.driver_roots:
+        raise bad("driver_roots", "must name at least one root")
+    if config.debounce_ms is not None and not 0 <= config.debounce_ms <= 10_000:
+        raise bad("debounce_ms", "must be between 0 and 10000")
+    if config.max_clients is not None and not 1 <= config.max_clients <= 65_536:
+        raise bad("max_clients", "must be between 1 and 65536")
+    if config.socket_mode is not None and not _MODE.fullmatch(config.socket_mode):
+        raise bad(
+            "socket_mode", f'must be an octal mode such as "0660", got {config.socket_mode!r}'
+        )
+
+
+def resolve_settings(
+    options: Mapping[str, Any],
+    environ: Mapping[str, str] = os.environ,
+) -> Settings:
+    """Merge command-line `options` (None = not given), the config file and defaults."""
+    config_path = options.get("config")
+    config = load_config_file(config_path or DEFAULT_CONFIG, required=config_path is not None)
+
+    def pick(key: str, default: Any) -> Any:
+        given = options.get(key)
+        if given is not None:
+            return given
+        from_file = getattr(config, key)
+        return from_file if from_file is not None else default
+
+    socket = options.get("socket") or environ.get(SOCKET_ENV) or config.socket or DEFAULT_SOCKET
+    driver_roots = config.driver_roots
+    view = HostView(
+        root=pick("root", "/"),
+        proc=pick("proc", "/proc"),
+        mountinfo=pick("mountinfo", "/proc/self/mountinfo"),
+        driver_roots=tuple(driver_roots) if driver_roots is not None else DEFAULT_DRIVER_ROOTS,
+        driver_roots_configured=driver_roots is not None,
+        validations_dir=pick("validations_dir", DEFAULT_VALIDATIONS_DIR),
+    )
+    return Settings(
+        view=view,
+        socket=socket,
+        debounce_ms=pick("debounce_ms", 20),
+        log_level=pick("log_level", "info"),
+        max_clients=pick("max_clients", 256),
+        socket_mode=int(pick("socket_mode", "0660"), 8),
+        socket_group=config.socket_group,
+        allowed_uids=frozenset(config.allowed_uids) if config.allowed_uids is not None else None,
+        allowed_gids=frozenset(config.allowed_gids) if config.allowed_gids is not None else None,
+        config_path=config_path or DEFAULT_CONFIG,
+    )

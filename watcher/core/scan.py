@@ -1,0 +1,476 @@
+"""Build the map from one snapshot of the host: roots -> nodes -> mounts -> problems.
+
+Pure: `build_map` takes what `watcher.probe` read (texts and lstat results) and returns a
+`DeviceMap`. Nothing here touches the filesystem, so every decision is table-testable.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from watcher.core.devices import NVIDIA, Family, ProcDevicesError, parse_proc_devices
+from watcher.core.model import (
+    Device,
+    DeviceMap,
+    Driver,
+    DriverSource,
+    Gpu,
+    Mount,
+    Problem,
+    ProblemCode,
+    Severity,
+)
+from watcher.core.mountinfo import MountEntry, MountTable
+from watcher.core.procfs import GpuInformation, parse_driver_version, parse_key_values
+
+DEFAULT_DRIVER_ROOTS = ("/", "/run/nvidia/driver")
+DEFAULT_VALIDATIONS_DIR = "/run/nvidia/validations"
+
+FileType = Literal["char", "block", "symlink", "dir", "file", "other"]
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    """Where the host is visible and which driver roots to consider (all host paths)."""
+
+    root: str = "/"
+    proc: str = "/proc"
+    mountinfo: str = "/proc/self/mountinfo"
+    driver_roots: tuple[str, ...] = DEFAULT_DRIVER_ROOTS
+    driver_roots_configured: bool = False
+    validations_dir: str = DEFAULT_VALIDATIONS_DIR
+
+    def fs_path(self, host_path: str) -> str:
+        """Where a host path is visible to this process."""
+        if self.root == "/":
+            return host_path
+        return self.root.rstrip("/") + host_path if host_path != "/" else self.root
+
+    def host_path(self, fs_path: str) -> str | None:
+        """The host path of a path seen by this process, or None when it lies outside root."""
+        if self.root == "/":
+            return fs_path
+        root = self.root.rstrip("/")
+        if fs_path == root:
+            return "/"
+        if fs_path.startswith(root + "/"):
+            return fs_path[len(root) :]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    """One lstat result in a dev root, for a name that belongs to the family."""
+
+    name: str
+    file_type: FileType
+    major: int = 0
+    minor: int = 0
+    mode: int = 0
+    link_target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DevRootListing:
+    dev_root: str
+    exists: bool
+    entries: tuple[NodeEntry, ...] = ()
+    error: str | None = None
+
+    def entry(self, name: str) -> NodeEntry | None:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        return None
+
+    @property
+    def has_nodes(self) -> bool:
+        return any(entry.file_type in ("char", "block") for entry in self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    driver_root: str
+    dev_root: str
+    from_validations: bool
+
+
+@dataclass(slots=True)
+class HostSnapshot:
+    """Everything one scan read, gathered before any decision is made."""
+
+    proc_devices: str | None
+    proc_devices_error: str | None
+    driver_version_text: str | None
+    gpu_information: list[GpuInformation]
+    mounts: MountTable
+    mounts_error: str | None
+    driver_ready: str | None
+    candidates: list[Candidate]
+    listings: dict[str, DevRootListing]
+    driver_roots_existing: set[str] = field(default_factory=set)
+
+
+def dev_root_of(driver_root: str) -> str:
+    return posixpath.join(driver_root, "dev")
+
+
+def candidates_for(view: HostView, driver_ready: str | None) -> list[Candidate]:
+    """Candidate roots in order: the one named by driver-ready first, then `driver_roots`."""
+    found: list[Candidate] = []
+    if driver_ready is not None:
+        values = parse_key_values(driver_ready)
+        driver_root = values.get("NVIDIA_DRIVER_ROOT", "")
+        if driver_root.startswith("/"):
+            dev_base = values.get("NVIDIA_DEV_ROOT") or driver_root
+            found.append(Candidate(posixpath.normpath(driver_root), dev_root_of(dev_base), True))
+    for root in view.driver_roots:
+        normal = posixpath.normpath(root)
+        if all(candidate.dev_root != dev_root_of(normal) for candidate in found):
+            found.append(Candidate(normal, dev_root_of(normal), False))
+    return found
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[Problem] = []
+
+    def add(
+        self, code: ProblemCode, severity: Severity, message: str, path: str | None = None
+    ) -> None:
+        self.items.append(Problem(code=code, severity=severity, message=message, path=path))
+
+    def sorted(self) -> tuple[Problem, ...]:
+        rank = {"error": 0, "warning": 1, "info": 2}
+        return tuple(
+            sorted(self.items, key=lambda p: (rank[p.severity], p.code, p.path or "", p.message))
+        )
+
+
+def _host_mount(view: HostView, entry: MountEntry) -> Mount:
+    # A mount point outside --root is the mount that holds root itself: "/" in host terms.
+    mount_point = view.host_path(entry.mount_point) or "/"
+    return Mount(
+        id=entry.id,
+        mount_point=mount_point,
+        fstype=entry.fstype,
+        source=entry.source,
+        options=entry.options,
+        nodev=entry.nodev,
+    )
+
+
+def _mount_of(view: HostView, mounts: MountTable, host_path: str) -> Mount | None:
+    entry = mounts.resolve(view.fs_path(host_path))
+    return _host_mount(view, entry) if entry is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    device: Device
+    problems: tuple[tuple[ProblemCode, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Judge:
+    """Decides whether nodes are valid, given what the driver registered and the mounts."""
+
+    view: HostView
+    family: Family
+    majors: dict[str, int]
+    loaded: bool
+    mounts: MountTable
+
+    def judge(self, dev_root: str, entry: NodeEntry) -> _Verdict | None:
+        """A node's Device record and what is wrong with it; None for names outside the family."""
+        matched = self.family.match(entry.name)
+        if matched is None or entry.file_type not in ("char", "block"):
+            return None
+        spec, expected_minor = matched
+        path = posixpath.join(dev_root, entry.name)
+        mount = _mount_of(self.view, self.mounts, path)
+        problems: list[tuple[ProblemCode, str]] = []
+        if entry.file_type != "char":
+            problems.append(
+                (
+                    "not-char-device",
+                    f"{path} is a block device; the driver only makes character devices: remove "
+                    "it and let the driver (or nvidia-modprobe) recreate it",
+                )
+            )
+        registered = self.family.registered_major(spec, self.majors)
+        if self.loaded and registered is None:
+            problems.append(
+                (
+                    "wrong-major",
+                    f"{path} has major {entry.major} but {'/'.join(spec.majors)} is not registered "
+                    "in /proc/devices: the node is stale (its kernel module is not loaded)",
+                )
+            )
+        elif registered is not None and entry.major != registered:
+            problems.append(
+                (
+                    "wrong-major",
+                    f"{path} has major {entry.major} but the driver registered {registered} for "
+                    f"{spec.majors[0]}: the node is stale (left from an earlier driver load); "
+                    "recreate it or restart the driver container",
+                )
+            )
+        if entry.minor != expected_minor:
+            problems.append(
+                (
+                    "wrong-minor",
+                    f"{path} has minor {entry.minor}, expected {expected_minor}: recreate the node",
+                )
+            )
+        if mount is not None and mount.nodev:
+            problems.append(
+                (
+                    "nodev-mount",
+                    f"{path} lies on {mount.mount_point}, mounted nodev: opening it fails with "
+                    "EACCES; remount without nodev",
+                )
+            )
+        device = Device(
+            name=entry.name,
+            path=path,
+            kind=spec.kind,
+            major=entry.major,
+            minor=entry.minor,
+            mode=f"{entry.mode & 0o7777:04o}",
+            valid=self.loaded and not problems,
+            mount=mount,
+        )
+        return _Verdict(device, tuple(problems))
+
+    def verdicts(self, listing: DevRootListing) -> Iterator[_Verdict]:
+        for entry in listing.entries:
+            verdict = self.judge(listing.dev_root, entry)
+            if verdict is not None:
+                yield verdict
+
+    def has_valid_control(self, listing: DevRootListing) -> bool:
+        control = listing.entry("nvidiactl")
+        if control is None:
+            return False
+        verdict = self.judge(listing.dev_root, control)
+        return verdict is not None and verdict.device.valid
+
+
+def build_map(
+    view: HostView,
+    snapshot: HostSnapshot,
+    *,
+    generation: int,
+    updated: str,
+    family: Family = NVIDIA,
+) -> DeviceMap:
+    problems = _Problems()
+
+    majors: dict[str, int] = {}
+    if snapshot.proc_devices is not None:
+        try:
+            majors = parse_proc_devices(snapshot.proc_devices)
+        except ProcDevicesError as error:
+            problems.add(
+                "driver-not-loaded",
+                "error",
+                f"{view.proc}/devices could not be parsed ({error}); is --proc right?",
+                f"{view.proc}/devices",
+            )
+    loaded = family.loaded(majors)
+    if not loaded and not problems.items:
+        why = (
+            f"cannot read {view.proc}/devices ({snapshot.proc_devices_error})"
+            if snapshot.proc_devices_error
+            else f"{view.proc}/devices lists neither 'nvidia' nor 'nvidia-frontend'"
+        )
+        problems.add(
+            "driver-not-loaded",
+            "error",
+            f"the NVIDIA kernel driver is not loaded: {why}; load it (modprobe nvidia) or wait "
+            "for the driver container to finish starting",
+        )
+
+    judge = _Judge(view, family, majors, loaded, snapshot.mounts)
+
+    # Pick the dev root: first valid nvidiactl, else first with any node, else none.
+    chosen: Candidate | None = None
+    for candidate in snapshot.candidates:
+        listing = snapshot.listings.get(candidate.dev_root)
+        if listing is not None and judge.has_valid_control(listing):
+            chosen = candidate
+            break
+    if chosen is None:
+        for candidate in snapshot.candidates:
+            listing = snapshot.listings.get(candidate.dev_root)
+            if listing is not None and listing.has_nodes:
+                chosen = candidate
+                break
+
+    devices: list[Device] = []
+    chosen_listing = snapshot.listings.get(chosen.dev_root) if chosen else None
+    if chosen_listing is not None:
+        for verdict in judge.verdicts(chosen_listing):
+            devices.append(verdict.device)
+            if loaded:
+                for code, message in verdict.problems:
+                    problems.add(code, "error", message, verdict.device.path)
+        for entry in chosen_listing.entries:
+            if entry.file_type not in ("char", "block"):
+                path = posixpath.join(chosen_listing.dev_root, entry.name)
+                what = (
+                    f"a symlink to {entry.link_target!r} (not followed)"
+                    if entry.file_type == "symlink"
+                    else f"a {'directory' if entry.file_type == 'dir' else entry.file_type}"
+                )
+                problems.add(
+                    "not-char-device",
+                    "error",
+                    f"{path} is {what}, not a character device: remove it so the driver's own "
+                    "node can be created",
+                    path,
+                )
+    devices.sort(key=lambda device: device.name)
+
+    if chosen is None:
+        problems.add(
+            "no-device-root",
+            "error",
+            "no NVIDIA device nodes in any driver root ("
+            + ", ".join(candidate.dev_root for candidate in snapshot.candidates)
+            + "); if the driver runs in a container, set driver_roots to its root",
+        )
+
+    for candidate in snapshot.candidates:
+        if (
+            candidate.driver_root == "/"
+            or candidate.driver_root not in snapshot.driver_roots_existing
+        ):
+            continue
+        listing = snapshot.listings.get(candidate.dev_root)
+        if listing is None or not listing.has_nodes:
+            problems.add(
+                "driver-root-empty",
+                "warning" if chosen else "error",
+                f"driver root {candidate.driver_root} exists but {candidate.dev_root} holds no "
+                "NVIDIA device nodes: the driver container may still be starting, or its root "
+                "was left behind by an earlier driver pod (check the driver pod)",
+                candidate.driver_root,
+            )
+
+    if chosen is not None and chosen.dev_root != "/dev":
+        in_dev = snapshot.listings.get("/dev")
+        if in_dev is None or in_dev.entry("nvidiactl") is None:
+            problems.add(
+                "not-in-dev",
+                "warning",
+                f"NVIDIA device nodes are in {chosen.dev_root}, not /dev: tools that open "
+                "/dev/nvidiactl (CRIU's CUDA plugin among them) will not find them; ask "
+                "gpu-device-watcher for the paths (`gpu-device-watcher path nvidiactl`)",
+                chosen.dev_root,
+            )
+
+    if snapshot.driver_ready is not None:
+        _check_validations(view, snapshot, chosen, problems)
+
+    gpus: list[Gpu] = []
+    listed = {device.name: device for device in devices}
+    for info in sorted(
+        snapshot.gpu_information, key=lambda gpu: (gpu.minor is None, gpu.minor, gpu.bus_id)
+    ):
+        node = listed.get(f"nvidia{info.minor}") if info.minor is not None else None
+        gpus.append(
+            Gpu(
+                minor=info.minor,
+                bus_id=info.bus_id,
+                model=info.model,
+                uuid=info.uuid,
+                device=node.path if node is not None else None,
+            )
+        )
+
+    if loaded and chosen is not None:
+        _missing_nodes(chosen, chosen_listing, majors, snapshot, problems)
+
+    source: DriverSource = "detected"
+    if chosen is not None and chosen.from_validations:
+        source = "validations"
+    elif view.driver_roots_configured:
+        source = "config"
+    version = (
+        parse_driver_version(snapshot.driver_version_text)
+        if snapshot.driver_version_text is not None
+        else None
+    )
+    return DeviceMap(
+        generation=generation,
+        updated=updated,
+        driver=Driver(
+            loaded=loaded,
+            version=version,
+            root=chosen.driver_root if chosen else None,
+            dev_root=chosen.dev_root if chosen else None,
+            source=source,
+        ),
+        devices=tuple(devices),
+        gpus=tuple(gpus),
+        problems=problems.sorted(),
+    )
+
+
+def _missing_nodes(
+    chosen: Candidate,
+    listing: DevRootListing | None,
+    majors: Mapping[str, int],
+    snapshot: HostSnapshot,
+    problems: _Problems,
+) -> None:
+    expected: list[tuple[str, Severity, str]] = [
+        ("nvidiactl", "error", "every CUDA process opens it"),
+    ]
+    for info in snapshot.gpu_information:
+        if info.minor is not None:
+            expected.append(
+                (f"nvidia{info.minor}", "error", f"GPU {info.bus_id} is listed in /proc")
+            )
+    if "nvidia-uvm" in majors:
+        expected.append(("nvidia-uvm", "error", "the nvidia-uvm module is loaded"))
+        expected.append(("nvidia-uvm-tools", "warning", "the nvidia-uvm module is loaded"))
+    for name, severity, why in expected:
+        if listing is None or listing.entry(name) is None:
+            path = posixpath.join(chosen.dev_root, name)
+            problems.add(
+                "missing-node",
+                severity,
+                f"{path} is missing although {why}: run nvidia-modprobe (or restart the driver "
+                "container) to create it",
+                path,
+            )
+
+
+def _check_validations(
+    view: HostView, snapshot: HostSnapshot, chosen: Candidate | None, problems: _Problems
+) -> None:
+    ready_path = posixpath.join(view.validations_dir, "driver-ready")
+    named = next((c for c in snapshot.candidates if c.from_validations), None)
+    if named is None:
+        problems.add(
+            "validations-mismatch",
+            "warning",
+            f"{ready_path} has no absolute NVIDIA_DRIVER_ROOT; it was ignored (is the GPU "
+            "Operator's driver validation healthy?)",
+            ready_path,
+        )
+    elif chosen is not None and chosen != named:
+        problems.add(
+            "validations-mismatch",
+            "warning",
+            f"{ready_path} names {named.dev_root}, but it holds no valid nvidiactl; using "
+            f"{chosen.dev_root} instead (the driver-ready file may be stale after a driver pod "
+            "restart)",
+            ready_path,
+        )

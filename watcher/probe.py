@@ -1,0 +1,182 @@
+"""Read one snapshot of the host for `watcher.core.scan.build_map`.
+
+All filesystem access of a scan lives here. Nodes are examined with lstat through a
+directory fd reached without following symlinks, so a planted symlink is reported as what
+it is and never followed, and a listing and its lstat results refer to the same directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from watcher.core.devices import NVIDIA, Family
+from watcher.core.model import DeviceMap
+from watcher.core.mountinfo import MountTable, parse_mountinfo
+from watcher.core.procfs import GpuInformation, parse_gpu_information
+from watcher.core.scan import (
+    DevRootListing,
+    FileType,
+    HostSnapshot,
+    HostView,
+    NodeEntry,
+    build_map,
+    candidates_for,
+)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _describe(error: OSError) -> str:
+    name = errno.errorcode.get(error.errno or 0, "error")
+    return f"{name}: {error.strerror}" if error.strerror else name
+
+
+def read_text(path: str) -> tuple[str | None, str | None]:
+    """(text, None) or (None, why) — a missing or unreadable file is data, not a crash."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as file:
+            return file.read(), None
+    except OSError as error:
+        return None, _describe(error)
+
+
+@contextmanager
+def open_dir_nofollow(fs_path: str) -> Iterator[int]:
+    """Open a directory, refusing a symlink at any component below `/`.
+
+    The view's own root is opened normally (an operator may point --root through a link);
+    everything under it is walked one component at a time with O_NOFOLLOW.
+    """
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for component in fs_path.split("/"):
+            if not component:
+                continue
+            next_fd = os.open(component, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _file_type(mode: int) -> FileType:
+    if stat.S_ISCHR(mode):
+        return "char"
+    if stat.S_ISBLK(mode):
+        return "block"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "other"
+
+
+def _entries(dir_fd: int, prefix: str, family: Family) -> Iterator[NodeEntry]:
+    with os.scandir(dir_fd) as listing:
+        for item in listing:
+            name = prefix + item.name
+            try:
+                info = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed between listing and lstat: it simply is not there
+            file_type = _file_type(info.st_mode)
+            if file_type == "dir" and not prefix and item.name in family.subdirs:
+                try:
+                    sub_fd = os.open(item.name, _DIR_FLAGS, dir_fd=dir_fd)
+                except OSError:
+                    continue
+                try:
+                    yield from _entries(sub_fd, item.name + "/", family)
+                finally:
+                    os.close(sub_fd)
+                continue
+            if family.match(name) is None:
+                continue
+            target = None
+            if file_type == "symlink":
+                try:
+                    target = os.readlink(item.name, dir_fd=dir_fd)
+                except OSError:
+                    target = "?"
+            rdev = info.st_rdev if file_type in ("char", "block") else 0
+            yield NodeEntry(
+                name=name,
+                file_type=file_type,
+                major=os.major(rdev),
+                minor=os.minor(rdev),
+                mode=stat.S_IMODE(info.st_mode),
+                link_target=target,
+            )
+
+
+def list_dev_root(view: HostView, dev_root: str, family: Family = NVIDIA) -> DevRootListing:
+    try:
+        with open_dir_nofollow(view.fs_path(dev_root)) as fd:
+            entries = sorted(_entries(fd, "", family), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return DevRootListing(dev_root, exists=False)
+    except OSError as error:
+        # ELOOP/ENOTDIR: a symlink or file where a directory should be; EACCES: unreadable.
+        return DevRootListing(dev_root, exists=False, error=_describe(error))
+    return DevRootListing(dev_root, exists=True, entries=tuple(entries))
+
+
+def _gpu_information(view: HostView) -> list[GpuInformation]:
+    gpus_dir = posixpath.join(view.proc, "driver/nvidia/gpus")
+    try:
+        bus_dirs = sorted(os.listdir(gpus_dir))
+    except OSError:
+        return []
+    found = []
+    for bus_dir in bus_dirs:
+        text, _ = read_text(posixpath.join(gpus_dir, bus_dir, "information"))
+        if text is not None:
+            found.append(parse_gpu_information(text, bus_dir))
+    return found
+
+
+def read_host(view: HostView, family: Family = NVIDIA) -> HostSnapshot:
+    proc_devices, proc_devices_error = read_text(posixpath.join(view.proc, "devices"))
+    version_text, _ = read_text(posixpath.join(view.proc, "driver/nvidia/version"))
+    mountinfo_text, mounts_error = read_text(view.mountinfo)
+    mounts = parse_mountinfo(mountinfo_text) if mountinfo_text is not None else MountTable([])
+    driver_ready, _ = read_text(view.fs_path(posixpath.join(view.validations_dir, "driver-ready")))
+    candidates = candidates_for(view, driver_ready)
+    dev_roots = [candidate.dev_root for candidate in candidates]
+    if "/dev" not in dev_roots:
+        dev_roots.append("/dev")  # always looked at: `not-in-dev` is about /dev
+    existing = {
+        candidate.driver_root
+        for candidate in candidates
+        if os.path.isdir(view.fs_path(candidate.driver_root))
+    }
+    return HostSnapshot(
+        proc_devices=proc_devices,
+        proc_devices_error=proc_devices_error,
+        driver_version_text=version_text,
+        gpu_information=_gpu_information(view),
+        mounts=mounts,
+        mounts_error=mounts_error,
+        driver_ready=driver_ready,
+        candidates=candidates,
+        listings={dev_root: list_dev_root(view, dev_root, family) for dev_root in dev_roots},
+        driver_roots_existing=existing,
+    )
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def scan(view: HostView, *, generation: int = 0) -> DeviceMap:
+    """One consistent scan of the host."""
+    return build_map(view, read_host(view), generation=generation, updated=utc_now())

@@ -1,0 +1,350 @@
+"""Which device nodes a process tree holds open or mapped, read from `/proc`.
+
+Used by the CRIU action script (`pre-dump`), which CRIU starts as a fresh process: this module
+is stdlib only and imports nothing heavy (no asyncio, anyio or msgspec).
+
+Processes are not frozen when CRIU runs `pre-dump` (it seizes the tree afterwards), so every
+read tolerates a process or thread that exits mid-walk: it is skipped, never an error.
+
+Devices are identified by their *character-device numbers* (`st_rdev`), never by path: a
+container's `/dev/nvidiactl` and the host's `/run/nvidia/driver/dev/nvidiactl` are the same
+device 195:255, and the map's host paths are matched to what the tree holds by major:minor.
+
+- `fd`: `os.stat("/proc/PID/fd/N")` follows the fd's magic link to the open inode itself, so
+  it works across mount namespaces and for nodes unlinked since they were opened.
+- `maps`: the `dev` column of `/proc/PID/maps` is the device of the *filesystem* holding the
+  mapped inode (for example 00:06 for devtmpfs), not the char device's number, so the path
+  column is resolved in the process's own root and mount namespace
+  (`/proc/PID/root/<path>`) and the node found there is accepted only if it is the mapped
+  inode (the filesystem device and inode number agree with the maps line). If it is not (the
+  node was replaced), `/proc/PID/map_files/<range>` gives the mapped inode itself (that needs
+  CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE; without it the mapping is skipped). Mappings whose
+  path ends in ` (deleted)` are skipped: a `MAP_SHARED` mapping of `/dev/zero` shows up that
+  way (it is really shmem), and so does a node unlinked since it was mapped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "DeviceUse",
+    "open_char_devices",
+    "process_tree",
+    "used_devices",
+]
+
+PROC = "/proc"
+
+# A process, thread or fd that went away between listing and reading: skip it.
+_GONE = (errno.ENOENT, errno.ESRCH)
+# Per entry (one fd, one mapped path), anything that means "not there any more" or "not
+# resolvable from here" skips that entry only.
+_ENTRY_SKIP = (*_GONE, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)
+
+_DELETED = " (deleted)"
+# readlink() of an fd that cannot be a device node: no stat needed.
+_PSEUDO_FD = ("socket:", "pipe:", "anon_inode:")
+
+VIA_FD = "fd"
+VIA_MAPS = "maps"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUse:
+    """One character device held by a process tree: which processes hold it, and how.
+
+    `pids` is sorted; `via` is sorted and holds `"fd"` and/or `"maps"`.
+    """
+
+    major: int
+    minor: int
+    pids: tuple[int, ...]
+    via: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# The process tree
+#
+# The readers below return None when the process is gone and let PermissionError through, so
+# that callers can tell "exited" (harmless) from "not allowed to look" (worth reporting).
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError as e:
+        if e.errno in _GONE:
+            return None
+        raise
+
+
+def _listdir(path: str) -> list[str] | None:
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        if e.errno in _GONE:
+            return None
+        raise
+
+
+def _children(pid: int, proc: str) -> list[int] | None:
+    """Children of every thread of `pid` ([] if it is gone or unreadable).
+
+    None means this kernel has no `task/*/children` (CONFIG_PROC_CHILDREN is off).
+    """
+    try:
+        tids = _listdir(f"{proc}/{pid}/task")
+    except PermissionError:
+        return []
+    found: list[int] = []
+    for tid in tids or []:
+        if not tid.isdigit():
+            continue
+        task = f"{proc}/{pid}/task/{tid}"
+        try:
+            with open(f"{task}/children", encoding="ascii") as f:
+                text = f.read()
+        except OSError as e:
+            if e.errno == errno.ENOENT and os.path.isdir(task):
+                return None  # the thread is there but the file is not: no such feature
+            if e.errno in (*_GONE, errno.EACCES, errno.EPERM):
+                continue
+            raise
+        found.extend(int(c) for c in text.split() if c.isdigit())
+    return found
+
+
+def _parent_map(proc: str) -> dict[int, list[int]]:
+    """Parent pid -> child pids, from every `/proc/PID/stat` (the fallback walk)."""
+    by_parent: dict[int, list[int]] = {}
+    for name in _listdir(proc) or []:
+        if not name.isdigit():
+            continue
+        try:
+            text = _read_text(f"{proc}/{name}/stat")
+        except PermissionError:
+            continue
+        if text is None:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        _, sep, rest = text.rpartition(")")
+        fields = rest.split()
+        if not sep or len(fields) < 2 or not fields[1].isdigit():
+            continue
+        by_parent.setdefault(int(fields[1]), []).append(int(name))
+    return by_parent
+
+
+def process_tree(root_pid: int, proc: str = PROC) -> list[int]:
+    """`root_pid` and all its descendants, root first, then breadth first; no duplicates.
+
+    Children come from `/proc/PID/task/*/children` of every thread (a child's parent is the
+    thread that forked it); a kernel without that file is walked through the parent pids in
+    `/proc/PID/stat` instead. Processes that exit mid-walk are skipped. An empty list means
+    `root_pid` does not exist (or is not visible in `proc`).
+    """
+    if root_pid <= 0 or not os.path.isdir(f"{proc}/{root_pid}"):
+        return []
+    order: list[int] = [root_pid]
+    seen: set[int] = {root_pid}
+    by_parent: dict[int, list[int]] | None = None
+    i = 0
+    while i < len(order):
+        pid = order[i]
+        i += 1
+        kids = _children(pid, proc) if by_parent is None else None
+        if kids is None:
+            if by_parent is None:
+                by_parent = _parent_map(proc)
+            kids = by_parent.get(pid, [])
+        for kid in kids:
+            if kid not in seen:
+                seen.add(kid)
+                order.append(kid)
+    return order
+
+
+# --------------------------------------------------------------------------------------------
+# Open and mapped character devices
+
+
+def _fd_devices(pid: int, proc: str) -> set[int] | None:
+    """`st_rdev` of every character device `pid` holds open; None if it is gone.
+
+    Raises PermissionError when the fd table may not be read.
+    """
+    fd_dir = f"{proc}/{pid}/fd"
+    names = _listdir(fd_dir)
+    if names is None:
+        return None
+    found: set[int] = set()
+    for name in names:
+        path = f"{fd_dir}/{name}"
+        try:
+            if os.readlink(path).startswith(_PSEUDO_FD):
+                continue
+            st = os.stat(path)  # follows the magic link to the open inode itself
+        except OSError as e:
+            if e.errno in _ENTRY_SKIP:  # closed meanwhile, or not resolvable
+                continue
+            raise
+        if stat.S_ISCHR(st.st_mode):
+            found.add(st.st_rdev)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapping:
+    start: int
+    end: int
+    fs_dev: int
+    inode: int
+    path: str
+
+
+def _parse_maps_line(line: str) -> _Mapping | None:
+    """A file-backed mapping from one `/proc/PID/maps` line, or None.
+
+    Anonymous mappings, pseudo paths (`[heap]`, `[vdso]`), inode 0 and ` (deleted)` files are
+    None. The kernel escapes only newline in the path (as `\\012`).
+    """
+    parts = line.rstrip("\n").split(maxsplit=5)
+    if len(parts) < 6:
+        return None
+    addresses, _perms, _offset, dev, inode_text, path = parts
+    path = path.replace("\\012", "\n")
+    if not path.startswith("/") or path.endswith(_DELETED):
+        return None
+    try:
+        start_text, _, end_text = addresses.partition("-")
+        start, end = int(start_text, 16), int(end_text, 16)
+        major_text, _, minor_text = dev.partition(":")
+        fs_dev = os.makedev(int(major_text, 16), int(minor_text, 16))
+        inode = int(inode_text)
+    except ValueError:
+        return None
+    if inode == 0:
+        return None
+    return _Mapping(start, end, fs_dev, inode, path)
+
+
+def _stat_mapping(pid: int, m: _Mapping, proc: str) -> os.stat_result | None:
+    """The mapped inode's stat, found through the process's root, else through map_files."""
+    try:
+        st = os.stat(f"{proc}/{pid}/root{m.path}")
+    except OSError as e:
+        if e.errno not in _ENTRY_SKIP:
+            raise
+    else:
+        if st.st_ino == m.inode and st.st_dev == m.fs_dev:
+            return st
+    # The path names another inode now (or nothing): ask for the mapped inode itself.
+    try:
+        return os.stat(f"{proc}/{pid}/map_files/{m.start:x}-{m.end:x}")
+    except OSError as e:
+        if e.errno in _ENTRY_SKIP:
+            return None
+        raise
+
+
+def _maps_devices(pid: int, proc: str) -> set[int] | None:
+    """`st_rdev` of every character device `pid` has mapped; None if it is gone.
+
+    Raises PermissionError when the maps may not be read.
+    """
+    text = _read_text(f"{proc}/{pid}/maps")
+    if text is None:
+        return None
+    found: set[int] = set()
+    checked: dict[tuple[int, int, str], int | None] = {}
+    for line in text.splitlines():
+        m = _parse_maps_line(line)
+        if m is None:
+            continue
+        key = (m.fs_dev, m.inode, m.path)
+        if key not in checked:
+            st = _stat_mapping(pid, m, proc)
+            checked[key] = st.st_rdev if st is not None and stat.S_ISCHR(st.st_mode) else None
+        rdev = checked[key]
+        if rdev is not None:
+            found.add(rdev)
+    return found
+
+
+def open_char_devices(
+    pids: Iterable[int], proc: str = PROC, *, unreadable: list[int] | None = None
+) -> dict[tuple[int, int], DeviceUse]:
+    """(major, minor) -> DeviceUse for every character device the pids hold open or mapped.
+
+    A pid that is gone is skipped. A pid whose fd table or maps may not be read (EACCES,
+    EPERM) is skipped too; if `unreadable` is given, such pids are appended to it.
+    """
+    holders: dict[int, set[int]] = {}
+    ways: dict[int, set[str]] = {}
+    for pid in dict.fromkeys(pids):
+        for via, reader in ((VIA_FD, _fd_devices), (VIA_MAPS, _maps_devices)):
+            try:
+                found = reader(pid, proc)
+            except PermissionError:
+                if unreadable is not None and pid not in unreadable:
+                    unreadable.append(pid)
+                continue
+            for rdev in found or ():
+                holders.setdefault(rdev, set()).add(pid)
+                ways.setdefault(rdev, set()).add(via)
+    result: dict[tuple[int, int], DeviceUse] = {}
+    for rdev in sorted(holders):
+        major, minor = os.major(rdev), os.minor(rdev)
+        result[(major, minor)] = DeviceUse(
+            major, minor, tuple(sorted(holders[rdev])), tuple(sorted(ways[rdev]))
+        )
+    return result
+
+
+def _number(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def used_devices(
+    root_pid: int,
+    devices: Sequence[Mapping[str, object]],
+    proc: str = PROC,
+    *,
+    unreadable: list[int] | None = None,
+) -> list[dict[str, object]]:
+    """The contract's `used` entries: each map device held by the tree under `root_pid`.
+
+    `devices` is the map's `devices` list (dicts with name, path, kind, major, minor, valid).
+    A device matches by (major, minor), whatever path the processes opened it by. Entries are
+    `{"name", "path", "kind", "major", "minor", "valid", "pids", "via"}`, sorted by name,
+    with `pids` and `via` sorted lists. Map entries without integer numbers are ignored.
+    """
+    held = open_char_devices(process_tree(root_pid, proc), proc, unreadable=unreadable)
+    used: list[dict[str, object]] = []
+    for device in devices:
+        major, minor = _number(device.get("major")), _number(device.get("minor"))
+        if major is None or minor is None:
+            continue
+        use = held.get((major, minor))
+        if use is None:
+            continue
+        used.append(
+            {
+                "name": device.get("name"),
+                "path": device.get("path"),
+                "kind": device.get("kind"),
+                "major": major,
+                "minor": minor,
+                "valid": device.get("valid"),
+                "pids": list(use.pids),
+                "via": list(use.via),
+            }
+        )
+    used.sort(key=lambda entry: str(entry["name"]))
+    return used
