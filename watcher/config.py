@@ -16,6 +16,7 @@ from typing import Any, Literal
 import msgspec
 
 from watcher.core.scan import DEFAULT_DRIVER_ROOTS, DEFAULT_VALIDATIONS_DIR, HostView
+from watcher.errors import UsageError
 
 DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
 DEFAULT_SOCKET = "/run/gpu-device-watcher.sock"
@@ -25,8 +26,8 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 _MODE = re.compile(r"0?[0-7]{3,4}")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UsageError, ValueError):
+    """The config file is missing, unreadable, unsafe or invalid; the message names the key."""
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

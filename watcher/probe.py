@@ -40,22 +40,23 @@ def _describe(error: OSError) -> str:
 def read_text(path: str) -> tuple[str | None, str | None]:
     """(text, None) or (None, why) — a missing or unreadable file is data, not a crash."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as file:
+        # newline="\n": no universal-newline translation, a "\r" in a mount point stays one.
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as file:
             return file.read(), None
     except OSError as error:
         return None, _describe(error)
 
 
 @contextmanager
-def open_dir_nofollow(fs_path: str) -> Iterator[int]:
-    """Open a directory, refusing a symlink at any component below `/`.
+def open_dir_nofollow(path: str, base: str = "/") -> Iterator[int]:
+    """Open the directory `path` below `base`, refusing a symlink at any component of `path`.
 
-    The view's own root is opened normally (an operator may point --root through a link);
-    everything under it is walked one component at a time with O_NOFOLLOW.
+    `base` (the view's own root) is opened normally (an operator may point --root through a
+    link); everything under it is walked one component at a time with O_NOFOLLOW.
     """
-    fd = os.open("/", _DIR_FLAGS)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for component in fs_path.split("/"):
+        for component in path.split("/"):
             if not component:
                 continue
             next_fd = os.open(component, _DIR_FLAGS, dir_fd=fd)
@@ -120,7 +121,7 @@ def _entries(dir_fd: int, prefix: str, family: Family) -> Iterator[NodeEntry]:
 
 def list_dev_root(view: HostView, dev_root: str, family: Family = NVIDIA) -> DevRootListing:
     try:
-        with open_dir_nofollow(view.fs_path(dev_root)) as fd:
+        with open_dir_nofollow(dev_root, base=view.root) as fd:
             entries = sorted(_entries(fd, "", family), key=lambda entry: entry.name)
     except FileNotFoundError:
         return DevRootListing(dev_root, exists=False)

@@ -74,9 +74,10 @@ class DeviceUse:
 # that callers can tell "exited" (harmless) from "not allowed to look" (worth reporting).
 
 
-def _read_text(path: str) -> str | None:
+def _read_bytes(path: str) -> bytes | None:
+    # Binary on purpose: no codec lookup (nothing to import after a privilege drop).
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, "rb") as f:
             return f.read()
     except OSError as e:
         if e.errno in _GONE:
@@ -108,15 +109,15 @@ def _children(pid: int, proc: str) -> list[int] | None:
             continue
         task = f"{proc}/{pid}/task/{tid}"
         try:
-            with open(f"{task}/children", encoding="ascii") as f:
-                text = f.read()
+            with open(f"{task}/children", "rb") as f:
+                data = f.read()
         except OSError as e:
             if e.errno == errno.ENOENT and os.path.isdir(task):
                 return None  # the thread is there but the file is not: no such feature
             if e.errno in (*_GONE, errno.EACCES, errno.EPERM):
                 continue
             raise
-        found.extend(int(c) for c in text.split() if c.isdigit())
+        found.extend(int(c) for c in data.split() if c.isdigit())
     return found
 
 
@@ -127,13 +128,13 @@ def _parent_map(proc: str) -> dict[int, list[int]]:
         if not name.isdigit():
             continue
         try:
-            text = _read_text(f"{proc}/{name}/stat")
+            data = _read_bytes(f"{proc}/{name}/stat")
         except PermissionError:
             continue
-        if text is None:
+        if data is None:
             continue
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        _, sep, rest = text.rpartition(")")
+        _, sep, rest = data.rpartition(b")")
         fields = rest.split()
         if not sep or len(fields) < 2 or not fields[1].isdigit():
             continue
@@ -258,9 +259,10 @@ def _maps_devices(pid: int, proc: str) -> set[int] | None:
 
     Raises PermissionError when the maps may not be read.
     """
-    text = _read_text(f"{proc}/{pid}/maps")
-    if text is None:
+    data = _read_bytes(f"{proc}/{pid}/maps")
+    if data is None:
         return None
+    text = os.fsdecode(data)  # paths are bytes; surrogateescape round-trips them to stat
     found: set[int] = set()
     checked: dict[tuple[int, int, str], int | None] = {}
     for line in text.splitlines():

@@ -42,7 +42,7 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/source
         $1 == "URIs:" { for (i = 2; i <= NF; i++) print $i; next }
         $1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { print $i; break } }
     ' "$f" | grep -E '^https?://[^ ]*/debian/?$' | head -n 1 || true)
-    [[ -n "$MIRROR" ]] && break
+    if [[ -n "$MIRROR" ]]; then break; fi
 done
 shopt -u nullglob
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
@@ -51,7 +51,7 @@ MIRROR=${MIRROR%/}
 KEYRING=""
 for k in /usr/share/keyrings/debian-archive-keyring.gpg \
          /usr/share/keyrings/debian-archive-trixie-stable.gpg; do
-    [[ -r "$k" ]] && { KEYRING=$k; break; }
+    if [[ -r "$k" ]]; then KEYRING=$k; break; fi
 done
 [[ -n "$KEYRING" ]] || die "no Debian archive keyring in /usr/share/keyrings (install debian-archive-keyring)"
 

@@ -105,7 +105,7 @@ def parse_proc_devices(text: str) -> dict[str, int]:
         if section != "character devices":
             continue
         fields = line.split(None, 1)
-        if len(fields) != 2 or not fields[0].isdigit():
+        if len(fields) != 2 or not (fields[0].isascii() and fields[0].isdigit()):
             raise ProcDevicesError(f"line {number}: expected '<major> <name>', got {raw!r}")
         majors.setdefault(fields[1].strip(), int(fields[0]))
     return majors

@@ -58,6 +58,11 @@ class MountEntry:
         return "nodev" in self.options
 
 
+def _is_number(text: str) -> bool:
+    # str.isdigit() accepts "²" and other Unicode digits that int() rejects or misreads.
+    return text.isascii() and text.isdigit()
+
+
 def parse_line(line: str, line_number: int = 1) -> MountEntry:
     fields = line.split(" ")
     try:
@@ -71,10 +76,10 @@ def parse_line(line: str, line_number: int = 1) -> MountEntry:
             line_number, "expected fstype, source and super options after ' - '", line
         )
     mount_id, parent_id, device, root, mount_point, options = fields[:6]
-    if not (mount_id.isdigit() and parent_id.isdigit()):
+    if not (_is_number(mount_id) and _is_number(parent_id)):
         raise MountinfoError(line_number, "mount and parent ids must be numbers", line)
     major, colon, minor = device.partition(":")
-    if not (colon and major.isdigit() and minor.isdigit()):
+    if not (colon and _is_number(major) and _is_number(minor)):
         raise MountinfoError(line_number, "device must be MAJOR:MINOR", line)
     if not mount_point.startswith("/"):
         raise MountinfoError(line_number, "mount point must be absolute", line)
@@ -148,7 +153,9 @@ def _top_of_stack(
 
 def parse_mountinfo(text: str | Iterable[str]) -> MountTable:
     """Parse a whole table; malformed lines are collected in `errors`, never fatal."""
-    lines = text.splitlines() if isinstance(text, str) else text
+    # Only "\n" ends a line: the kernel leaves "\r", "\x85", "\u2028"... unescaped in paths,
+    # and str.splitlines() would cut a mount point containing one of them in two.
+    lines = text.split("\n") if isinstance(text, str) else text
     entries: list[MountEntry] = []
     errors: list[MountinfoError] = []
     for number, line in enumerate(lines, start=1):

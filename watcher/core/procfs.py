@@ -42,7 +42,7 @@ def parse_gpu_information(text: str, bus_dir: str) -> GpuInformation:
         bus_id=values.get("Bus Location") or bus_dir,
         model=values.get("Model") or None,
         uuid=values.get("GPU UUID") or None,
-        minor=int(minor_text) if minor_text.isdigit() else None,
+        minor=int(minor_text) if minor_text.isascii() and minor_text.isdigit() else None,
     )
 
 

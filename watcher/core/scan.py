@@ -125,8 +125,16 @@ def candidates_for(view: HostView, driver_ready: str | None) -> list[Candidate]:
         values = parse_key_values(driver_ready)
         driver_root = values.get("NVIDIA_DRIVER_ROOT", "")
         if driver_root.startswith("/"):
-            dev_base = values.get("NVIDIA_DEV_ROOT") or driver_root
-            found.append(Candidate(posixpath.normpath(driver_root), dev_root_of(dev_base), True))
+            dev_base = values.get("NVIDIA_DEV_ROOT", "")
+            if not dev_base.startswith("/"):  # absent, empty or relative: the driver root
+                dev_base = driver_root
+            found.append(
+                Candidate(
+                    posixpath.normpath(driver_root),
+                    dev_root_of(posixpath.normpath(dev_base)),
+                    True,
+                )
+            )
     for root in view.driver_roots:
         normal = posixpath.normpath(root)
         if all(candidate.dev_root != dev_root_of(normal) for candidate in found):

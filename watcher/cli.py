@@ -1,0 +1,216 @@
+"""The `gpu-device-watcher` command line: `main(argv) -> exit code`.
+
+Only argparse and the lean client are imported at start-up; the scanner (msgspec) and the
+daemon (anyio) are imported by the commands that need them, so `path`, `get` and the CRIU
+action start as fast as a bare interpreter allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+from watcher import __version__, client, render
+from watcher.errors import UsageError
+
+PROG = "gpu-device-watcher"
+EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def fail(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit 2, as every command of ours reports errors."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _host_view_options() -> _Parser:
+    shared = _Parser(add_help=False)
+    group = shared.add_argument_group("host view")
+    group.add_argument("--root", metavar="DIR", help="where the host filesystem is visible (/)")
+    group.add_argument("--proc", metavar="DIR", help="where devices and driver/nvidia are read")
+    group.add_argument("--mountinfo", metavar="FILE", help="mount table to parse and watch")
+    group.add_argument("--config", metavar="FILE", help="TOML config (default %(default)s)")
+    return shared
+
+
+def _socket_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"daemon socket (default ${client.SOCKET_ENV} or {client.DEFAULT_SOCKET})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Keeps a live, validated map of NVIDIA device nodes for CRIU checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    host_view = _host_view_options()
+
+    serve = commands.add_parser("serve", parents=[host_view], help="run the daemon")
+    _socket_option(serve)
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    scan = commands.add_parser("scan", parents=[host_view], help="one scan, no daemon")
+    scan.add_argument("--format", choices=("json", "env", "table"), default="json")
+
+    get = commands.add_parser("get", help="the live map from the daemon")
+    _socket_option(get)
+    get.add_argument("--format", choices=("json", "env", "table"), default="json")
+
+    path = commands.add_parser("path", help="the host path of one valid device")
+    path.add_argument("name", metavar="NAME", help="device name, e.g. nvidiactl or nvidia-uvm")
+    _socket_option(path)
+
+    watch = commands.add_parser("watch", help="stream changes until interrupted")
+    _socket_option(watch)
+    watch.add_argument("--format", choices=("json", "text"), default="text")
+
+    status = commands.add_parser("status", help="daemon health and counters")
+    _socket_option(status)
+
+    commands.add_parser("criu-action", help="the CRIU action script (run by CRIU)")
+    return parser
+
+
+def _option_values(arguments: argparse.Namespace) -> dict[str, Any]:
+    keys = ("root", "proc", "mountinfo", "config", "socket", "log_level")
+    return {key: getattr(arguments, key, None) for key in keys}
+
+
+def _settings(arguments: argparse.Namespace) -> Any:
+    from watcher.config import resolve_settings  # noqa: PLC0415 (heavy: msgspec)
+
+    return resolve_settings(_option_values(arguments))
+
+
+def _check_host_view(arguments: argparse.Namespace) -> None:
+    for key in ("root", "proc"):
+        value = getattr(arguments, key, None)
+        if value is not None and not os.path.isdir(value):
+            raise UsageError(f"--{key} {value}: not a directory")
+    mountinfo = getattr(arguments, "mountinfo", None)
+    if mountinfo is not None and not os.path.isfile(mountinfo):
+        raise UsageError(f"--mountinfo {mountinfo}: no such file")
+
+
+def command_scan(arguments: argparse.Namespace) -> int:
+    import msgspec  # noqa: PLC0415
+
+    from watcher.probe import scan  # noqa: PLC0415
+
+    _check_host_view(arguments)
+    settings = _settings(arguments)
+    device_map = msgspec.to_builtins(scan(settings.view, generation=0))
+    print(render.render(device_map, arguments.format))
+    return EXIT_OK
+
+
+def command_serve(arguments: argparse.Namespace) -> int:
+    from watcher.daemon import run  # noqa: PLC0415
+
+    _check_host_view(arguments)
+    return run(_settings(arguments), lambda: _settings(arguments))
+
+
+def command_get(arguments: argparse.Namespace) -> int:
+    reply = client.request(client.socket_path(arguments.socket), {"op": "get"})
+    print(render.render(reply["map"], arguments.format))
+    return EXIT_OK
+
+
+def command_path(arguments: argparse.Namespace) -> int:
+    try:
+        reply = client.request(
+            client.socket_path(arguments.socket), {"op": "path", "name": arguments.name}
+        )
+    except client.ServerError as error:
+        if error.code != "not-found":
+            raise
+        fail(str(error))
+        return EXIT_ABSENT
+    print(reply["path"])
+    return EXIT_OK
+
+
+def command_status(arguments: argparse.Namespace) -> int:
+    reply = client.request(client.socket_path(arguments.socket), {"op": "status"})
+    status = reply["status"]
+    width = max(len(key) for key in status)
+    for key, value in status.items():
+        print(f"{key:<{width}}  {value}")
+    return EXIT_OK
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def command_watch(arguments: argparse.Namespace) -> int:
+    path = client.socket_path(arguments.socket)
+    with client.Connection(path, timeout=None) as connection:
+        connection.send({"op": "subscribe"})
+        previous: dict[str, Any] | None = None
+        for reply in connection.replies():
+            if arguments.format == "json":
+                print(render.as_json_line(reply), flush=True)
+                continue
+            for line in render.describe_update(previous, reply):
+                print(f"{_stamp()}  {line}", flush=True)
+            previous = reply["map"]
+    return EXIT_OK
+
+
+def command_criu_action(_: argparse.Namespace) -> int:
+    from watcher.criu import main as criu_main  # noqa: PLC0415
+
+    return criu_main(os.environ)
+
+
+COMMANDS = {
+    "scan": command_scan,
+    "serve": command_serve,
+    "get": command_get,
+    "path": command_path,
+    "watch": command_watch,
+    "status": command_status,
+    "criu-action": command_criu_action,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        arguments = build_parser().parse_args(argv)
+        return COMMANDS[arguments.command](arguments)
+    except UsageError as error:
+        fail(str(error))
+        return EXIT_USAGE
+    except client.Unreachable as error:
+        fail(str(error))
+        return EXIT_UNREACHABLE
+    except client.ServerError as error:
+        fail(f"the daemon refused: {error.code}: {error}")
+        return EXIT_ABSENT
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        # `gpu-device-watcher watch | head`: the reader left; that is not an error.
+        sys.stderr.close()
+        return EXIT_OK
+
+
+def criu_action_main() -> int:
+    """Entry point of `gpu-device-watcher-criu-action`: CRIU execs it with no arguments."""
+    return main(["criu-action"])

@@ -1,0 +1,97 @@
+"""A lean socket client: stdlib `socket` and `json` only.
+
+CRIU launches the action script at dump time, and operators run `get`/`path` in loops;
+neither should pay for importing asyncio, anyio or msgspec (tens of milliseconds each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+DEFAULT_SOCKET = "/run/gpu-device-watcher.sock"
+SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
+
+
+class Unreachable(Exception):
+    """The daemon could not be reached on `path` (exit code 3 in the CLI)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot reach the daemon at {path}: {reason} (is `gpu-device-watcher serve` "
+            f"running? set --socket or {SOCKET_ENV} if it listens elsewhere)"
+        )
+        self.path = path
+
+
+class ServerError(Exception):
+    """The daemon answered with `{"ok": false, ...}`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def socket_path(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class Connection:
+    def __init__(self, path: str, timeout: float | None = 10.0) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError as error:
+            self._sock.close()
+            raise Unreachable(path, error.strerror or str(error)) from None
+        self._reader = self._sock.makefile("rb")
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+
+    def send(self, request: dict[str, Any]) -> None:
+        try:
+            self._sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+        except OSError as error:
+            raise Unreachable(self.path, f"send failed: {error.strerror or error}") from None
+
+    def receive(self) -> dict[str, Any]:
+        """One reply line; a `{"ok": false}` reply raises ServerError."""
+        try:
+            line = self._reader.readline()
+        except TimeoutError:
+            raise Unreachable(self.path, "no reply in time") from None
+        except OSError as error:
+            raise Unreachable(self.path, f"receive failed: {error.strerror or error}") from None
+        if not line:
+            raise Unreachable(self.path, "the daemon closed the connection")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            failure = reply.get("error") or {}
+            raise ServerError(str(failure.get("code", "internal")), str(failure.get("message", "")))
+        return reply
+
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.send(request)
+        return self.receive()
+
+    def replies(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield self.receive()
+
+
+def request(path: str, payload: dict[str, Any], timeout: float | None = 10.0) -> dict[str, Any]:
+    with Connection(path, timeout) as connection:
+        return connection.request(payload)

@@ -1,0 +1,178 @@
+"""Output formats for a map, working on plain JSON dicts so the lean client can use them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from typing import Any
+
+_NOT_NAME = re.compile(r"[^A-Z0-9]")
+
+
+def as_json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def env_name(device_name: str) -> str:
+    return "GDW_DEV_" + _NOT_NAME.sub("_", device_name.upper())
+
+
+def as_env(device_map: dict[str, Any]) -> str:
+    """Shell-sourceable lines; only valid devices get a GDW_DEV_ variable."""
+    driver = device_map.get("driver") or {}
+
+    def quote(value: object) -> str:
+        return shlex.quote("" if value is None else str(value))
+
+    lines = [
+        f"GDW_GENERATION={quote(device_map.get('generation'))}",
+        f"GDW_DRIVER_LOADED={'1' if driver.get('loaded') else '0'}",
+        f"GDW_DRIVER_VERSION={quote(driver.get('version'))}",
+        f"GDW_DRIVER_ROOT={quote(driver.get('root'))}",
+        f"GDW_DEV_ROOT={quote(driver.get('dev_root'))}",
+    ]
+    lines.extend(
+        f"{env_name(device['name'])}={quote(device['path'])}"
+        for device in device_map.get("devices", [])
+        if device.get("valid")
+    )
+    return "\n".join(lines)
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def as_table(device_map: dict[str, Any]) -> str:
+    """For people: the driver line, aligned devices and GPUs, then the problems."""
+    driver = device_map.get("driver") or {}
+    loaded = "loaded" if driver.get("loaded") else "NOT LOADED"
+    lines = [
+        f"driver {driver.get('version') or '?'} ({loaded})   "
+        f"dev root {driver.get('dev_root') or '-'}   root {driver.get('root') or '-'}   "
+        f"source {driver.get('source', '-')}   generation {device_map.get('generation')}",
+        "",
+    ]
+    devices = device_map.get("devices", [])
+    if devices:
+        rows = [["NAME", "PATH", "KIND", "MAJ:MIN", "MODE", "VALID", "MOUNT"]]
+        for device in devices:
+            mount = device.get("mount")
+            where = (
+                f"{mount['fstype']} on {mount['mount_point']}{' (nodev)' if mount['nodev'] else ''}"
+                if mount
+                else "?"
+            )
+            rows.append(
+                [
+                    device["name"],
+                    device["path"],
+                    device["kind"],
+                    f"{device['major']}:{device['minor']}",
+                    device["mode"],
+                    "yes" if device["valid"] else "NO",
+                    where,
+                ]
+            )
+        lines.extend(_columns(rows))
+    else:
+        lines.append("no NVIDIA device nodes found")
+    gpus = device_map.get("gpus", [])
+    if gpus:
+        lines.append("")
+        rows = [["GPU", "BUS ID", "MODEL", "UUID", "DEVICE"]]
+        rows.extend(
+            [
+                "-" if gpu.get("minor") is None else str(gpu["minor"]),
+                gpu.get("bus_id") or "-",
+                gpu.get("model") or "-",
+                gpu.get("uuid") or "-",
+                gpu.get("device") or "-",
+            ]
+            for gpu in gpus
+        )
+        lines.extend(_columns(rows))
+    problems = device_map.get("problems", [])
+    lines.append("")
+    if problems:
+        lines.append(f"problems ({len(problems)}):")
+        lines.extend(
+            f"  {problem['severity']:<7}  {problem['code']}: {problem['message']}"
+            for problem in problems
+        )
+    else:
+        lines.append("no problems")
+    return "\n".join(lines)
+
+
+def render(device_map: dict[str, Any], fmt: str) -> str:
+    if fmt == "env":
+        return as_env(device_map)
+    if fmt == "table":
+        return as_table(device_map)
+    return as_json(device_map)
+
+
+def as_json_line(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _summary(device_map: dict[str, Any]) -> str:
+    driver = device_map.get("driver") or {}
+    devices = device_map.get("devices", [])
+    valid = sum(1 for device in devices if device.get("valid"))
+    problems = device_map.get("problems", [])
+    version = driver.get("version") or "?"
+    state = "loaded" if driver.get("loaded") else "not loaded"
+    return (
+        f"driver {version} ({state}), {valid}/{len(devices)} devices valid in "
+        f"{driver.get('dev_root') or '(no dev root)'}, {len(problems)} problem(s)"
+    )
+
+
+def _device_line(change: dict[str, Any], device: dict[str, Any] | None) -> str:
+    verb = {"added": "appeared at", "removed": "disappeared from", "changed": "changed at"}
+    line = f"{change['name']} {verb.get(change['change'], change['change'])} {change['path']}"
+    if device is not None and change["change"] != "removed":
+        line += f" ({device['major']}:{device['minor']}, mode {device['mode']}"
+        line += ")" if device.get("valid") else ", NOT valid)"
+    return line
+
+
+def describe_update(previous: dict[str, Any] | None, reply: dict[str, Any]) -> list[str]:
+    """Lines a person watching the daemon reads: what appeared, went, broke or healed."""
+    current = reply["map"]
+    generation = reply["generation"]
+    if previous is None:
+        return [f"generation {generation}: {_summary(current)}"]
+    by_name = {device["name"]: device for device in current.get("devices", [])}
+    lines = [
+        f"generation {generation}: {_device_line(change, by_name.get(change['name']))}"
+        for change in reply.get("changes", [])
+    ]
+
+    def keyed(device_map: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {
+            (problem["code"], problem.get("path") or ""): problem
+            for problem in device_map.get("problems", [])
+        }
+
+    before, after = keyed(previous), keyed(current)
+    lines.extend(
+        f"generation {generation}: {problem['severity']} {problem['code']}: {problem['message']}"
+        for key, problem in after.items()
+        if key not in before
+    )
+    lines.extend(
+        f"generation {generation}: resolved {problem['code']} ({problem.get('path') or '-'})"
+        for key, problem in before.items()
+        if key not in after
+    )
+    if previous.get("driver") != current.get("driver"):
+        lines.append(f"generation {generation}: {_summary(current)}")
+    return lines or [f"generation {generation}: {_summary(current)}"]
