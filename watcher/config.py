@@ -46,6 +46,8 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     socket_group: str | int | None = None
     allowed_uids: list[int] | None = None
     allowed_gids: list[int] | None = None
+    # Read by the CRIU action at pre-restore: "exact" driver version, or same "major".
+    restore_version_match: Literal["exact", "major"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
