@@ -79,6 +79,11 @@ class Recorder:
                         return reason
                 await self._arrived.wait()
 
+    async def wait_for_count(self, count: int, timeout: float = WAIT_S) -> None:
+        with anyio.fail_after(timeout):
+            while len(self.reasons) < count:
+                await self._arrived.wait()
+
     async def expect_silence(self, seconds: float = IDLE_WINDOW_S) -> None:
         self.clear()
         await anyio.sleep(seconds)
@@ -86,9 +91,9 @@ class Recorder:
 
 
 class Source(Protocol):
-    def run(
+    async def run(
         self, on_change: Callable[[str], None], *, task_status: TaskStatus[None]
-    ) -> Awaitable[None]: ...
+    ) -> None: ...
 
 
 @asynccontextmanager
@@ -366,6 +371,13 @@ def test_mount_before_run_is_reported(private_mount_namespace: None, tmp_path: P
 
 
 @pytest.mark.realfs
+def test_mount_while_the_callback_runs_is_reported(
+    private_mount_namespace: None, tmp_path: Path
+) -> None:
+    run_in_private_mount_namespace("mount_during_callback", tmp_path)
+
+
+@pytest.mark.realfs
 def test_mount_over_watched_dir_is_blind_until_rearmed(
     private_mount_namespace: None, tmp_path: Path
 ) -> None:
@@ -413,6 +425,28 @@ async def scenario_mount_before_run(scratch: Path) -> None:
             await changes.wait_for("mount table changed")
 
 
+async def scenario_mount_during_callback(scratch: Path) -> None:
+    # The change lands after the wake-up and before the next wait is registered: the window
+    # in which an EPOLLPRI registration lost it (see watcher/sources/mounts.py).
+    changes = Recorder()
+    mounts_left = ["first", "second"]
+
+    def mount_next_then_record(reason: str) -> None:
+        if mounts_left:
+            mount("-t", "tmpfs", f"gdw-{mounts_left.pop(0)}", str(scratch))
+        changes(reason)
+
+    with MountTableWatcher() as watcher:
+        mount_next_then_record("kick-off")
+        async with anyio.create_task_group() as group:
+            await group.start(watcher.run, mount_next_then_record)
+            await changes.wait_for_count(3)
+            await anyio.sleep(0.2)
+            group.cancel_scope.cancel()
+    reason = "mount table changed (/proc/self/mountinfo)"
+    assert changes.reasons == ["kick-off", reason, reason]
+
+
 async def scenario_tree_mount_over(scratch: Path) -> None:
     dev = scratch / "dev"
     dev.mkdir()
@@ -442,6 +476,7 @@ async def scenario_tree_mount_over(scratch: Path) -> None:
 SCENARIOS: dict[str, Callable[[Path], Awaitable[None]]] = {
     "mount_table_cycle": scenario_mount_table_cycle,
     "mount_before_run": scenario_mount_before_run,
+    "mount_during_callback": scenario_mount_during_callback,
     "tree_mount_over": scenario_tree_mount_over,
 }
 

@@ -35,10 +35,10 @@ def by_id(mounts: MountTable, mount_id: int) -> MountEntry:
 
 
 def synthetic(*lines: str) -> MountTable:
-    """A table from short `ID PARENT MOUNT_POINT [OPTIONS]` specs (mount points escaped here)."""
+    """A table from short `ID|PARENT|MOUNT_POINT[|OPTIONS]` specs (mount points escaped here)."""
     rows = []
     for spec in lines:
-        mount_id, parent_id, mount_point, *options = spec.split(" ", 3)
+        mount_id, parent_id, mount_point, *options = spec.split("|")
         rows.append(
             f"{mount_id} {parent_id} 0:{mount_id} / {escape(mount_point)} "
             f"{options[0] if options else 'rw'} - tmpfs tmpfs rw"
@@ -258,7 +258,7 @@ def test_sandbox_host_root_is_found_although_listed_after_its_children() -> None
         (45, "/mnt/src", "/", "my#src"),
         (46, "/mnt/not\\040space", "/", "tmpfs"),
         (47, "/mnt/donn\u00e9es", "/", "tmpfs"),
-        (48, "/mnt/no-source", "/", ""),
+        (49, "/mnt/no-source", "/", ""),
         (50, "/mnt/with space/dev", "/", "tmpfs"),
     ],
 )
@@ -434,7 +434,7 @@ def test_error_message_shortens_long_lines() -> None:
 
 
 def test_resolve_takes_the_deepest_mount_by_whole_components() -> None:
-    mounts = synthetic("1 0 /", "2 1 /a", "3 2 /a/b")
+    mounts = synthetic("1|0|/", "2|1|/a", "3|2|/a/b")
     assert resolved_id(mounts, "/a/b/c") == 3
     assert resolved_id(mounts, "/a/b") == 3
     assert resolved_id(mounts, "/a/bc") == 2
@@ -445,43 +445,43 @@ def test_resolve_takes_the_deepest_mount_by_whole_components() -> None:
 
 def test_resolve_stacked_mount_on_the_same_point_kernel_shape() -> None:
     # A second mount on /a has the first one as its parent.
-    mounts = synthetic("1 0 /", "2 1 /a nodev", "3 2 /a")
+    mounts = synthetic("1|0|/", "2|1|/a|nodev", "3|2|/a")
     entry = mounts.resolve("/a/nvidiactl")
     assert entry is not None
     assert (entry.id, entry.nodev) == (3, False)
 
 
 def test_resolve_same_parent_and_mount_point_twice_the_later_wins() -> None:
-    mounts = synthetic("1 0 /", "2 1 /a", "3 1 /a")
+    mounts = synthetic("1|0|/", "2|1|/a", "3|1|/a")
     assert resolved_id(mounts, "/a/x") == 3
 
 
 def test_resolve_skips_a_mount_hidden_by_an_over_mounted_parent() -> None:
     # X (2) at /a holds Y (3) at /a/b; then Z (4) is mounted on /a on top of X.
-    mounts = synthetic("1 0 /", "2 1 /a", "3 2 /a/b", "4 2 /a")
+    mounts = synthetic("1|0|/", "2|1|/a", "3|2|/a/b", "4|2|/a")
     assert resolved_id(mounts, "/a/b/c") == 4
     assert resolved_id(mounts, "/a/b") == 4
     assert resolved_id(mounts, "/a") == 4
 
 
 def test_resolve_over_mounted_parent_with_its_own_child() -> None:
-    mounts = synthetic("1 0 /", "2 1 /a", "3 2 /a/b", "4 2 /a", "5 4 /a/b")
+    mounts = synthetic("1|0|/", "2|1|/a", "3|2|/a/b", "4|2|/a", "5|4|/a/b")
     assert resolved_id(mounts, "/a/b/c") == 5
 
 
 def test_resolve_tucked_mount_keeps_the_one_on_top() -> None:
     # Propagation can slip a new mount (3) beneath an existing one (2), which is reparented.
-    mounts = synthetic("1 0 /", "2 3 /a", "3 1 /a")
+    mounts = synthetic("1|0|/", "2|3|/a", "3|1|/a")
     assert resolved_id(mounts, "/a/x") == 2
 
 
 def test_resolve_is_independent_of_line_order() -> None:
-    mounts = synthetic("3 2 /a/b", "2 1 /a", "1 0 /")
+    mounts = synthetic("3|2|/a/b", "2|1|/a", "1|0|/")
     assert resolved_id(mounts, "/a/b/c") == 3
 
 
 def test_resolve_with_spaces_in_components() -> None:
-    mounts = synthetic("1 0 /", "2 1 /run/nv driver", "3 2 /run/nv driver/dev")
+    mounts = synthetic("1|0|/", "2|1|/run/nv driver", "3|2|/run/nv driver/dev")
     assert resolved_id(mounts, "/run/nv driver/dev/nvidiactl") == 3
     assert resolved_id(mounts, "/run/nv driver/lib") == 2
     assert resolved_id(mounts, "/run/nv") == 1

@@ -1,22 +1,22 @@
 """Mount-table changes as a wake-up signal.
 
 The kernel marks an open `/proc/<pid>/mountinfo` with POLLPRI|POLLERR after every mount,
-umount or remount in that file's mount namespace, and a poll that sees the mark clears it.
-The file is always readable, so waiting for readability directly would spin; instead the fd
-sits in a private `select.epoll` registered for EPOLLPRI only, and the event loop waits for
-that epoll fd to become readable.
+umount or remount in that file's mount namespace, and wakes the file's poll waiters. The
+file is always readable, so waiting for readability directly would spin; instead the fd sits
+in a private `select.epoll`, and the event loop waits for that epoll fd to become readable.
 
 Measured on kernel 6.18 under anyio's asyncio backend (`unshare -m`, tmpfs mounts):
 
-* EPOLLPRI: one wake-up per mount, remount and umount, none for propagation changes, none
-  while idle. The event loop's readiness check of the epoll fd already consumes the mark,
-  so the inner `poll(0)` returns nothing, and skipping it still gives one wake-up per change.
-* EPOLLIN|EPOLLET (libmount's way) also gives one wake-up per change after dropping the
-  event that registration itself queues, but only if the inner epoll is drained every time:
-  without `poll(0)` it woke 9,468 times in 0.3 s after a single mount.
-
-Hence EPOLLPRI, with a drain after every wake-up anyway, so that a kernel which stops
-consuming the mark in the readiness check costs one extra `poll(0)`, never a busy loop.
+* EPOLLPRI gives one wake-up per mount, remount and umount while the loop waits, but the
+  mark is cleared by whichever poll sees it first, and that includes the readiness probe
+  the kernel runs when anyio registers the epoll fd for the next wait. A mount that lands
+  before `run()` starts, or while `on_change` runs, was lost: 0 wake-ups for 2 mounts.
+* EPOLLIN|EPOLLET (libmount's way): every wake-up of the file's waiters puts the entry on
+  the epoll's ready list, and only `epoll.poll()` takes it off, so nothing the event loop
+  does can consume it. 2 wake-ups for those 2 mounts; one per mount, remount and umount;
+  none for propagation changes; none while idle. Registration queues one event, dropped
+  in `__init__`. Skipping the `poll(0)` after a wake-up spins (9,468 wake-ups in 0.3 s after
+  one mount), so it is never skipped.
 
 A mount table that is not a proc file (a fixture that tests rewrite) cannot join an epoll
 set; for those the watcher falls back to inotify on the file's directory.
@@ -62,7 +62,7 @@ class MountTableWatcher:
         table_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         epoll = select.epoll()
         try:
-            epoll.register(table_fd, select.EPOLLPRI)
+            epoll.register(table_fd, select.EPOLLIN | select.EPOLLET)
         except PermissionError:
             # EPERM is epoll's answer for regular files: not a kernel mount table.
             epoll.close()
@@ -74,6 +74,8 @@ class MountTableWatcher:
             epoll.close()
             os.close(table_fd)
             raise
+        # Registration itself queues one event, which says nothing about a change.
+        epoll.poll(0)
         self._table_fd = table_fd
         self._epoll = epoll
 
@@ -103,7 +105,8 @@ class MountTableWatcher:
             finally:
                 self._waiting = False
             # Drain before reporting: a change that lands after the drain wakes us again,
-            # one that lands before it is covered by the rescan this report triggers.
+            # one that lands before it is covered by the rescan this report triggers. An
+            # undrained edge-triggered entry keeps the epoll fd readable: a busy loop.
             epoll.poll(0)
             on_change(self._reason)
 
