@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from watcher.core.devices import NVIDIA, Family
 from watcher.core.model import DeviceMap
-from watcher.core.mountinfo import MountTable, parse_mountinfo
+from watcher.core.mountinfo import MountTable, PathFilter, parse_mountinfo
 from watcher.core.procfs import GpuInformation, parse_gpu_information
 from watcher.core.scan import (
     DevRootListing,
@@ -148,13 +148,16 @@ def _gpu_information(view: HostView) -> list[GpuInformation]:
 def read_host(view: HostView, family: Family = NVIDIA) -> HostSnapshot:
     proc_devices, proc_devices_error = read_text(posixpath.join(view.proc, "devices"))
     version_text, _ = read_text(posixpath.join(view.proc, "driver/nvidia/version"))
-    mountinfo_text, mounts_error = read_text(view.mountinfo)
-    mounts = parse_mountinfo(mountinfo_text) if mountinfo_text is not None else MountTable([])
     driver_ready, _ = read_text(view.fs_path(posixpath.join(view.validations_dir, "driver-ready")))
     candidates = candidates_for(view, driver_ready)
     dev_roots = [candidate.dev_root for candidate in candidates]
     if "/dev" not in dev_roots:
         dev_roots.append("/dev")  # always looked at: `not-in-dev` is about /dev
+    mountinfo_text, mounts_error = read_text(view.mountinfo)
+    relevant = PathFilter(view.fs_path(dev_root) for dev_root in dev_roots)
+    mounts = (
+        parse_mountinfo(mountinfo_text, relevant) if mountinfo_text is not None else MountTable([])
+    )
     existing = {
         candidate.driver_root
         for candidate in candidates
