@@ -228,7 +228,8 @@ class TreeWatcher:
                 # A watch retired by a re-arm. Its IN_IGNORED is our own doing; anything
                 # else was queued before the re-arm and is reported in case it matters.
                 if not event.mask & IN_IGNORED:
-                    reasons.append(f"{what} {event.name} (retired watch {event.wd})".strip())
+                    subject = f" {event.name}" if event.name else ""
+                    reasons.append(f"{what}{subject} (retired watch {event.wd})")
                 continue
             if event.mask & IN_IGNORED:
                 # The kernel dropped the watch: its inode was deleted or unmounted.

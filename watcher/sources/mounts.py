@@ -24,7 +24,6 @@ set; for those the watcher falls back to inotify on the file's directory.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 from collections.abc import Callable
@@ -82,7 +81,7 @@ class MountTableWatcher:
     @property
     def pollable(self) -> bool:
         """True when the kernel signals changes; False for a plain file watched by inotify."""
-        return self._epoll is not None
+        return self._file_watcher is None
 
     async def run(
         self,
@@ -127,7 +126,7 @@ class MountTableWatcher:
 
     def _require_open(self) -> select.epoll:
         if self._epoll is None:
-            raise OSError(errno.EBADF, "mount table watcher is closed", self.path)
+            raise ValueError(f"MountTableWatcher for {self.path} is closed")
         return self._epoll
 
     def __enter__(self) -> Self:
