@@ -152,7 +152,9 @@ def resolve_settings(
     socket = options.get("socket") or environ.get(SOCKET_ENV) or config.socket or DEFAULT_SOCKET
     driver_roots = config.driver_roots
     view = HostView(
-        root=pick("root", "/"),
+        # Resolved once: mount points in the table are real paths, so a --root reached
+        # through a symlink would otherwise match no mount at all.
+        root=os.path.realpath(pick("root", "/")),
         proc=pick("proc", "/proc"),
         mountinfo=pick("mountinfo", "/proc/self/mountinfo"),
         driver_roots=tuple(driver_roots) if driver_roots is not None else DEFAULT_DRIVER_ROOTS,

@@ -494,10 +494,10 @@ def test_resolve_on_an_empty_table() -> None:
 # ---------------------------------------------------------------- properties
 
 _PATH_TEXT = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
 )
 _COMPONENT = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00/"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00/"),
     min_size=1,
     max_size=12,
 ).filter(lambda part: part not in {".", ".."})

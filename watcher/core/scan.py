@@ -357,6 +357,9 @@ def build_map(
         if (
             candidate.driver_root == "/"
             or candidate.driver_root not in snapshot.driver_roots_existing
+            # driver-ready may keep the nodes apart from the driver root (NVIDIA_DEV_ROOT):
+            # the root that was chosen is not empty, whichever candidate names it.
+            or (chosen is not None and candidate.driver_root == chosen.driver_root)
         ):
             continue
         listing = snapshot.listings.get(candidate.dev_root)
@@ -372,7 +375,8 @@ def build_map(
 
     if chosen is not None and chosen.dev_root != "/dev":
         in_dev = snapshot.listings.get("/dev")
-        if in_dev is None or in_dev.entry("nvidiactl") is None:
+        # A stale or planted /dev/nvidiactl does not help a tool that opens it.
+        if in_dev is None or not judge.has_valid_control(in_dev):
             problems.add(
                 "not-in-dev",
                 "warning",
