@@ -226,7 +226,7 @@ def run(
 
     `reload_settings` reads the config again with the same command-line options, for SIGHUP.
     """
-    from watcher.server import AlreadyServing, bind_unix_socket, unlink_socket  # noqa: PLC0415
+    from watcher.server import SocketSetupError, bind_unix_socket, unlink_socket  # noqa: PLC0415
 
     logs.setup(settings.log_level, environ)
     notifier = Notifier.from_env(environ)
@@ -237,13 +237,11 @@ def run(
         log.info("using the socket passed by systemd (%s)", activated[0].name)
     else:
         try:
-            listener = bind_unix_socket(
-                settings.socket, settings.socket_mode, settings.socket_group
-            )
-        except AlreadyServing as error:
+            bound = bind_unix_socket(settings.socket, settings.socket_mode, settings.socket_group)
+        except SocketSetupError as error:
             log.error("%s", error)
             return 1
-        owned_inode = os.stat(settings.socket).st_ino
+        listener, owned_inode = bound, bound.inode
     try:
         daemon = Daemon(settings, notifier, reload_settings)
         anyio.run(daemon.serve, listener)

@@ -45,7 +45,9 @@ MAX_LINE: Final = 64 * 1024
 DEFAULT_WAIT_TIMEOUT: Final = 30.0
 MAX_WAIT_TIMEOUT: Final = 300.0
 
-ErrorCode = Literal["bad-request", "too-large", "not-found", "timeout", "forbidden", "busy", "internal"]
+ErrorCode = Literal[
+    "bad-request", "too-large", "not-found", "timeout", "forbidden", "busy", "internal"
+]
 ERROR_CODES: Final[tuple[ErrorCode, ...]] = (
     "bad-request",
     "too-large",
@@ -64,15 +66,15 @@ class _Request(msgspec.Struct, tag_field="op", frozen=True, kw_only=True):
     pass
 
 
-class Get(_Request, tag="get"):
+class Get(_Request, tag="get", frozen=True, kw_only=True):
     pass
 
 
-class Path(_Request, tag="path"):
+class Path(_Request, tag="path", frozen=True, kw_only=True):
     name: str
 
 
-class Wait(_Request, tag="wait"):
+class Wait(_Request, tag="wait", frozen=True, kw_only=True):
     after: int | None = None
     timeout: Annotated[float, msgspec.Meta(ge=0)] = DEFAULT_WAIT_TIMEOUT
 
@@ -83,15 +85,15 @@ class Wait(_Request, tag="wait"):
         return min(self.timeout, MAX_WAIT_TIMEOUT)
 
 
-class Subscribe(_Request, tag="subscribe"):
+class Subscribe(_Request, tag="subscribe", frozen=True, kw_only=True):
     pass
 
 
-class Rescan(_Request, tag="rescan"):
+class Rescan(_Request, tag="rescan", frozen=True, kw_only=True):
     pass
 
 
-class Status(_Request, tag="status"):
+class Status(_Request, tag="status", frozen=True, kw_only=True):
     pass
 
 
@@ -149,7 +151,7 @@ class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
 
 # --- codec ---------------------------------------------------------------------------------
 
-_decoder: Final = msgspec.json.Decoder(Request)
+_decoder: Final[msgspec.json.Decoder[Request]] = msgspec.json.Decoder(Request)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -198,11 +200,11 @@ def _shorten(text: str, limit: int = 60) -> str:
 def _explain(line: bytes, error: Exception) -> str:
     """Say what is wrong with a refused line in the terms of the protocol, not of msgspec."""
     if not line.strip():
-        return "empty request line; send one JSON object per line, e.g. {\"op\":\"get\"}"
+        return 'empty request line; send one JSON object per line, e.g. {"op":"get"}'
     if isinstance(error, RecursionError):
         return "request nested too deeply"
     if not isinstance(error, msgspec.ValidationError):
-        return f"invalid JSON: {error}"
+        return _invalid_json(error)
     # The full decoder stops at the first problem it meets, which may be a field of an op
     # that does not exist; look at the op on its own first.
     try:
@@ -218,10 +220,15 @@ def _explain(line: bytes, error: Exception) -> str:
             return f"'op' must be a string; known ops: {_KNOWN}"
         return _field_message(text)
     except (msgspec.DecodeError, RecursionError) as envelope_error:
-        return f"invalid JSON: {envelope_error}"
+        return _invalid_json(envelope_error)
     if envelope.op not in KNOWN_OPS:
         return f"unknown op {_shorten(envelope.op)!r}; known ops: {_KNOWN}"
     return f"op {envelope.op!r}: {_field_message(str(error))}"
+
+
+def _invalid_json(error: Exception) -> str:
+    text = str(error).removeprefix("JSON is malformed: ")
+    return f"invalid JSON: {text[:1].lower()}{text[1:]}"
 
 
 def _field_message(text: str) -> str:
