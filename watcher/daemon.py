@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import anyio
 import anyio.abc
@@ -61,6 +61,24 @@ def _watch_targets(view: HostView, dev_roots: list[str]) -> list[str]:
     return [view.fs_path(path) for path in dict.fromkeys(host_paths)]
 
 
+@dataclass(frozen=True, slots=True)
+class _Scanned:
+    map: DeviceMap
+    dev_roots: list[str]
+    milliseconds: float
+
+
+def _scan_host(view: HostView, generation: int) -> _Scanned:
+    started = time.perf_counter()
+    snapshot = read_host(view)
+    device_map = build_map(view, snapshot, generation=generation, updated=utc_now())
+    return _Scanned(
+        map=device_map,
+        dev_roots=[candidate.dev_root for candidate in snapshot.candidates],
+        milliseconds=round((time.perf_counter() - started) * 1000, 3),
+    )
+
+
 class Daemon:
     def __init__(
         self, settings: Settings, notifier: Notifier, reload_settings: Callable[[], Settings]
@@ -74,20 +92,24 @@ class Daemon:
         self._rescan_lock = anyio.Lock()
         self._tree = TreeWatcher(subdirs=NVIDIA.subdirs)
         self._dev_roots: list[str] = []
-        initial = self._scan(generation=1)
-        self.state = MapState(initial)
+        self.state = MapState(self._account(_scan_host(settings.view, generation=1)))
 
     # -- scanning --------------------------------------------------------------------
 
-    def _scan(self, generation: int) -> DeviceMap:
-        started = time.perf_counter()
-        view = self.settings.view
-        snapshot = read_host(view)
-        device_map = build_map(view, snapshot, generation=generation, updated=utc_now())
+    def _account(self, scanned: _Scanned) -> DeviceMap:
+        """Book a finished scan (on the event loop): counters and the roots to watch."""
         self.counters.scans += 1
-        self.counters.last_scan_ms = round((time.perf_counter() - started) * 1000, 3)
-        self._dev_roots = [candidate.dev_root for candidate in snapshot.candidates]
-        return device_map
+        self.counters.last_scan_ms = scanned.milliseconds
+        self._dev_roots = scanned.dev_roots
+        return scanned.map
+
+    async def _scan_off_loop(self) -> DeviceMap:
+        # A scan reads files and lists directories: keep it off the loop so queries are
+        # answered while it runs (tens of ms on a host with 10,000 mounts).
+        scanned = await anyio.to_thread.run_sync(
+            _scan_host, self.settings.view, self.state.generation
+        )
+        return self._account(scanned)
 
     async def rescan(self) -> None:
         """Scan now and publish; concurrent callers queue rather than scan in parallel."""
@@ -97,12 +119,12 @@ class Daemon:
                 # whatever changed before it is seen by this scan.
                 self._rearm_due = False
                 self._tree.set_targets(_watch_targets(self.settings.view, self._dev_roots))
-            targets_before = list(self._dev_roots)
-            candidate = await anyio.to_thread.run_sync(self._scan, self.state.generation)
+            targets_before = self._dev_roots
+            candidate = await self._scan_off_loop()
             if self._dev_roots != targets_before:
                 # driver-ready named another root: watch it too, then look once more.
                 self._tree.set_targets(_watch_targets(self.settings.view, self._dev_roots))
-                candidate = await anyio.to_thread.run_sync(self._scan, self.state.generation)
+                candidate = await self._scan_off_loop()
             publication = self.state.publish(candidate)
         if publication is None:
             return
@@ -131,7 +153,13 @@ class Daemon:
             # continuous storm from starving the map of updates.
             await anyio.sleep(debounce)
             self._rescan_due = anyio.Event()
-            await self.rescan()
+            try:
+                await self.rescan()
+            except Exception:
+                # A bug in one scan must not take the map away from every client: keep
+                # serving the last good generation, log the traceback for a report, and
+                # let the next event try again.
+                log.exception("rescan failed; still serving generation %d", self.state.generation)
 
     # -- systemd -----------------------------------------------------------------------
 
