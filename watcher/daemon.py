@@ -81,11 +81,21 @@ def _scan_host(view: HostView, generation: int) -> _Scanned:
 
 class Daemon:
     def __init__(
-        self, settings: Settings, notifier: Notifier, reload_settings: Callable[[], Settings]
+        self,
+        settings: Settings,
+        notifier: Notifier,
+        reload_settings: Callable[[], Settings],
+        *,
+        watchdog: float | None = None,
+        socket_activated: bool = False,
     ) -> None:
         self.settings = settings
         self._reload_settings = reload_settings
         self.notifier = notifier
+        # Seconds between WATCHDOG=1 pings (None: no watchdog), read and checked by run().
+        self._watchdog_interval = watchdog
+        # A socket passed by systemd wins over the config: a reload never questions it.
+        self._socket_activated = socket_activated
         self.counters = Counters()
         self._rescan_due = anyio.Event()
         self._rearm_due = True
@@ -191,13 +201,18 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s", error)
         else:
             kept = self.settings
-            if fresh.socket != kept.socket:
+            if fresh.socket != kept.socket and not self._socket_activated:
                 log.warning("socket path changes only on restart; still serving %s", kept.socket)
             self.settings = replace(fresh, socket=kept.socket)
             logging.getLogger("watcher").setLevel(self.settings.log_level.upper())
             self._rearm_due = True
             log.info("config reloaded from %s", self.settings.config_path)
-            await self.rescan()
+            try:
+                await self.rescan()
+            except Exception:
+                # As in _rescan_on_signal: keep serving the last map. READY=1 must follow
+                # RELOADING=1 in every case, or systemd shows the unit reloading forever.
+                log.exception("rescan failed; still serving generation %d", self.state.generation)
         self._notify(READY=1)
         self._notify_status()
 
@@ -237,9 +252,8 @@ class Daemon:
                 )
                 self._notify(READY=1)
                 self._notify_status()
-                interval = watchdog_interval()
-                if interval is not None:
-                    group.start_soon(self._watchdog, interval)
+                if self._watchdog_interval is not None:
+                    group.start_soon(self._watchdog, self._watchdog_interval)
         finally:
             mounts.close()
             self._tree.close()
@@ -257,12 +271,29 @@ def run(
     from watcher.server import SocketSetupError, bind_unix_socket, unlink_socket  # noqa: PLC0415
 
     logs.setup(settings.log_level, environ)
-    notifier = Notifier.from_env(environ)
-    activated = listen_fds()
+    try:
+        # What systemd handed us is checked before anything starts: a malformed variable
+        # is one log line and exit 1, not a traceback from deep inside the event loop.
+        interval = watchdog_interval(environ)
+        notifier = Notifier.from_env(environ)
+        activated = listen_fds()
+    except ValueError as error:
+        log.error("%s", error)
+        return 1
     owned_inode: int | None = None
     if activated:
         listener = activated[0].socket
-        log.info("using the socket passed by systemd (%s)", activated[0].name)
+        for extra in activated[1:]:
+            # One listening socket is served; holding the others would leave their
+            # clients hanging in a backlog nobody accepts from.
+            log.warning("ignoring extra socket passed by systemd (%s)", extra.name)
+            extra.socket.close()
+        # The contract: an activated socket wins over --socket, the environment and the
+        # config. Name it as it is, so logs and a reload speak of the socket really served.
+        address = listener.getsockname()
+        if isinstance(address, str) and address:
+            settings = replace(settings, socket=address)
+        log.info("using the socket passed by systemd (%s): %s", activated[0].name, address)
     else:
         try:
             bound = bind_unix_socket(settings.socket, settings.socket_mode, settings.socket_group)
@@ -271,7 +302,13 @@ def run(
             return 1
         listener, owned_inode = bound, bound.inode
     try:
-        daemon = Daemon(settings, notifier, reload_settings)
+        daemon = Daemon(
+            settings,
+            notifier,
+            reload_settings,
+            watchdog=interval,
+            socket_activated=bool(activated),
+        )
         anyio.run(daemon.serve, listener)
     finally:
         listener.close()
