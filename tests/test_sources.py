@@ -135,6 +135,23 @@ async def test_mknod_chmod_unlink_are_each_reported(tmp_path: Path) -> None:
 
 @needs_root
 @pytest.mark.anyio
+async def test_names_filter_keeps_busy_neighbours_quiet(tmp_path: Path) -> None:
+    # On a real /dev every `echo > /dev/null` is an IN_CLOSE_WRITE on the watched directory.
+    def nvidia_only(name: str) -> bool:
+        return name.startswith("nvidia")
+
+    with TreeWatcher(subdirs=NVIDIA_SUBDIRS, names=nvidia_only) as watcher:
+        watcher.set_targets([tmp_path])
+        async with running(watcher) as changes:
+            (tmp_path / "null").write_text("written and closed")
+            (tmp_path / "tty0").mkdir()
+            make_node(tmp_path / "nvidiactl")
+            assert await changes.wait_for("IN_CREATE") == f"IN_CREATE {tmp_path}/nvidiactl"
+            assert changes.reasons == [f"IN_CREATE {tmp_path}/nvidiactl"]
+
+
+@needs_root
+@pytest.mark.anyio
 async def test_events_queued_before_run_are_reported(tmp_path: Path) -> None:
     with TreeWatcher() as watcher:
         watcher.set_targets([tmp_path])

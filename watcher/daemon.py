@@ -61,6 +61,21 @@ def _watch_targets(view: HostView, dev_roots: list[str]) -> list[str]:
     return [view.fs_path(path) for path in dict.fromkeys(host_paths)]
 
 
+# What the GPU Operator writes into the validations directory; the rest of it is noise.
+_VALIDATION_FILES = frozenset({"driver-ready", ".driver-ctr-ready"})
+
+
+def _matters(name: str) -> bool:
+    """Whether an entry with this name, in a dev root or a family subdirectory or the
+    validations directory, can change the map."""
+    return (
+        name in _VALIDATION_FILES
+        or name in NVIDIA.subdirs
+        or NVIDIA.match(name) is not None
+        or any(NVIDIA.match(f"{subdir}/{name}") is not None for subdir in NVIDIA.subdirs)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Scanned:
     map: DeviceMap
@@ -100,7 +115,7 @@ class Daemon:
         self._rescan_due = anyio.Event()
         self._rearm_due = True
         self._rescan_lock = anyio.Lock()
-        self._tree = TreeWatcher(subdirs=NVIDIA.subdirs)
+        self._tree = TreeWatcher(subdirs=NVIDIA.subdirs, names=_matters)
         self._dev_roots: list[str] = []
         self.state = MapState(self._account(_scan_host(settings.view, generation=1)))
 

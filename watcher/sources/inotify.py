@@ -117,8 +117,17 @@ class TreeWatcher:
     called before or during `run()`; events that arrive before `run()` wait in the kernel.
     """
 
-    def __init__(self, *, subdirs: Collection[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        subdirs: Collection[str] | None = None,
+        names: Callable[[str], bool] | None = None,
+    ) -> None:
         self._subdirs = None if subdirs is None else frozenset(subdirs)
+        # On a real host /dev is busy (every close of /dev/null after a write is an
+        # IN_CLOSE_WRITE there); `names` keeps events about other entries from costing a
+        # rescan each. The watched directories themselves going away always counts.
+        self._names = names
         self._targets: tuple[str, ...] = ()
         self._watches: dict[int, _Watch] = {}
         self._waiting = False
@@ -249,7 +258,8 @@ class TreeWatcher:
                     and self._wants_subdir(event.name)
                 )
                 rearm = rearm or awaited or subdir_came_or_went
-                if watch.tree or awaited:
+                wanted = self._names is None or self._names(event.name) or subdir_came_or_went
+                if (watch.tree and wanted) or awaited:
                     reasons.append(f"{what} {os.path.join(watch.path, event.name)}")
             elif watch.tree:
                 reasons.append(f"{what} {watch.path}")
@@ -341,11 +351,33 @@ class TreeWatcher:
                 log.warning("cannot watch %s: %s", path, error)
             return None
         except UnicodeEncodeError:
-            # pyinotify encodes paths strictly; a name that is not valid in the file
-            # system encoding cannot be handed to it.
-            log.warning("cannot watch %r: not encodable for pyinotify", path)
-            return None
+            return self._add_watch_by_fd(path, mask)
         wd: int = added[path]
+        return wd
+
+    def _add_watch_by_fd(self, path: str, mask: int) -> int | None:
+        """Watch `path` whose name is not UTF-8 (pyinotify encodes names strictly).
+
+        The same inode has an ASCII name: /proc/self/fd/N of an O_PATH descriptor, opened
+        with O_NOFOLLOW where the watch must not follow a symlink (the descriptor is then
+        the symlink itself, as IN_DONT_FOLLOW would watch it).
+        """
+        flags = os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if mask & IN_DONT_FOLLOW else 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as error:
+            if os.path.lexists(path):
+                log.warning("cannot watch %r: %s", path, error.strerror)
+            return None
+        alias = f"/proc/self/fd/{fd}"
+        try:
+            added = self._manager.add_watch(alias, mask & ~IN_DONT_FOLLOW, quiet=False)
+        except pyinotify.WatchManagerError as error:
+            log.warning("cannot watch %r: %s", path, error)
+            return None
+        finally:
+            os.close(fd)
+        wd: int = added[alias]
         return wd
 
 
