@@ -29,7 +29,6 @@ import errno
 import os
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 __all__ = [
     "DeviceUse",
@@ -54,17 +53,34 @@ VIA_FD = "fd"
 VIA_MAPS = "maps"
 
 
-@dataclass(frozen=True, slots=True)
 class DeviceUse:
     """One character device held by a process tree: which processes hold it, and how.
 
-    `pids` is sorted; `via` is sorted and holds `"fd"` and/or `"maps"`.
+    `pids` is sorted; `via` is sorted and holds `"fd"` and/or `"maps"`. A plain class, not a
+    dataclass: `dataclasses` imports `inspect`, 12-15 ms on every CRIU pre-dump.
     """
 
-    major: int
-    minor: int
-    pids: tuple[int, ...]
-    via: tuple[str, ...]
+    __slots__ = ("major", "minor", "pids", "via")
+
+    def __init__(self, major: int, minor: int, pids: tuple[int, ...], via: tuple[str, ...]) -> None:
+        self.major = major
+        self.minor = minor
+        self.pids = pids
+        self.via = via
+
+    def _key(self) -> tuple[int, int, tuple[int, ...], tuple[str, ...]]:
+        return (self.major, self.minor, self.pids, self.via)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeviceUse) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"DeviceUse(major={self.major}, minor={self.minor}, pids={self.pids}, via={self.via})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,13 +216,15 @@ def _fd_devices(pid: int, proc: str) -> set[int] | None:
     return found
 
 
-@dataclass(frozen=True, slots=True)
 class _Mapping:
-    start: int
-    end: int
-    fs_dev: int
-    inode: int
-    path: str
+    __slots__ = ("end", "fs_dev", "inode", "path", "start")
+
+    def __init__(self, start: int, end: int, fs_dev: int, inode: int, path: str) -> None:
+        self.start = start
+        self.end = end
+        self.fs_dev = fs_dev
+        self.inode = inode
+        self.path = path
 
 
 def _parse_maps_line(line: str) -> _Mapping | None:

@@ -1,0 +1,177 @@
+"""What the CRIU action script adds to a dump and to a restore.
+
+Run as root: `python -m bench.criu_cost [--runs N]`. It needs the CRIU that
+`tests/criu/fetch_criu.sh .criu` prepares (it runs the script, a no-op once CRIU is there),
+and serves a simulated host with the real daemon (tests/criu/simhost.py: a node `nvidia5`
+carrying the numbers of /dev/zero), so the action does its whole work: at pre-dump it asks the
+daemon, walks the tree and writes the record; at pre-restore it reads the record, asks the
+daemon and checks every used device. CRIU runs the script once per stage: pre-dump and
+post-dump for a dump; pre-restore, post-restore, pre-resume and post-resume for a restore.
+
+The same small tree (`sh` with a child `sleep` that holds /dev/zero) is dumped and restored
+`--runs` times per variant, the variants interleaved so that drift hits them alike:
+
+- no action script (the baseline);
+- the installed `gpu-device-watcher-criu-action`;
+- when the installed one goes through the CLI (argparse and all), the same logic through the
+  lean entry `watcher.criu:console_main`, from a script like the one pip would write.
+
+Figures are medians of wall time around the `criu` command. Python's bytecode cache is
+compiled first (`compileall` on `watcher/`), as a wheel install does: with
+PYTHONDONTWRITEBYTECODE set and no cache, every stage would recompile the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.criu.harness import ACTION, REPO, Criu, CriuUnavailable, prepare_criu, spawn_tree
+from tests.criu.harness import subreaper as adopt_orphans
+from tests.criu.simhost import SimHost
+
+RUNS = 15
+STAGE_RUNS = 30
+
+
+@dataclass
+class Variant:
+    label: str
+    action: Path | None
+    dump_ms: list[float] = field(default_factory=list)
+    restore_ms: list[float] = field(default_factory=list)
+
+
+def _lean_entry(directory: Path) -> Path:
+    """A console script for `watcher.criu:console_main`, as pip would write it."""
+    script = directory / "gpu-device-watcher-criu-action-lean"
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom watcher.criu import console_main\n"
+        "if __name__ == '__main__':\n    sys.exit(console_main())\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+def _one_round(criu: Criu, host: SimHost, variant: Variant, work: Path, number: int) -> None:
+    images = work / f"{variant.label.replace(' ', '-')}-{number}"
+    tree = spawn_tree("/dev/zero")
+    try:
+        dumped = criu.dump(tree.root, images, host.env(), action=variant.action)
+        if not dumped.ok:
+            raise RuntimeError(dumped.explain())
+        tree.gone()
+        restored = criu.restore(images, host.env(), action=variant.action)
+        if not restored.ok:
+            raise RuntimeError(restored.explain())
+        variant.dump_ms.append(dumped.seconds * 1000)
+        variant.restore_ms.append(restored.seconds * 1000)
+    finally:
+        tree.close()
+        shutil.rmtree(images, ignore_errors=True)
+
+
+def _time_stage(command: list[str], env: dict[str, str], runs: int) -> float:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, timeout=30, check=False)
+        samples.append((time.perf_counter() - started) * 1000)
+        if done.returncode != 0:
+            raise RuntimeError(f"{command} {env.get('CRTOOLS_SCRIPT_ACTION')}: {done.stderr!r}")
+    return statistics.median(samples)
+
+
+def _stage_costs(host: SimHost, script: Path, work: Path, runs: int) -> dict[str, float]:
+    """The action alone, started as CRIU starts it, per kind of stage."""
+    images = work / "stage-images"
+    images.mkdir(exist_ok=True)
+    tree = spawn_tree("/dev/zero")
+    try:
+        base = host.env(CRTOOLS_IMAGE_DIR=str(images), CRTOOLS_INIT_PID=str(tree.root))
+        # In this order: pre-restore checks the record that pre-dump writes.
+        stages = {"pre-dump": "pre-dump", "pre-restore": "pre-restore", "other": "post-resume"}
+        return {
+            name: _time_stage([str(script)], {**base, "CRTOOLS_SCRIPT_ACTION": action}, runs)
+            for name, action in stages.items()
+        }
+    finally:
+        tree.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.criu_cost", description=__doc__)
+    parser.add_argument("--runs", type=int, default=RUNS, help="dumps and restores per variant")
+    arguments = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench.criu_cost: needs root (CRIU, unshare -m, mknod)")
+    try:
+        criu = Criu(prepare_criu(), verbosity=None)
+    except CriuUnavailable as error:
+        sys.exit(f"bench.criu_cost: no CRIU: {error}")
+    compileall.compile_dir(str(REPO / "watcher"), quiet=1)
+    version = subprocess.run(
+        [str(criu.binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.split("\n", 1)[0]
+
+    work = Path(tempfile.mkdtemp(prefix="gdw-criu-cost-"))
+    try:
+        with adopt_orphans(), SimHost(work / "host") as host:
+            variants = [Variant("no action script", None), Variant("action (installed)", ACTION)]
+            installed_is_lean = "watcher.criu" in ACTION.read_text()
+            if not installed_is_lean:
+                variants.append(Variant("action (lean entry)", _lean_entry(work)))
+            # One unmeasured round each: page cache, CRIU's kernel-feature cache, pyc files.
+            for variant in variants:
+                _one_round(criu, host, variant, work, -1)
+                variant.dump_ms.clear()
+                variant.restore_ms.clear()
+            for number in range(arguments.runs):
+                rotation = number % len(variants)
+                for variant in variants[rotation:] + variants[:rotation]:
+                    _one_round(criu, host, variant, work, number)
+            stages: dict[str, dict[str, float]] = {}
+            for variant in variants[1:]:
+                assert variant.action is not None
+                stages[variant.label] = _stage_costs(host, variant.action, work, STAGE_RUNS)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    baseline = variants[0]
+    base_dump, base_restore = _median(baseline.dump_ms), _median(baseline.restore_ms)
+    print(f"{version}; {arguments.runs} dumps and restores per row; median wall time of `criu`")
+    print(f"{'':22}  {'dump ms':>8}  {'added':>7}  {'restore ms':>10}  {'added':>7}")
+    for variant in variants:
+        dump, restore = _median(variant.dump_ms), _median(variant.restore_ms)
+        added_dump = "" if variant is baseline else f"{dump - base_dump:+7.1f}"
+        added_restore = "" if variant is baseline else f"{restore - base_restore:+7.1f}"
+        print(
+            f"{variant.label:22}  {dump:8.1f}  {added_dump:>7}  {restore:10.1f}  {added_restore:>7}"
+        )
+    print()
+    print(f"the action alone, started as CRIU starts it (median of {STAGE_RUNS}):")
+    print(f"{'':22}  {'pre-dump':>8}  {'pre-restore':>11}  {'other stage':>11}")
+    for label, costs in stages.items():
+        print(
+            f"{label:22}  {costs['pre-dump']:8.1f}  {costs['pre-restore']:11.1f}  "
+            f"{costs['other']:11.1f}"
+        )
+    print("(a dump runs 2 stages, a restore 4; times in ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""The installed `gpu-device-watcher-criu-action` against a real daemon, without CRIU.
+
+Each test runs the console script as CRIU would (no arguments, CRTOOLS_* in the environment,
+CRTOOLS_IMAGE_DIR a /proc/<pid>/fd/<n> link to the image directory) against the daemon of a
+simulated host (see simhost.py): its nodes carry the numbers of this machine's /dev/zero
+(nvidia5) and /dev/full (nvidia7), so a process holding /dev/zero uses "nvidia5".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from watcher import criu as action_module
+from watcher.core import record as record_model
+
+from .harness import ACTION, Tree
+from .simhost import H200, SimHost
+
+TIMEOUT = 30.0
+RECORD = "gpu-device-watcher.json"
+MAP_ZERO = """\
+import ctypes, mmap, os, time
+# Through libc: Python's mmap.mmap keeps a dup of the fd, and the point is no fd at all.
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+fd = os.open("/dev/zero", os.O_RDONLY)
+address = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+os.close(fd)
+print("ready", flush=True)
+time.sleep(1000)
+"""
+
+
+@contextmanager
+def image_dir_link(directory: Path) -> Iterator[str]:
+    """The directory as CRIU names it to the script: a /proc/<pid>/fd/<n> link."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/{os.getpid()}/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def run_action(
+    action: str | None,
+    env: Mapping[str, str],
+    images: Path | None = None,
+    pid: int | None = None,
+    command: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in env.items() if not k.startswith("CRTOOLS_")}
+    if action is not None:
+        env["CRTOOLS_SCRIPT_ACTION"] = action
+    if pid is not None:
+        env["CRTOOLS_INIT_PID"] = str(pid)
+    with image_dir_link(images) if images is not None else nullcontext() as link:
+        if link is not None:
+            env["CRTOOLS_IMAGE_DIR"] = link
+        return subprocess.run(
+            command or [str(ACTION)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+            cwd=images,
+        )
+
+
+def read_record(images: Path) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads((images / RECORD).read_text())
+    return record
+
+
+def prefixed(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("gpu-device-watcher: ")]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    path = tmp_path / "images"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def recorded(host: SimHost, trees: Callable[..., Tree], images: Path) -> dict[str, Any]:
+    """A real pre-dump record of a tree whose child holds /dev/zero (the map's nvidia5)."""
+    tree = trees("/dev/zero")
+    done = run_action("pre-dump", host.env(), images, tree.root)
+    assert done.returncode == 0, done.stderr
+    return read_record(images)
+
+
+# ---------------------------------------------------------------------------- pre-dump
+
+
+def test_pre_dump_records_the_map_and_the_used_device(
+    host: SimHost, trees: Callable[..., Tree], images: Path
+) -> None:
+    tree = trees("/dev/zero")
+    live = host.get()
+    done = run_action("pre-dump", host.env(), images, tree.root)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    record = read_record(images)
+    uname = os.uname()
+    assert record["version"] == 1
+    assert record["generation"] == live["generation"] >= 1
+    assert record["hostname"] == uname.nodename
+    assert record["kernel"] == uname.release
+    assert record["pid"] == tree.root
+    assert record["map"] == live["map"]
+    assert record["used"] == [
+        {
+            "name": "nvidia5",
+            "path": "/dev/nvidia5",
+            "kind": "gpu",
+            "major": 1,
+            "minor": 5,
+            "valid": True,
+            "pids": [tree.child],
+            "via": ["fd"],
+        }
+    ]
+    assert done.stdout.startswith("gpu-device-watcher: recorded generation")
+    assert "(nvidia5)" in done.stdout
+    # Only the record, no temporary file left behind.
+    assert sorted(p.name for p in images.iterdir()) == [RECORD]
+
+
+def test_the_record_matches_its_model_and_published_schema(recorded: dict[str, Any]) -> None:
+    decoded = msgspec.convert(recorded, record_model.Record, strict=True)
+    assert decoded.used[0].name == "nvidia5"
+    assert record_model.RECORD_NAME == action_module.RECORD_NAME == RECORD
+    assert record_model.RECORD_VERSION == action_module.RECORD_VERSION == recorded["version"]
+    published = Path(__file__).resolve().parents[2] / "docs" / "criu-record.schema.json"
+    assert published.read_text() == record_model.schema_text(), (
+        "docs/criu-record.schema.json is stale: python -m watcher.core.record > "
+        "docs/criu-record.schema.json"
+    )
+
+
+def test_pre_dump_replaces_an_old_record_by_rename(
+    host: SimHost, trees: Callable[..., Tree], images: Path
+) -> None:
+    (images / RECORD).write_text('{"old": true}\n')
+    with (images / RECORD).open() as old:
+        tree = trees(None)
+        done = run_action("pre-dump", host.env(), images, tree.root)
+        assert done.returncode == 0, done.stderr
+        # A reader that had the old file open still reads all of it: the new record arrived
+        # by rename, never by rewriting the old file in place.
+        assert old.read() == '{"old": true}\n'
+    assert read_record(images)["used"] == []
+    assert sorted(p.name for p in images.iterdir()) == [RECORD]
+
+
+def test_pre_dump_sees_a_device_that_is_only_mapped(host: SimHost, images: Path) -> None:
+    mapper = subprocess.Popen(
+        [sys.executable, "-c", MAP_ZERO],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert mapper.stdout is not None
+        ready, _, _ = select.select([mapper.stdout], [], [], TIMEOUT)
+        assert ready and mapper.stdout.readline() == b"ready\n"
+        done = run_action("pre-dump", host.env(), images, mapper.pid)
+        assert done.returncode == 0, done.stderr
+        [used] = read_record(images)["used"]
+        assert (used["name"], used["pids"], used["via"]) == ("nvidia5", [mapper.pid], ["maps"])
+    finally:
+        mapper.kill()
+        mapper.wait(timeout=TIMEOUT)
+        if mapper.stdout is not None:
+            mapper.stdout.close()
+
+
+def test_pre_dump_of_a_tree_that_uses_no_gpu(
+    host: SimHost, trees: Callable[..., Tree], images: Path
+) -> None:
+    tree = trees(None)
+    done = run_action("pre-dump", host.env(), images, tree.root)
+    assert done.returncode == 0, done.stderr
+    assert read_record(images)["used"] == []
+    assert "0 NVIDIA device(s)" in done.stdout
+
+
+def test_pre_dump_without_init_pid_is_a_usage_error(host: SimHost, images: Path) -> None:
+    done = run_action("pre-dump", host.env(), images)
+    assert done.returncode == 2
+    assert prefixed(done.stderr) == done.stderr.splitlines()
+    assert "CRTOOLS_INIT_PID" in done.stderr
+    assert not (images / RECORD).exists()
+
+
+def test_pre_dump_that_cannot_write_its_record_fails_the_dump(
+    host: SimHost, trees: Callable[..., Tree], tmp_path: Path
+) -> None:
+    tree = trees(None)
+    env = host.env()
+    env = {k: v for k, v in env.items() if not k.startswith("CRTOOLS_")}
+    env.update(
+        CRTOOLS_SCRIPT_ACTION="pre-dump",
+        CRTOOLS_INIT_PID=str(tree.root),
+        CRTOOLS_IMAGE_DIR=str(tmp_path / "gone"),
+    )
+    done = subprocess.run(
+        [str(ACTION)], env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    assert done.returncode == 1
+    assert "cannot write gpu-device-watcher.json into" in done.stderr
+
+
+# ---------------------------------------------------------------------------- pre-restore
+
+
+def test_pre_restore_on_the_same_host_goes_on(
+    host: SimHost, recorded: dict[str, Any], images: Path
+) -> None:
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "match this host: restore may go on" in done.stdout
+
+
+def test_pre_restore_stops_on_another_driver_version(
+    host: SimHost, recorded: dict[str, Any], images: Path
+) -> None:
+    host.set_driver_version("590.44.01")
+    assert host.rescan()["map"]["driver"]["version"] == "590.44.01"
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 1
+    lines = prefixed(done.stderr)
+    assert lines == done.stderr.splitlines()
+    assert any("590.44.01" in line and "580.95.05" in line for line in lines), lines
+    assert lines[-1].startswith("gpu-device-watcher: restore stopped:")
+
+
+def test_pre_restore_stops_when_a_used_node_is_missing(
+    host: SimHost, recorded: dict[str, Any], images: Path
+) -> None:
+    host.remove_node("nvidia5")
+    assert "nvidia5" not in {d["name"] for d in host.rescan()["map"]["devices"]}
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 1
+    [reason, stop] = prefixed(done.stderr)
+    assert "nvidia5" in reason and "absent here" in reason
+    assert f"(used by pid {recorded['used'][0]['pids'][0]})" in reason
+    assert "restore stopped" in stop
+
+
+def test_pre_restore_ignores_unused_devices(
+    host: SimHost, recorded: dict[str, Any], images: Path
+) -> None:
+    host.remove_node("nvidia7")  # nobody held /dev/full: its loss does not matter
+    host.rescan()
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 0, done.stderr
+
+
+def test_pre_restore_stops_when_a_used_node_is_not_valid(
+    host: SimHost, recorded: dict[str, Any], images: Path
+) -> None:
+    host.replace_node("nvidia5", 1, 6)  # right name, wrong minor
+    host.rescan()
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 1
+    reason = prefixed(done.stderr)[0]
+    assert "nvidia5" in reason and "is not valid here: /dev/nvidia5" in reason
+
+
+def test_pre_restore_stops_when_the_driver_is_not_loaded(
+    host: SimHost, recorded: dict[str, Any], images: Path
+) -> None:
+    host.unload_driver()
+    host.rescan()
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 1
+    assert "the NVIDIA driver is not loaded on this host (it was 580.95.05 at dump)" in (
+        done.stderr
+    )
+
+
+def test_pre_restore_stops_when_the_gpu_is_another_model(
+    host: SimHost, recorded: dict[str, Any], images: Path
+) -> None:
+    host.set_gpu_model(5, "NVIDIA A100-SXM4-80GB")
+    host.rescan()
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 1
+    lines = prefixed(done.stderr)
+    assert f"gpu-device-watcher: nvidia5 was {H200} at dump, is NVIDIA A100-SXM4-80GB here" in (
+        lines
+    )
+    # The other H200 (nvidia7) is still here: one of that model is enough.
+    assert not any("GPU(s)" in line for line in lines)
+
+
+def test_pre_restore_counts_gpus_of_the_model(
+    host: SimHost, recorded: dict[str, Any], images: Path
+) -> None:
+    host.set_gpu_model(5, "NVIDIA A100-SXM4-80GB")
+    host.set_gpu_model(7, "NVIDIA A100-SXM4-80GB")
+    host.rescan()
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 1
+    assert f"the checkpoint used 1 {H200} GPU(s); this host has 0" in done.stderr
+
+
+def test_pre_restore_without_a_record_goes_on(host: SimHost, images: Path) -> None:
+    done = run_action("pre-restore", host.env(), images)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_pre_restore_with_nothing_used_goes_on_anywhere(
+    host: SimHost, trees: Callable[..., Tree], images: Path
+) -> None:
+    tree = trees(None)
+    assert run_action("pre-dump", host.env(), images, tree.root).returncode == 0
+    host.set_driver_version("590.44.01")
+    host.remove_node("nvidia5")
+    host.rescan()
+    done = run_action("pre-restore", host.env(), images)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("{not json", "cannot read gpu-device-watcher.json"),
+        ("[1, 2]", "is not a JSON object"),
+        ('{"version": 2, "used": [], "map": {}}', "record format version 2"),
+        ('{"version": 1, "used": "nvidia0", "map": {}}', '"used" is not a list'),
+    ],
+)
+def test_pre_restore_refuses_an_unusable_record(
+    host: SimHost, images: Path, content: str, says: str
+) -> None:
+    (images / RECORD).write_text(content)
+    done = run_action("pre-restore", host.env(), images)
+    assert done.returncode == 1
+    assert says in done.stderr
+    assert prefixed(done.stderr) == done.stderr.splitlines()
+
+
+# ---------------------------------------------------------------------------- the version policy
+
+
+VERSION_CASES = [
+    # (driver version here, restore_version_match, exit code); 580.95.05 at dump
+    ("580.95.05", None, 0),
+    ("580.95.05", "major", 0),
+    ("580.105.08", None, 1),
+    ("580.105.08", "exact", 1),
+    ("580.105.08", "major", 0),
+    ("590.44.01", "major", 1),
+]
+
+
+def test_restore_version_match(
+    host: SimHost, recorded: dict[str, Any], images: Path, tmp_path: Path
+) -> None:
+    results = []
+    for version, policy, _ in VERSION_CASES:
+        if host.get()["map"]["driver"]["version"] != version:
+            host.set_driver_version(version)
+            host.rescan()
+        config = tmp_path / f"{policy}.toml"
+        config.write_text(f'restore_version_match = "{policy}"\n' if policy else "")
+        done = run_action("pre-restore", host.env(GPU_DEVICE_WATCHER_CONFIG=str(config)), images)
+        results.append((version, policy, done.returncode))
+        if done.returncode:
+            assert f'(restore_version_match = "{policy or "exact"}")' in done.stderr
+            assert f"driver version {version} here, 580.95.05 at dump" in done.stderr
+    assert results == VERSION_CASES
+
+
+def test_a_bad_version_policy_is_reported_and_kept_strict(
+    host: SimHost, recorded: dict[str, Any], images: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('restore_version_match = "minor"\n')
+    host.set_driver_version("580.105.08")
+    host.rescan()
+    done = run_action("pre-restore", host.env(GPU_DEVICE_WATCHER_CONFIG=str(config)), images)
+    assert done.returncode == 1
+    assert 'must be "exact" or "major", got \'minor\'' in done.stderr
+
+
+def test_a_config_others_can_write_does_not_relax_the_check(
+    host: SimHost, recorded: dict[str, Any], images: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('restore_version_match = "major"\n')
+    config.chmod(0o666)
+    host.set_driver_version("580.105.08")
+    host.rescan()
+    done = run_action("pre-restore", host.env(GPU_DEVICE_WATCHER_CONFIG=str(config)), images)
+    assert done.returncode == 1
+    assert "is writable by others (mode 0666); ignoring it" in done.stderr
+
+
+# ---------------------------------------------------------------------------- other actions
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        "post-dump",
+        "post-restore",
+        "pre-resume",
+        "post-resume",
+        "network-lock",
+        "network-unlock",
+        "setup-namespaces",
+        "post-setup-namespaces",
+        "status-ready",
+        "query-ext-files",
+        "some-future-action",
+    ],
+)
+def test_other_actions_do_nothing(action: str, images: Path, tmp_path: Path) -> None:
+    # A socket that cannot be reached: any attempt to ask the daemon would say so.
+    env = dict(os.environ, GPU_DEVICE_WATCHER_SOCKET=str(tmp_path / "nobody.sock"))
+    started = time.perf_counter()
+    done = run_action(action, env, images, pid=1)
+    elapsed = time.perf_counter() - started
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    assert list(images.iterdir()) == []
+    assert elapsed < 5.0
+
+
+def test_without_an_action_it_is_a_usage_error() -> None:
+    done = run_action(None, os.environ)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("gpu-device-watcher: CRTOOLS_SCRIPT_ACTION is not set")
+
+
+def test_the_cli_subcommand_is_the_same_action(
+    host: SimHost, trees: Callable[..., Tree], images: Path
+) -> None:
+    tree = trees("/dev/zero")
+    command = [sys.executable, "-m", "watcher", "criu-action"]
+    done = run_action("pre-dump", host.env(), images, tree.root, command=command)
+    assert done.returncode == 0, done.stderr
+    assert [u["name"] for u in read_record(images)["used"]] == ["nvidia5"]
+    assert run_action(None, os.environ, command=command).returncode == 2
+
+
+# ---------------------------------------------------------------------------- no daemon
+
+
+def test_unreachable_daemon_falls_back_to_a_direct_scan(
+    trees: Callable[..., Tree], images: Path, tmp_path: Path
+) -> None:
+    # No config: the fallback scans this machine's own / and /proc (whatever they hold).
+    env = dict(os.environ, GPU_DEVICE_WATCHER_SOCKET=str(tmp_path / "nobody.sock"))
+    env.pop("GPU_DEVICE_WATCHER_CONFIG", None)
+    tree = trees(None)
+    done = run_action("pre-dump", env, images, tree.root)
+    assert done.returncode == 0, done.stderr
+    [line] = prefixed(done.stderr)
+    assert "cannot reach the daemon at" in line
+    assert line.endswith("scanning this host directly instead")
+    assert read_record(images)["generation"] == 0
+
+
+def test_the_fallback_scan_uses_the_configured_host_view(
+    host: SimHost, trees: Callable[..., Tree], images: Path, tmp_path: Path
+) -> None:
+    # The action runs where the simulated host's nodes are (the daemon's mount namespace),
+    # the daemon cannot be reached, and the config names the host view: the direct scan
+    # finds the same devices the daemon would have.
+    tree = trees("/dev/zero")
+    env = host.env(
+        GPU_DEVICE_WATCHER_SOCKET=str(tmp_path / "nobody.sock"),
+        GPU_DEVICE_WATCHER_CONFIG=str(host.config),
+        CRTOOLS_SCRIPT_ACTION="pre-dump",
+        CRTOOLS_INIT_PID=str(tree.root),
+        CRTOOLS_IMAGE_DIR=str(images),
+    )
+    done = host.run_inside([str(ACTION)], env)
+    assert done.returncode == 0, done.stderr
+    assert "scanning this host directly instead" in done.stderr
+    record = read_record(images)
+    assert record["generation"] == 0
+    assert [(u["name"], u["path"], u["pids"]) for u in record["used"]] == [
+        ("nvidia5", "/dev/nvidia5", [tree.child])
+    ]
+    # ... and pre-restore, with the daemon still away, checks against a direct scan too.
+    env["CRTOOLS_SCRIPT_ACTION"] = "pre-restore"
+    restored = host.run_inside([str(ACTION)], env)
+    assert restored.returncode == 0, restored.stderr
+    assert "scanning this host directly instead" in restored.stderr
+
+
+# ---------------------------------------------------------------------------- staying lean
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """Module names from PYTHONPROFILEIMPORTTIME's "import time: self | cumulative | name"."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "imported package":
+                names.add(name)
+    return names
+
+
+HEAVY = {"asyncio", "anyio", "msgspec", "watcher.config", "watcher.probe", "watcher.daemon"}
+
+
+@pytest.mark.parametrize("action", ["pre-dump", "pre-restore", "post-dump"])
+def test_the_daemon_path_imports_no_asyncio_anyio_or_msgspec(
+    host: SimHost, recorded: dict[str, Any], images: Path, action: str
+) -> None:
+    env = host.env(PYTHONPROFILEIMPORTTIME="1")
+    pid = recorded["pid"] if action == "pre-dump" else None
+    done = run_action(action, env, images, pid)
+    assert done.returncode == 0, done.stderr
+    modules = imported_modules(done.stderr)
+    assert "watcher.criu" in modules  # the profile really covers the action
+    assert modules & HEAVY == set()
+
+
+def test_the_import_check_does_see_the_fallback(
+    trees: Callable[..., Tree], images: Path, tmp_path: Path
+) -> None:
+    # The control for the test above: without a daemon, the direct scan does load msgspec.
+    env = dict(
+        os.environ,
+        PYTHONPROFILEIMPORTTIME="1",
+        GPU_DEVICE_WATCHER_SOCKET=str(tmp_path / "nobody.sock"),
+    )
+    done = run_action("pre-dump", env, images, trees(None).root)
+    assert done.returncode == 0, done.stderr
+    assert {"msgspec", "watcher.probe"} <= imported_modules(done.stderr)
