@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -67,3 +68,54 @@ def scratch_tmpfs(prefix: str = "gdw-bench-") -> Iterator[Path]:
             yield Path(directory)
         finally:
             umount(directory, lazy=True)
+
+
+MS_MOVE = 0x2000
+
+
+def move_mount(source: str, target: str) -> None:
+    """Move the mount at `source` onto `target` in one step (mount --move)."""
+    if _libc.mount(source.encode(), target.encode(), None, MS_MOVE, None) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"move {source} to {target}: {os.strerror(error)}")
+
+
+OPERATOR_NODES = {
+    "nvidiactl": (195, 255),
+    "nvidia0": (195, 0),
+    "nvidia-uvm": (509, 0),
+    "nvidia-uvm-tools": (509, 1),
+}
+
+
+def make_nodes(directory: Path, nodes: dict[str, tuple[int, int]]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (major, minor) in nodes.items():
+        os.mknod(directory / name, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(directory / name, 0o666)  # noqa: S103 (as the driver makes them)
+
+
+def build_operator_host(base: Path) -> tuple[Path, Path]:
+    """A GPU-Operator-shaped host under `base`: (root, proc) for `--root` and `--proc`.
+
+    The root holds an empty /dev and a tmpfs at /run/nvidia/driver (the driver container's
+    root) whose dev/ has the usual nodes; proc has devices, the driver version and one GPU.
+    """
+    root, proc = base / "root", base / "proc"
+    (root / "dev").mkdir(parents=True)
+    driver = root / "run/nvidia/driver"
+    driver.mkdir(parents=True)
+    mount_tmpfs(str(driver), "size=1m,mode=755")
+    make_nodes(driver / "dev", OPERATOR_NODES)
+    gpu = proc / "driver/nvidia/gpus/0000:3b:00.0"
+    gpu.mkdir(parents=True)
+    (proc / "devices").write_text(
+        "Character devices:\n  1 mem\n195 nvidia\n509 nvidia-uvm\n\nBlock devices:\n  8 sd\n"
+    )
+    (proc / "driver/nvidia/version").write_text(
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build\n"
+    )
+    (gpu / "information").write_text(
+        "Model: \t\t NVIDIA H200\nBus Location: \t 0000:3b:00.0\nDevice Minor: \t 0\n"
+    )
+    return root, proc

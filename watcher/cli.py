@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any, NoReturn
 
 from watcher import __version__, client, render
 from watcher.errors import UsageError
+
+# Not `from typing import TYPE_CHECKING`: typing (and datetime, and the shutil that argparse
+# imports for the terminal width) cost milliseconds at every start of `path` and `get`.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
 
 PROG = "gpu-device-watcher"
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -25,8 +29,46 @@ def fail(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
+def _terminal_columns() -> int:
+    """`shutil.get_terminal_size().columns` without importing shutil (bz2, lzma, fnmatch)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, told the width so that it does not import shutil to find it.
+
+    argparse makes one for every `add_argument` (to check metavars), not only for --help.
+    """
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = _terminal_columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, exit 2, as every command of ours reports errors."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Subcommand parsers are made by argparse with our class but not our formatter.
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -50,38 +92,51 @@ def _socket_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `only` the one subcommand that is being run."""
+
+    def wanted(name: str) -> bool:
+        return only is None or only == name
+
     parser = _Parser(
         prog=PROG,
         description="Keeps a live, validated map of NVIDIA device nodes for CRIU checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    host_view = _host_view_options()
 
-    serve = commands.add_parser("serve", parents=[host_view], help="run the daemon")
-    _socket_option(serve)
-    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    if wanted("serve") or wanted("scan"):
+        host_view = _host_view_options()
+    if wanted("serve"):
+        serve = commands.add_parser("serve", parents=[host_view], help="run the daemon")
+        _socket_option(serve)
+        serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
-    scan = commands.add_parser("scan", parents=[host_view], help="one scan, no daemon")
-    scan.add_argument("--format", choices=("json", "env", "table"), default="json")
+    if wanted("scan"):
+        scan = commands.add_parser("scan", parents=[host_view], help="one scan, no daemon")
+        scan.add_argument("--format", choices=("json", "env", "table"), default="json")
 
-    get = commands.add_parser("get", help="the live map from the daemon")
-    _socket_option(get)
-    get.add_argument("--format", choices=("json", "env", "table"), default="json")
+    if wanted("get"):
+        get = commands.add_parser("get", help="the live map from the daemon")
+        _socket_option(get)
+        get.add_argument("--format", choices=("json", "env", "table"), default="json")
 
-    path = commands.add_parser("path", help="the host path of one valid device")
-    path.add_argument("name", metavar="NAME", help="device name, e.g. nvidiactl or nvidia-uvm")
-    _socket_option(path)
+    if wanted("path"):
+        path = commands.add_parser("path", help="the host path of one valid device")
+        path.add_argument("name", metavar="NAME", help="device name, e.g. nvidiactl or nvidia-uvm")
+        _socket_option(path)
 
-    watch = commands.add_parser("watch", help="stream changes until interrupted")
-    _socket_option(watch)
-    watch.add_argument("--format", choices=("json", "text"), default="text")
+    if wanted("watch"):
+        watch = commands.add_parser("watch", help="stream changes until interrupted")
+        _socket_option(watch)
+        watch.add_argument("--format", choices=("json", "text"), default="text")
 
-    status = commands.add_parser("status", help="daemon health and counters")
-    _socket_option(status)
+    if wanted("status"):
+        status = commands.add_parser("status", help="daemon health and counters")
+        _socket_option(status)
 
-    commands.add_parser("criu-action", help="the CRIU action script (run by CRIU)")
+    if wanted("criu-action"):
+        commands.add_parser("criu-action", help="the CRIU action script (run by CRIU)")
     return parser
 
 
@@ -155,6 +210,8 @@ def command_status(arguments: argparse.Namespace) -> int:
 
 
 def _stamp() -> str:
+    from datetime import UTC, datetime  # noqa: PLC0415 (only `watch` prints times)
+
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
@@ -192,7 +249,12 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        arguments = build_parser().parse_args(argv)
+        args = sys.argv[1:] if argv is None else list(argv)
+        # Only the parser of the subcommand being run is built: building all of them is a
+        # third of what `path` costs beyond a bare interpreter. Anything else (--help, a
+        # typo) gets the whole command line, so that help and errors list every command.
+        only = args[0] if args and args[0] in COMMANDS else None
+        arguments = build_parser(only).parse_args(args)
         return COMMANDS[arguments.command](arguments)
     except UsageError as error:
         fail(str(error))

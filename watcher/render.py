@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from typing import Any
+
+# Not `from typing import Any`: importing typing costs milliseconds at every client start.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _NOT_NAME = re.compile(r"[^A-Z0-9]")
 

@@ -1,0 +1,486 @@
+"""Run the real daemon against a simulated host in a private mount namespace.
+
+- `Namespace` starts `nshost.py` under `unshare --mount --propagation private`. That process
+  owns the namespace, builds the host (a tmpfs root R with mknod'ed nodes, a fake proc dir P)
+  and applies every later change on request, answering once the change is done.
+- `Daemon` runs `python -m watcher serve --root R --proc P --socket S` inside that same
+  namespace through `nsenter -t <nshost pid> -m`, so the daemon's own /proc/self/mountinfo is
+  the namespace's mount table. Its stderr (the log) and its sd_notify datagrams are collected
+  by a reader thread; readiness is the `READY=1` datagram.
+- The socket and the notify socket live outside the namespace's private tmpfs, on the file
+  system both sides share, so the test process reaches them by path.
+
+Every wait is bounded and woken by the thing it waits for (a reply line, a datagram, a log
+line, a process exit): nothing sleeps and looks again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from watcher import client
+
+REPO = Path(__file__).resolve().parents[2]
+NSHOST = Path(__file__).resolve().with_name("nshost.py")
+TIMEOUT = 10.0
+
+DRIVER_ROOT = "/run/nvidia/driver"
+DEV_ROOT = "/run/nvidia/driver/dev"
+VALIDATIONS = "/run/nvidia/validations"
+VERSION = "580.95.05"
+BUS_ID = "0000:3b:00.0"
+UVM_MAJOR = 509
+# The GPU Operator shape: the driver container's root is rbound at /run/nvidia/driver and
+# its /dev is the container's own; the host's /dev holds no NVIDIA node.
+NODES: dict[str, tuple[int, int]] = {
+    "nvidiactl": (195, 255),
+    "nvidia0": (195, 0),
+    "nvidia-uvm": (UVM_MAJOR, 0),
+    "nvidia-uvm-tools": (UVM_MAJOR, 1),
+}
+
+Map = dict[str, Any]
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def cli_command() -> list[str]:
+    """The installed console script, as a user runs it (or `python -m watcher`)."""
+    script = Path(sys.executable).with_name("gpu-device-watcher")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "watcher"]
+
+
+def device(device_map: Map, name: str) -> dict[str, Any] | None:
+    return next((d for d in device_map["devices"] if d["name"] == name), None)
+
+
+def names(device_map: Map) -> list[str]:
+    return [d["name"] for d in device_map["devices"]]
+
+
+def problem_codes(device_map: Map) -> list[tuple[str, str | None]]:
+    return [(p["code"], p.get("path")) for p in device_map["problems"]]
+
+
+def proc_devices_text(majors: Mapping[str, int]) -> str:
+    lines = ["Character devices:", "  1 mem", "  5 /dev/tty", " 10 misc"]
+    lines += [f"{major:3d} {name}" for name, major in majors.items()]
+    lines += ["", "Block devices:", "  8 sd", "259 blkext", ""]
+    return "\n".join(lines)
+
+
+class _Lines:
+    """Line reader over a pipe fd whose every read is bounded by a deadline."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+
+    def readline(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._fd, selectors.EVENT_READ)
+                if remaining <= 0 or not selector.select(remaining):
+                    raise HarnessError(f"no reply within {timeout:g} s")
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                raise HarnessError("the namespace host exited")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+
+class Namespace:
+    """A private mount namespace holding a simulated host, changed on request.
+
+    Methods take host paths (strings, inside the view's root R) or, as `Path`, paths as the
+    namespace sees them (for staging areas outside R).
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.workdir = base / "w"
+        self.root = self.workdir / "root"
+        self.proc = self.workdir / "proc"
+        self.workdir.mkdir()
+        self._stderr = base / "nshost.err"
+        with open(self._stderr, "wb") as errors:
+            self._process = subprocess.Popen(
+                [
+                    *("unshare", "--mount", "--propagation", "private", "--"),
+                    *(sys.executable, str(NSHOST), str(self.workdir)),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+            )
+        assert self._process.stdout is not None
+        self._lines = _Lines(self._process.stdout.fileno())
+        try:
+            hello = self._receive()
+        except BaseException:
+            self.close()
+            raise
+        self.pid: int = hello["pid"]
+
+    # -- talking to nshost -------------------------------------------------------------
+
+    def _receive(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        try:
+            reply: dict[str, Any] = json.loads(self._lines.readline(timeout))
+        except HarnessError as error:
+            raise HarnessError(f"{error}; nshost said: {self._stderr.read_text()!r}") from None
+        return reply
+
+    def call(self, op: str, **arguments: Any) -> None:
+        stdin = self._process.stdin
+        assert stdin is not None
+        stdin.write(json.dumps({"op": op, **arguments}).encode() + b"\n")
+        stdin.flush()
+        reply = self._receive(TIMEOUT if op != "storm" else 60.0)
+        if not reply["ok"]:
+            raise HarnessError(f"{op} {arguments}: {reply['error']}")
+
+    def fs(self, path: str | Path) -> str:
+        if isinstance(path, Path):
+            return str(path)
+        assert path.startswith("/"), path
+        return str(self.root) + path
+
+    # -- changes -----------------------------------------------------------------------
+
+    def tmpfs(self, path: str | Path, options: str = "mode=755") -> None:
+        self.call("tmpfs", path=self.fs(path), options=options)
+
+    def umount(self, path: str | Path, *, lazy: bool = True) -> None:
+        self.call("umount", path=self.fs(path), lazy=lazy)
+
+    def move(self, source: str | Path, target: str | Path) -> None:
+        self.call("move", source=self.fs(source), path=self.fs(target))
+
+    def bind(self, source: str | Path, target: str | Path) -> None:
+        self.call("bind", source=self.fs(source), path=self.fs(target))
+
+    def mkdir(self, path: str | Path) -> None:
+        self.call("mkdir", path=self.fs(path))
+
+    def mknod(
+        self, path: str | Path, major: int, minor: int, mode: int = 0o666, *, block: bool = False
+    ) -> None:
+        self.call("mknod", path=self.fs(path), major=major, minor=minor, mode=mode, block=block)
+
+    def chmod(self, path: str | Path, mode: int) -> None:
+        self.call("chmod", path=self.fs(path), mode=mode)
+
+    def rename(self, source: str | Path, target: str | Path) -> None:
+        self.call("rename", source=self.fs(source), path=self.fs(target))
+
+    def unlink(self, path: str | Path) -> None:
+        self.call("unlink", path=self.fs(path))
+
+    def write(self, path: str | Path, text: str) -> None:
+        """Write atomically (temporary file, rename): a rescan never reads half a file."""
+        self.call("write", path=self.fs(path), text=text, atomic=True)
+
+    def storm(self, path: str | Path, pairs: int) -> None:
+        self.call("storm", path=self.fs(path), pairs=pairs)
+
+    def write_proc(self, relative: str, text: str) -> None:
+        self.call("write", path=str(self.proc / relative), text=text, atomic=True)
+
+    def proc_devices(self, majors: Mapping[str, int]) -> None:
+        self.write_proc("devices", proc_devices_text(majors))
+
+    # -- the standard host ---------------------------------------------------------------
+
+    def populate_dev(self, dev: str | Path, nodes: Mapping[str, tuple[int, int]]) -> None:
+        self.mkdir(dev)
+        for name, (major, minor) in nodes.items():
+            self.mknod(dev / name if isinstance(dev, Path) else f"{dev}/{name}", major, minor)
+
+    def build_operator_host(self, uvm_major: int = UVM_MAJOR) -> None:
+        """R with an empty /dev and the driver container's root (a tmpfs) at DRIVER_ROOT."""
+        self.tmpfs(self.root)
+        self.mkdir("/dev")
+        self.tmpfs(DRIVER_ROOT, options="mode=755")
+        nodes = {
+            name: (uvm_major if name.startswith("nvidia-uvm") else major, minor)
+            for name, (major, minor) in NODES.items()
+        }
+        self.populate_dev(DEV_ROOT, nodes)
+        self.proc_devices({"nvidia": 195, "nvidia-uvm": uvm_major})
+        self.write_proc(
+            "driver/nvidia/version",
+            f"NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {VERSION}  Release Build"
+            "  (dvs-builder@U22-I3-AF03-09-1)  Thu Sep 25 01:23:45 UTC 2025\n"
+            "GCC version:  gcc version 13.3.0 (Ubuntu 13.3.0-6ubuntu2~24.04) \n",
+        )
+        self.write_proc(
+            f"driver/nvidia/gpus/{BUS_ID}/information",
+            "Model: \t\t NVIDIA H200\nIRQ:   \t\t 156\n"
+            "GPU UUID: \t GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f\n"
+            f"Bus Type: \t PCIe\nBus Location: \t {BUS_ID}\nDevice Minor: \t 0\n",
+        )
+
+    def close(self) -> None:
+        stdin = self._process.stdin
+        if stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                stdin.close()
+        try:
+            self._process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(TIMEOUT)
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+
+
+class Daemon:
+    """One `gpu-device-watcher serve` process in the namespace."""
+
+    _count = 0
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        socket_path: Path,
+        *,
+        config: Path,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        Daemon._count += 1
+        self.socket = str(socket_path)
+        self.logs: list[str] = []
+        self.notifications: list[str] = []
+        self.exited = False
+        self._reader_error: BaseException | None = None
+        self._changed = threading.Condition()
+        notify_path = namespace.base / f"notify-{Daemon._count}"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(notify_path))
+        environment = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_", "JOURNAL_"))
+            and key != client.SOCKET_ENV
+        }
+        environment["NOTIFY_SOCKET"] = str(notify_path)
+        environment["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+        )
+        self.command = [
+            *("nsenter", "-t", str(namespace.pid), "-m", "--"),
+            *(sys.executable, "-m", "watcher", "serve"),
+            *("--root", str(namespace.root), "--proc", str(namespace.proc)),
+            *("--socket", self.socket, "--config", str(config), *extra),
+        ]
+        # nsenter joins the namespace and execs: this pid is the daemon's own.
+        self.process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=environment,
+        )
+        self.pid = self.process.pid
+        self._reader = threading.Thread(target=self._read, name=f"daemon-{self.pid}", daemon=True)
+        self._reader.start()
+
+    # -- the reader thread -----------------------------------------------------------------
+
+    def _read(self) -> None:
+        stderr = self.process.stderr
+        assert stderr is not None
+        partial = b""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(stderr.fileno(), selectors.EVENT_READ, "log")
+                selector.register(self._notify, selectors.EVENT_READ, "notify")
+                while True:
+                    for key, _ in selector.select():
+                        if key.data == "notify":
+                            datagram = self._notify.recv(4096).decode(errors="replace")
+                            with self._changed:
+                                self.notifications.extend(datagram.splitlines())
+                                self._changed.notify_all()
+                            continue
+                        chunk = os.read(stderr.fileno(), 65536)
+                        if not chunk:
+                            return
+                        partial += chunk
+                        *complete, partial = partial.split(b"\n")
+                        with self._changed:
+                            self.logs.extend(line.decode(errors="replace") for line in complete)
+                            self._changed.notify_all()
+        except BaseException as error:  # noqa: BLE001 (handed to the test thread)
+            self._reader_error = error
+        finally:
+            with self._changed:
+                if partial:
+                    self.logs.append(partial.decode(errors="replace"))
+                self.exited = True
+                self._changed.notify_all()
+
+    def _wait_for(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: condition() or self.exited, timeout):
+                raise AssertionError(f"no {what} within {timeout:g} s; log:\n{self.log_text}")
+            if not condition():
+                raise AssertionError(
+                    f"the daemon exited (rc {self.process.wait(TIMEOUT)}) before {what};"
+                    f" log:\n{self.log_text}"
+                )
+
+    @property
+    def log_text(self) -> str:
+        return "\n".join(self.logs)
+
+    def wait_ready(self, timeout: float = TIMEOUT) -> None:
+        self._wait_for(lambda: "READY=1" in self.notifications, "READY=1", timeout)
+
+    def wait_log(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """The first log line that `pattern` (a regex) matches, waiting for it if need be."""
+        compiled = re.compile(pattern)
+        self._wait_for(
+            lambda: any(compiled.search(line) for line in self.logs),
+            f"log line {pattern!r}",
+            timeout,
+        )
+        return next(line for line in self.logs if compiled.search(line))
+
+    # -- the socket ------------------------------------------------------------------------
+
+    def request(self, payload: dict[str, Any], timeout: float = TIMEOUT) -> dict[str, Any]:
+        return client.request(self.socket, payload, timeout)
+
+    def get(self) -> dict[str, Any]:
+        return self.request({"op": "get"})
+
+    def wait_map(self, predicate: Callable[[Map], bool], timeout: float = TIMEOUT) -> Map:
+        """The first map (from now on) that satisfies `predicate`, woken by `wait` replies."""
+        deadline = time.monotonic() + timeout
+        reply = self.get()
+        while not predicate(reply["map"]):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no such map within {timeout:g} s; last: {reply['map']}")
+            try:
+                reply = self.request(
+                    {"op": "wait", "after": reply["generation"], "timeout": remaining},
+                    timeout=remaining + TIMEOUT,
+                )
+            except client.ServerError as error:
+                if error.code != "timeout":
+                    raise
+        result: Map = reply["map"]
+        return result
+
+    def subscribe(self) -> Subscription:
+        return Subscription(self.socket)
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def send_signal(self, number: int) -> None:
+        if self.process.poll() is None:
+            os.kill(self.pid, number)
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        returncode = self.process.wait(timeout)
+        self._reader.join(timeout)
+        return returncode
+
+    def stop(self, number: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        self.send_signal(signal.SIGCONT)
+        self.send_signal(number)
+        try:
+            return self.wait_exit(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.wait_exit(timeout)
+            raise AssertionError(
+                f"the daemon ignored signal {number}; log:\n{self.log_text}"
+            ) from None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.stop()
+        self._reader.join(TIMEOUT)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        self._notify.close()
+        if self._reader_error is not None:
+            raise HarnessError("the log reader failed") from self._reader_error
+
+
+class Subscription:
+    """A `subscribe` stream; each line is checked to be the next generation, none skipped."""
+
+    def __init__(self, socket_path: str, timeout: float = TIMEOUT) -> None:
+        self.timeout = timeout
+        self.connection = client.Connection(socket_path, timeout=timeout)
+        self.connection.send({"op": "subscribe"})
+        self.first = self.connection.receive()
+        self.generation: int = self.first["generation"]
+        self.map: Map = self.first["map"]
+
+    def next(self) -> dict[str, Any]:
+        """The next change line (bounded by the connection's timeout)."""
+        try:
+            reply = self.connection.receive()
+        except client.Unreachable as error:
+            raise AssertionError(
+                f"no change line after generation {self.generation}: {error}"
+            ) from None
+        assert reply["generation"] == self.generation + 1, (self.generation, reply)
+        self.generation = reply["generation"]
+        self.map = reply["map"]
+        return reply
+
+    def until(
+        self, predicate: Callable[[Map], bool], timeout: float = TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """Change lines up to the first whose map satisfies `predicate`."""
+        deadline = time.monotonic() + timeout
+        seen: list[dict[str, Any]] = []
+        while not seen or not predicate(seen[-1]["map"]):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no such map within {timeout:g} s; got {seen}")
+            seen.append(self.next())
+        return seen
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path)
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount_point = line.split()[4]
+        if mount_point == prefix or mount_point.startswith(prefix + "/"):
+            found.append(mount_point)
+    return found
