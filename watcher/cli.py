@@ -271,8 +271,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `gpu-device-watcher watch | head`: the reader left; that is not an error.
         sys.stderr.close()
         return EXIT_OK
-
-
-def criu_action_main() -> int:
-    """Entry point of `gpu-device-watcher-criu-action`: CRIU execs it with no arguments."""
-    return main(["criu-action"])
