@@ -79,9 +79,14 @@ def _explain(error: msgspec.ValidationError) -> str:
     return text
 
 
-def check_file_safety(path: str) -> None:
-    """Refuse a config that anyone but its owner and root could have written."""
-    info = os.stat(path)
+def check_file_safety(path: str, info: os.stat_result | None = None) -> None:
+    """Refuse a config that anyone but its owner and root could have written.
+
+    Pass `info`, the fstat() of the file that was read: a path looked up again could name
+    another file by then (swapped in a directory others can write).
+    """
+    if info is None:
+        info = os.stat(path)
     mode = stat.S_IMODE(info.st_mode)
     if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and info.st_gid != 0):
         raise ConfigError(
@@ -93,6 +98,7 @@ def check_file_safety(path: str) -> None:
 def load_config_file(path: str, *, required: bool) -> ConfigFile:
     try:
         with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
             data = file.read()
     except FileNotFoundError:
         if required:
@@ -100,7 +106,8 @@ def load_config_file(path: str, *, required: bool) -> ConfigFile:
         return ConfigFile()
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
-    check_file_safety(path)
+    # The file that was read is the one checked, not whatever the path names afterwards.
+    check_file_safety(path, info)
     try:
         config = msgspec.toml.decode(data, type=ConfigFile)
     except msgspec.ValidationError as error:
@@ -115,12 +122,13 @@ def _validate(path: str, config: ConfigFile) -> None:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"config {path}: key {key!r}: {why}")
 
+    # TOML can spell a NUL ("\u0000"); no path holds one, and every use of it would raise.
     for key in ("socket", "root", "proc", "mountinfo", "validations_dir"):
         value = getattr(config, key)
-        if value is not None and not value.startswith("/"):
+        if value is not None and (not value.startswith("/") or "\0" in value):
             raise bad(key, f"must be an absolute path, got {value!r}")
     for root in config.driver_roots or ():
-        if not root.startswith("/"):
+        if not root.startswith("/") or "\0" in root:
             raise bad("driver_roots", f"every root must be an absolute path, got {root!r}")
     if config.driver_roots is not None and not config.driver_roots:
         raise bad("driver_roots", "must name at least one root")

@@ -191,6 +191,11 @@ def decode_request(line: bytes) -> Request | ErrorReply:
         # RecursionError: msgspec refuses deeply nested input that way, even in a field that
         # is otherwise ignored; it is the client's fault like any other malformed line.
         return ErrorReply(error=ErrorBody("bad-request", _explain(line, error)))
+    except UnicodeDecodeError:
+        # msgspec raises this (not DecodeError) for bytes that are not UTF-8 in the value of
+        # the tag field, e.g. {"op":"\x80"}: the connection died without a reply.
+        why = "invalid JSON: a string in the request is not valid UTF-8"
+        return ErrorReply(error=ErrorBody("bad-request", why))
 
 
 def _shorten(text: str, limit: int = 60) -> str:

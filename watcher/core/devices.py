@@ -106,6 +106,7 @@ def parse_proc_devices(text: str) -> dict[str, int]:
             continue
         fields = line.split(None, 1)
         if len(fields) != 2 or not (fields[0].isascii() and fields[0].isdigit()):
-            raise ProcDevicesError(f"line {number}: expected '<major> <name>', got {raw!r}")
+            shown = raw if len(raw) <= 120 else raw[:117] + "..."  # a line may be 1 MiB
+            raise ProcDevicesError(f"line {number}: expected '<major> <name>', got {shown!r}")
         majors.setdefault(fields[1].strip(), int(fields[0]))
     return majors

@@ -7,9 +7,12 @@ Pure: `build_map` takes what `watcher.probe` read (texts and lstat results) and 
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import msgspec
 
 from watcher.core.devices import NVIDIA, Family, ProcDevicesError, parse_proc_devices
 from watcher.core.model import (
@@ -118,15 +121,20 @@ def dev_root_of(driver_root: str) -> str:
     return posixpath.join(driver_root, "dev")
 
 
+def _usable_path(path: str) -> bool:
+    return path.startswith("/") and "\0" not in path
+
+
 def candidates_for(view: HostView, driver_ready: str | None) -> list[Candidate]:
     """Candidate roots in order: the one named by driver-ready first, then `driver_roots`."""
     found: list[Candidate] = []
     if driver_ready is not None:
         values = parse_key_values(driver_ready)
         driver_root = values.get("NVIDIA_DRIVER_ROOT", "")
-        if driver_root.startswith("/"):
+        # A NUL cannot be in a path: passed on, it raised ValueError in every scan.
+        if _usable_path(driver_root):
             dev_base = values.get("NVIDIA_DEV_ROOT", "")
-            if not dev_base.startswith("/"):  # absent, empty or relative: the driver root
+            if not _usable_path(dev_base):  # absent, empty or relative: the driver root
                 dev_base = driver_root
             found.append(
                 Candidate(
@@ -303,6 +311,24 @@ def build_map(
             "for the driver container to finish starting",
         )
 
+    if snapshot.mounts_error is not None:
+        problems.add(
+            "nodev-mount",
+            "warning",
+            f"cannot read the mount table {view.mountinfo} ({snapshot.mounts_error}): which "
+            "mount holds each node, and whether it is nodev (opening fails then), is unknown; "
+            "is --mountinfo right?",
+        )
+    elif snapshot.mounts.errors:
+        errors = snapshot.mounts.errors
+        problems.add(
+            "nodev-mount",
+            "warning",
+            f"{len(errors)} line{'s' if len(errors) > 1 else ''} of the mount table "
+            f"{view.mountinfo} could not be parsed and were skipped (first: {errors[0]}); a "
+            "node on a skipped mount is attributed to the mount below it, nodev unnoticed",
+        )
+
     judge = _Judge(view, family, majors, loaded, snapshot.mounts)
 
     # Pick the dev root: first valid nvidiactl, else first with any node, else none.
@@ -345,12 +371,18 @@ def build_map(
     devices.sort(key=lambda device: device.name)
 
     if chosen is None:
+        unreadable = "".join(
+            f"; cannot read {listing.dev_root} ({listing.error})"
+            for candidate in snapshot.candidates
+            if (listing := snapshot.listings.get(candidate.dev_root)) is not None
+            and listing.error is not None
+        )
         problems.add(
             "no-device-root",
             "error",
             "no NVIDIA device nodes in any driver root ("
             + ", ".join(candidate.dev_root for candidate in snapshot.candidates)
-            + "); if the driver runs in a container, set driver_roots to its root",
+            + f"){unreadable}; if the driver runs in a container, set driver_roots to its root",
         )
 
     for candidate in snapshot.candidates:
@@ -363,7 +395,17 @@ def build_map(
         ):
             continue
         listing = snapshot.listings.get(candidate.dev_root)
-        if listing is None or not listing.has_nodes:
+        if listing is not None and listing.error is not None:
+            # Unreadable is not empty: say so rather than blame the driver pod.
+            problems.add(
+                "driver-root-empty",
+                "warning" if chosen else "error",
+                f"driver root {candidate.driver_root} exists but {candidate.dev_root} cannot be "
+                f"read ({listing.error}): gpu-device-watcher needs read and search permission "
+                "on it (and every directory above it)",
+                candidate.driver_root,
+            )
+        elif listing is None or not listing.has_nodes:
             problems.add(
                 "driver-root-empty",
                 "warning" if chosen else "error",
@@ -418,20 +460,59 @@ def build_map(
         if snapshot.driver_version_text is not None
         else None
     )
-    return DeviceMap(
-        generation=generation,
-        updated=updated,
-        driver=Driver(
-            loaded=loaded,
-            version=version,
-            root=chosen.driver_root if chosen else None,
-            dev_root=chosen.dev_root if chosen else None,
-            source=source,
-        ),
-        devices=tuple(devices),
-        gpus=tuple(gpus),
-        problems=problems.sorted(),
+    return printable(
+        DeviceMap(
+            generation=generation,
+            updated=updated,
+            driver=Driver(
+                loaded=loaded,
+                version=version,
+                root=chosen.driver_root if chosen else None,
+                dev_root=chosen.dev_root if chosen else None,
+                source=source,
+            ),
+            devices=tuple(devices),
+            gpus=tuple(gpus),
+            problems=problems.sorted(),
+        )
     )
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        # surrogateescape turned byte 0xNN into U+DCNN; anything else is shown as \uXXXX.
+        return _SURROGATE.sub(
+            lambda found: (
+                f"\\x{ord(found[0]) - 0xDC00:02x}"
+                if 0xDC80 <= ord(found[0]) <= 0xDCFF
+                else f"\\u{ord(found[0]):04x}"
+            ),
+            value,
+        )
+    if isinstance(value, dict):
+        return {key: _escape_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escape_surrogates(item) for item in value]
+    return value
+
+
+def printable(device_map: DeviceMap) -> DeviceMap:
+    """`device_map` with every string valid Unicode, so that it always encodes as JSON.
+
+    Paths and texts read from the host keep bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), so that they still name the right file; JSON cannot carry those, and
+    encoding them raised in the daemon (a mount point or driver root named with such bytes
+    killed it). In the map each such byte is written `\\xNN`: the map stays well formed and
+    tells a person where the node is, though such a path no longer opens by that name.
+    """
+    try:
+        msgspec.json.encode(device_map)
+    except UnicodeEncodeError:
+        return msgspec.convert(_escape_surrogates(msgspec.to_builtins(device_map)), DeviceMap)
+    return device_map
 
 
 def _missing_nodes(

@@ -24,6 +24,7 @@ set; for those the watcher falls back to inotify on the file's directory.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from watcher.sources.inotify import TreeWatcher
 __all__ = ["DEFAULT_MOUNTINFO", "MountTableWatcher"]
 
 DEFAULT_MOUNTINFO: Final = "/proc/self/mountinfo"
+
+log = logging.getLogger(__name__)
 
 
 class MountTableWatcher:
@@ -58,7 +61,20 @@ class MountTableWatcher:
         self._file_watcher: TreeWatcher | None = None
         self._waiting = False
 
-        table_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            table_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            # Unreadable (EACCES: /proc/1/mountinfo for an unprivileged daemon) or missing:
+            # every scan reports that in the map. Not fatal: watch the file's directory as
+            # for a plain file (a fixture may appear or become readable; procfs stays quiet).
+            log.warning(
+                "cannot open the mount table %s (%s): mount changes are not signalled; "
+                "the map says so",
+                self.path,
+                error.strerror,
+            )
+            self._watch_directory()
+            return
         epoll = select.epoll()
         try:
             epoll.register(table_fd, select.EPOLLIN | select.EPOLLET)
@@ -66,8 +82,7 @@ class MountTableWatcher:
             # EPERM is epoll's answer for regular files: not a kernel mount table.
             epoll.close()
             os.close(table_fd)
-            self._file_watcher = TreeWatcher(subdirs=())
-            self._file_watcher.set_targets([str(Path(self.path).parent)])
+            self._watch_directory()
             return
         except BaseException:
             epoll.close()
@@ -77,6 +92,10 @@ class MountTableWatcher:
         epoll.poll(0)
         self._table_fd = table_fd
         self._epoll = epoll
+
+    def _watch_directory(self) -> None:
+        self._file_watcher = TreeWatcher(subdirs=())
+        self._file_watcher.set_targets([str(Path(self.path).parent)])
 
     @property
     def pollable(self) -> bool:
