@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import json
 import os
 import shutil
 import statistics
@@ -34,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.criu.harness import ACTION, REPO, Criu, CriuUnavailable, prepare_criu, spawn_tree
 from tests.criu.harness import subreaper as adopt_orphans
@@ -112,16 +114,11 @@ def _stage_costs(host: SimHost, script: Path, work: Path, runs: int) -> dict[str
         tree.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.criu_cost", description=__doc__)
-    parser.add_argument("--runs", type=int, default=RUNS, help="dumps and restores per variant")
-    arguments = parser.parse_args(argv)
+def measure(runs: int = RUNS, stage_runs: int = STAGE_RUNS) -> dict[str, Any]:
+    """Dumps and restores with and without the action; raises CriuUnavailable without CRIU."""
     if os.geteuid() != 0:
-        sys.exit("bench.criu_cost: needs root (CRIU, unshare -m, mknod)")
-    try:
-        criu = Criu(prepare_criu(), verbosity=None)
-    except CriuUnavailable as error:
-        sys.exit(f"bench.criu_cost: no CRIU: {error}")
+        raise CriuUnavailable("needs root (CRIU, unshare -m, mknod)")
+    criu = Criu(prepare_criu(), verbosity=None)
     compileall.compile_dir(str(REPO / "watcher"), quiet=1)
     version = subprocess.run(
         [str(criu.binary), "--version"], capture_output=True, text=True, timeout=30, check=False
@@ -139,32 +136,60 @@ def main(argv: list[str] | None = None) -> int:
                 _one_round(criu, host, variant, work, -1)
                 variant.dump_ms.clear()
                 variant.restore_ms.clear()
-            for number in range(arguments.runs):
+            for number in range(runs):
                 rotation = number % len(variants)
                 for variant in variants[rotation:] + variants[:rotation]:
                     _one_round(criu, host, variant, work, number)
             stages: dict[str, dict[str, float]] = {}
             for variant in variants[1:]:
                 assert variant.action is not None
-                stages[variant.label] = _stage_costs(host, variant.action, work, STAGE_RUNS)
+                stages[variant.label] = _stage_costs(host, variant.action, work, stage_runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return {
+        "version": version,
+        "runs": runs,
+        "stage_runs": stage_runs,
+        "variants": [
+            {
+                "label": variant.label,
+                "dump_ms": round(_median(variant.dump_ms), 2),
+                "restore_ms": round(_median(variant.restore_ms), 2),
+            }
+            for variant in variants
+        ],
+        "stages": stages,
+    }
 
-    baseline = variants[0]
-    base_dump, base_restore = _median(baseline.dump_ms), _median(baseline.restore_ms)
-    print(f"{version}; {arguments.runs} dumps and restores per row; median wall time of `criu`")
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.criu_cost", description=__doc__)
+    parser.add_argument("--runs", type=int, default=RUNS, help="dumps and restores per variant")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    arguments = parser.parse_args(argv)
+    try:
+        result = measure(arguments.runs)
+    except CriuUnavailable as error:
+        sys.exit(f"bench.criu_cost: no CRIU: {error}")
+    if arguments.json is not None:
+        arguments.json.write_text(json.dumps(result, indent=1) + "\n")
+
+    baseline = result["variants"][0]
+    base_dump, base_restore = baseline["dump_ms"], baseline["restore_ms"]
+    print(f"{result['version']}; {arguments.runs} dumps and restores per row; median wall time")
     print(f"{'':22}  {'dump ms':>8}  {'added':>7}  {'restore ms':>10}  {'added':>7}")
-    for variant in variants:
-        dump, restore = _median(variant.dump_ms), _median(variant.restore_ms)
+    for variant in result["variants"]:
+        dump, restore = variant["dump_ms"], variant["restore_ms"]
         added_dump = "" if variant is baseline else f"{dump - base_dump:+7.1f}"
         added_restore = "" if variant is baseline else f"{restore - base_restore:+7.1f}"
         print(
-            f"{variant.label:22}  {dump:8.1f}  {added_dump:>7}  {restore:10.1f}  {added_restore:>7}"
+            f"{variant['label']:22}  {dump:8.1f}  {added_dump:>7}  {restore:10.1f}  "
+            f"{added_restore:>7}"
         )
     print()
     print(f"the action alone, started as CRIU starts it (median of {STAGE_RUNS}):")
     print(f"{'':22}  {'pre-dump':>8}  {'pre-restore':>11}  {'other stage':>11}")
-    for label, costs in stages.items():
+    for label, costs in result["stages"].items():
         print(
             f"{label:22}  {costs['pre-dump']:8.1f}  {costs['pre-restore']:11.1f}  "
             f"{costs['other']:11.1f}"

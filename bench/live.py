@@ -90,12 +90,20 @@ class LineSocket:
 
 
 class Daemon:
-    def __init__(self, root: Path, proc: Path, base: Path) -> None:
-        self.socket = str(base / "gdw.sock")
+    def __init__(
+        self,
+        root: Path,
+        proc: Path,
+        base: Path,
+        *,
+        env: dict[str, str] | None = None,
+        name: str = "gdw",
+    ) -> None:
+        self.socket = str(base / f"{name}.sock")
         config = base / "config.toml"
         config.write_text("")
         config.chmod(0o600)
-        notify_path = base / "notify"
+        notify_path = base / f"{name}.notify"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(notify_path))
         self.ready = threading.Event()
@@ -105,7 +113,8 @@ class Daemon:
             if not key.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_", "JOURNAL_"))
         }
         environment["NOTIFY_SOCKET"] = str(notify_path)
-        self.log = open(base / "daemon.log", "w+b")  # noqa: SIM115 (closed in stop())
+        environment.update(env or {})
+        self.log = open(base / f"{name}.log", "w+b")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "watcher", "serve", "--root", str(root)),

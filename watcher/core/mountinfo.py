@@ -159,18 +159,31 @@ class PathFilter:
     skipped after one cheap split, before any unescaping or object is made.
     """
 
-    def __init__(self, paths: Iterable[str]) -> None:
+    def __init__(self, paths: Iterable[str], ancestors_of: Iterable[str] = ()) -> None:
         self.paths = tuple(path.rstrip("/") or "/" for path in paths)
+        # Paths whose own mount matters (it exists, it is a directory) but not what lies
+        # below them: a driver root, whose container mounts churn beside its dev root.
+        self.ancestors_of = tuple(path.rstrip("/") or "/" for path in ancestors_of)
         self._ancestors: set[str] = {"/"}
-        for path in self.paths:
+        for path in self.paths + self.ancestors_of:
             parts = [part for part in path.split("/") if part]
             for depth in range(1, len(parts) + 1):
                 self._ancestors.add("/" + "/".join(parts[:depth]))
         self._below = tuple(path + "/" for path in self.paths if path != "/")
 
+    @property
+    def key(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Equal for two filters that keep the same lines."""
+        return self.paths, self.ancestors_of
+
     def wants(self, mount_point: str) -> bool:
+        """For a mount point as mountinfo writes it (escaped)."""
         if "\\" in mount_point:
             mount_point = unescape(mount_point)
+        return self.covers(mount_point)
+
+    def covers(self, mount_point: str) -> bool:
+        """For a plain path (statmount's): a backslash in it is a backslash."""
         return mount_point in self._ancestors or mount_point.startswith(self._below)
 
 
