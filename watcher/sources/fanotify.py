@@ -38,6 +38,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from watcher.core.mountinfo import PathFilter
+from watcher.sources._fdwait import FdWait
 
 __all__ = [
     "FAN_MNT_ATTACH",
@@ -307,7 +308,7 @@ class MountEvents:
         self._relevant: dict[int, _Mount] = {}
         # Set after an unrecoverable read error: from then on every change counts.
         self._broken: str | None = None
-        self._waiting = False
+        self._fd_wait = FdWait()
 
     @classmethod
     def open(cls, mountinfo: str, relevant: PathFilter) -> MountEvents:
@@ -422,13 +423,8 @@ class MountEvents:
         fd = self._require_open()
         task_status.started()
         while True:
-            self._waiting = True
-            try:
-                await anyio.wait_readable(fd)
-            except anyio.ClosedResourceError:
+            if not await self._fd_wait.readable(fd):
                 return
-            finally:
-                self._waiting = False
             try:
                 reasons = self.drain()
             except Exception:
@@ -445,9 +441,7 @@ class MountEvents:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        if self._waiting:
-            # Only set while run() waits, which means we are on the event loop's thread.
-            anyio.notify_closing(fd)
+        self._fd_wait.closing(fd)
         os.close(fd)
 
     def __enter__(self) -> Self:

@@ -33,6 +33,8 @@ from typing import Final, NamedTuple, Self
 import anyio
 from anyio.abc import TaskStatus
 
+from watcher.sources._fdwait import FdWait
+
 with warnings.catch_warnings():
     # pyinotify imports asyncore for a notifier this module never uses.
     warnings.filterwarnings("ignore", "The asyncore module is deprecated", DeprecationWarning)
@@ -130,7 +132,7 @@ class TreeWatcher:
         self._names = names
         self._targets: tuple[str, ...] = ()
         self._watches: dict[int, _Watch] = {}
-        self._waiting = False
+        self._fd_wait = FdWait()
         self._manager = pyinotify.WatchManager()
         fd: int = self._manager.get_fd()
         # pyinotify calls inotify_init() without flags; a daemon must not leak it to
@@ -170,13 +172,8 @@ class TreeWatcher:
         fd = self._require_open()
         task_status.started()
         while True:
-            self._waiting = True
-            try:
-                await anyio.wait_readable(fd)
-            except anyio.ClosedResourceError:
+            if not await self._fd_wait.readable(fd):
                 return
-            finally:
-                self._waiting = False
             self._dispatch(self._read_events(fd), on_change)
 
     def close(self) -> None:
@@ -184,9 +181,7 @@ class TreeWatcher:
         fd, self._fd = self._fd, None
         if fd is None:
             return
-        if self._waiting:
-            # Only set while run() waits, which means we are on the event loop's thread.
-            anyio.notify_closing(fd)
+        self._fd_wait.closing(fd)
         self._watches.clear()
         self._manager.close()
 

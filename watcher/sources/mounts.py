@@ -35,6 +35,7 @@ from typing import Final, Self
 import anyio
 from anyio.abc import TaskStatus
 
+from watcher.sources._fdwait import FdWait
 from watcher.sources.inotify import TreeWatcher
 
 __all__ = ["DEFAULT_MOUNTINFO", "MountTableWatcher"]
@@ -59,7 +60,7 @@ class MountTableWatcher:
         self._table_fd: int | None = None
         self._epoll: select.epoll | None = None
         self._file_watcher: TreeWatcher | None = None
-        self._waiting = False
+        self._fd_wait = FdWait()
 
         try:
             table_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -115,13 +116,8 @@ class MountTableWatcher:
         epoll = self._require_open()
         task_status.started()
         while True:
-            self._waiting = True
-            try:
-                await anyio.wait_readable(epoll.fileno())
-            except anyio.ClosedResourceError:
+            if not await self._fd_wait.readable(epoll.fileno()):
                 return
-            finally:
-                self._waiting = False
             # Drain before reporting: a change that lands after the drain wakes us again,
             # one that lands before it is covered by the rescan this report triggers. An
             # undrained edge-triggered entry keeps the epoll fd readable: a busy loop.
@@ -137,9 +133,7 @@ class MountTableWatcher:
         self._epoll = self._table_fd = None
         if epoll is None or table_fd is None:
             return
-        if self._waiting:
-            # Only set while run() waits, which means we are on the event loop's thread.
-            anyio.notify_closing(epoll.fileno())
+        self._fd_wait.closing(epoll.fileno())
         epoll.close()
         os.close(table_fd)
 
