@@ -156,10 +156,14 @@ def test_concurrent_clients_during_changes(daemon: Daemon, host: Namespace) -> N
     def getter() -> list[int]:
         seen: list[int] = []
         with client.Connection(daemon.socket, timeout=TIMEOUT) as connection:
-            # Until told to stop, and at least 50 requests: the last one is made after
-            # the last change was published.
-            while not stop.is_set() or len(seen) < 50:
+            # Until told to stop, and at least 50 requests. The stop flag is read before
+            # the request is sent, so the last request starts after the last change was
+            # published (a request in flight when the flag was set may predate it).
+            while True:
+                stopped = stop.is_set()
                 seen.append(connection.request({"op": "get"})["generation"])
+                if stopped and len(seen) >= 50:
+                    break
         return seen
 
     def follow(subscription: Subscription) -> list[dict[str, Any]]:
