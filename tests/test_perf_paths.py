@@ -40,6 +40,7 @@ from tests.daemon.harness import (
     names,
     problem_codes,
 )
+from tests.nsrun import run_scenario_module
 from watcher.core.mountinfo import PathFilter, parse_mountinfo
 from watcher.core.scan import HostView
 from watcher.daemon import _mount_filter
@@ -235,22 +236,7 @@ def mount_events_kernel() -> None:
 
 
 def run_scenario(name: str, scratch: Path) -> None:
-    command = [
-        *("unshare", "--mount", "--propagation", "private"),
-        *(sys.executable, "-W", "error"),
-        *("-W", "ignore:The asyncore module is deprecated:DeprecationWarning"),
-        *("-m", "tests.test_perf_paths", name, str(scratch)),
-    ]
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run(
-        command,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": python_path},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_scenario_module("tests.test_perf_paths", name, scratch, timeout=120)
     assert result.returncode == 0, f"scenario {name} failed:\n{result.stdout}{result.stderr}"
     assert mounts_under(scratch) == [], "a mount leaked"
 

@@ -33,6 +33,7 @@ import anyio
 import pytest
 from anyio.abc import TaskStatus
 
+from tests.nsrun import run_scenario_module
 from watcher.sources.inotify import (
     IN_CREATE,
     IN_ISDIR,
@@ -42,7 +43,6 @@ from watcher.sources.inotify import (
 )
 from watcher.sources.mounts import MountTableWatcher
 
-REPO = Path(__file__).resolve().parents[1]
 NVIDIA_SUBDIRS = ("nvidia-caps", "nvidia-caps-imex-channels")
 WAIT_S = 5.0
 IDLE_WINDOW_S = 0.3
@@ -358,22 +358,7 @@ def private_mount_namespace() -> None:
 
 
 def run_in_private_mount_namespace(scenario: str, scratch: Path) -> None:
-    command = [
-        *("unshare", "--mount", "--propagation", "private"),
-        *(sys.executable, "-W", "error"),
-        *("-W", "ignore:The asyncore module is deprecated:DeprecationWarning"),
-        *("-m", "tests.test_sources", scenario, str(scratch)),
-    ]
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run(
-        command,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": python_path},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_scenario_module("tests.test_sources", scenario, scratch, timeout=60)
     assert result.returncode == 0, f"scenario {scenario} failed:\n{result.stdout}{result.stderr}"
     assert str(scratch) not in Path("/proc/self/mountinfo").read_text(), "a mount leaked"
 
