@@ -120,7 +120,7 @@ def test_pre_dump_records_the_map_and_the_used_device(
     assert done.stderr == ""
     record = read_record(images)
     uname = os.uname()
-    assert record["version"] == 1
+    assert record["version"] == 2
     assert record["generation"] == live["generation"] >= 1
     assert record["hostname"] == uname.nodename
     assert record["kernel"] == uname.release
@@ -136,8 +136,16 @@ def test_pre_dump_records_the_map_and_the_used_device(
             "valid": True,
             "pids": [tree.child],
             "via": ["fd"],
+            "gpu": {
+                "uuid": "GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f",
+                "bus_id": "0000:3b:00.0",
+                "model": H200,
+                "minor": 5,
+            },
         }
     ]
+    assert record["libraries"] == []
+    assert record["checks"] == []
     assert done.stdout.startswith("gpu-device-watcher: recorded generation")
     assert "(nvidia5)" in done.stdout
     # Only the record, no temporary file left behind.
@@ -262,7 +270,9 @@ def test_pre_restore_stops_when_a_used_node_is_missing(
     done = run_action("pre-restore", host.env(), images)
     assert done.returncode == 1
     [reason, stop] = prefixed(done.stderr)
-    assert "nvidia5" in reason and "absent here" in reason
+    # The GPU itself is still here (same UUID): its node is what is missing.
+    assert reason.startswith("gpu-device-watcher: device-absent: nvidia5")
+    assert "whose device node is absent" in reason
     assert f"(used by pid {recorded['used'][0]['pids'][0]})" in reason
     assert "restore stopped" in stop
 
@@ -299,19 +309,22 @@ def test_pre_restore_stops_when_the_driver_is_not_loaded(
     )
 
 
-def test_pre_restore_stops_when_the_gpu_is_another_model(
+def test_pre_restore_moves_a_gpu_onto_another_of_its_model_with_a_device_map(
     host: SimHost, recorded: dict[str, Any], images: Path
 ) -> None:
+    # nvidia5 is another model now; the other H200 (nvidia7) takes the checkpoint's GPU, and
+    # the driver (580) has --device-map: the restore may go on, with the map printed.
     host.set_gpu_model(5, "NVIDIA A100-SXM4-80GB")
     host.rescan()
     done = run_action("pre-restore", host.env(), images)
-    assert done.returncode == 1
-    lines = prefixed(done.stderr)
-    assert f"gpu-device-watcher: nvidia5 was {H200} at dump, is NVIDIA A100-SXM4-80GB here" in (
-        lines
-    )
-    # The other H200 (nvidia7) is still here: one of that model is enough.
-    assert not any("GPU(s)" in line for line in lines)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert prefixed(done.stdout) == [
+        "gpu-device-watcher: device map GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f="
+        "GPU-0b2d4e6f-8a1c-3e5f-7a9b-1c3d5e7f9a2b",
+        "gpu-device-watcher: the GPU devices of the checkpoint (nvidia5 as /dev/nvidia7) match "
+        "this host: restore may go on",
+    ]
 
 
 def test_pre_restore_counts_gpus_of_the_model(
@@ -322,7 +335,10 @@ def test_pre_restore_counts_gpus_of_the_model(
     host.rescan()
     done = run_action("pre-restore", host.env(), images)
     assert done.returncode == 1
-    assert f"the checkpoint used 1 {H200} GPU(s); this host has 0" in done.stderr
+    assert (
+        f"gpu-device-watcher: gpu-model: nvidia5 used {H200} GPU(s); this host has none of "
+        "that model (2 x NVIDIA A100-SXM4-80GB)"
+    ) in prefixed(done.stderr)
 
 
 def test_pre_restore_without_a_record_goes_on(host: SimHost, images: Path) -> None:
@@ -345,9 +361,10 @@ def test_pre_restore_with_nothing_used_goes_on_anywhere(
 @pytest.mark.parametrize(
     ("content", "says"),
     [
-        ("{not json", "cannot read gpu-device-watcher.json"),
-        ("[1, 2]", "is not a JSON object"),
-        ('{"version": 2, "used": [], "map": {}}', "record format version 2"),
+        ("{not json", "record-unreadable: gpu-device-watcher.json is not JSON"),
+        ("[1, 2]", "record-unreadable: gpu-device-watcher.json is not a JSON object"),
+        ('{"version": 3, "used": [], "map": {}}', "record-version: "),
+        ('{"version": "2", "used": [], "map": {}}', '"version" is not an integer'),
         ('{"version": 1, "used": "nvidia0", "map": {}}', '"used" is not a list'),
     ],
 )
