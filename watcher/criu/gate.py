@@ -239,6 +239,7 @@ def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Ver
         dev_root=dev_root,
         version_here=version_here,
     )
+    verdict.devices.sort(key=lambda device: str(device["name"]))
     return verdict
 
 
@@ -336,9 +337,8 @@ def _match_gpus(
         elif node_reason(who, device):
             verdict.devices.append({"name": used.name, "path": used.path, "here": gpu.device})
 
-    moved = [
-        (used, gpu) for used, want, gpu in pairs if want.uuid and gpu.uuid and want.uuid != gpu.uuid
-    ]
+    # A GPU whose UUID this host does not know may be another GPU: it needs a map too.
+    moved = [(used, gpu) for used, want, gpu in pairs if want.uuid and want.uuid != gpu.uuid]
     if not moved:
         return
     verdict.remap = True
