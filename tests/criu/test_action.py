@@ -546,7 +546,16 @@ def imported_modules(stderr: str) -> set[str]:
     return names
 
 
-HEAVY = {"asyncio", "anyio", "msgspec", "watcher.config", "watcher.probe", "watcher.daemon"}
+HEAVY = {
+    "asyncio",
+    "anyio",
+    "msgspec",
+    "argparse",
+    "typing",
+    "watcher.config",
+    "watcher.probe",
+    "watcher.daemon",
+}
 
 
 @pytest.mark.parametrize("action", ["pre-dump", "pre-restore", "post-dump"])
