@@ -141,14 +141,6 @@ def _who(used: Used) -> str:
     return f"{shown(used.name)} (used by pid {pids})"
 
 
-def _identity(used: Used) -> str:
-    gpu = used.gpu
-    if gpu is None:
-        return ""
-    parts = [shown(part) for part in (gpu.model, gpu.uuid) if part]
-    return f" ({', '.join(parts)})" if parts else ""
-
-
 # --------------------------------------------------------------------------------------------
 # The gate
 
