@@ -630,3 +630,19 @@ def test_environment_picks_the_names_and_bounds_the_values() -> None:
     assert not proctree.is_running(env_child.pid)
     assert proctree.environment(env_child.pid, names) == {}
     assert not proctree.is_running(0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"/usr/lib/x86_64-linux-gnu/libcuda.so.580.95.05\n", "libcuda.so.580.95.05"),
+        (b"/usr/lib/libcuda.so.580.95.05 (deleted)\n", "libcuda.so.580.95.05"),
+        (b"/usr/lib/libcuda.so.1", None),
+        (b"/usr/lib/libcuda.so.580.95.05.bak", None),
+        (b"/opt/caf\xe9/libnvidia-ml.so.580.95.05", "libnvidia-ml.so.580.95.05"),
+        (b"/x/\xff.so.580.95.05", "\\xff.so.580.95.05"),
+        (b"/x/" + b"a" * 300 + b".so.580.95.05", None),  # longer than any file name
+    ],
+)
+def test_library_names(raw: bytes, expected: str | None) -> None:
+    assert proctree._library_name(raw, b".so.580.95.05") == expected
