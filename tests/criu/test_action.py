@@ -27,7 +27,7 @@ from watcher import criu as action_module
 from watcher.core import record as record_model
 
 from .harness import ACTION, Tree
-from .simhost import H200, SimHost
+from .simhost import H200, HostSpec, SimHost
 
 TIMEOUT = 30.0
 RECORD = "gpu-device-watcher.json"
@@ -705,10 +705,11 @@ def test_cuda_checkpoint_missing_warns_and_names_the_one_in_the_map(
 
 
 def test_dump_checks_refuse_stops_the_dump_before_the_freeze(
-    host: SimHost, trees: Callable[..., Tree], images: Path, tmp_path: Path
+    make_host: Callable[..., SimHost], trees: Callable[..., Tree], images: Path
 ) -> None:
-    config = tmp_path / "refuse.toml"
-    config.write_text('dump_checks = "refuse"\n')
+    # One config for the daemon (which validates the key) and the action (which obeys it).
+    host = make_host(HostSpec(config={"dump_checks": "refuse"}))
+    config = host.config
     tree = trees("/dev/zero")
     env = host.env(cuda_checkpoint=False, GPU_DEVICE_WATCHER_CONFIG=str(config))
     done = run_action("pre-dump", env, images, tree.root)
