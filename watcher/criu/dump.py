@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from watcher.criu import EXIT_OK, EXIT_REFUSE, EXIT_USAGE, RECORD_NAME, RECORD_VERSION
-from watcher.criu.text import say, shown, tell
+from watcher.criu.text import image_dir_name, say, shown, tell
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -34,14 +34,6 @@ def _utc_now() -> str:
 
     now = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
-
-
-def _shown_dir(image_dir: str) -> str:
-    """The image directory as a person knows it, not as CRIU's /proc/<pid>/fd/<n> link."""
-    try:
-        return os.readlink(image_dir) if image_dir.startswith("/proc/") else image_dir
-    except OSError:
-        return image_dir
 
 
 def write_atomically(directory: str, name: str, data: bytes) -> None:
@@ -264,13 +256,13 @@ def pre_dump(environ: Mapping[str, str]) -> int:
         write_atomically(image_dir, RECORD_NAME, data)
     except OSError as error:
         say(
-            f"cannot write {RECORD_NAME} into {shown(_shown_dir(image_dir), 400)}: "
+            f"cannot write {RECORD_NAME} into {shown(image_dir_name(image_dir), 400)}: "
             f"{shown(error.strerror or error)}"
         )
         return EXIT_REFUSE
     names = ", ".join(shown(device["name"]) for device in used) or "none"
     tell(
         f"recorded generation {generation}: {len(used)} NVIDIA device(s) used by the tree of "
-        f"pid {pid} ({names}) in {shown(_shown_dir(image_dir), 400)}/{RECORD_NAME}"
+        f"pid {pid} ({names}) in {shown(image_dir_name(image_dir), 400)}/{RECORD_NAME}"
     )
     return EXIT_OK

@@ -9,12 +9,10 @@ before it schedules a restore on a node, and prints the same lines or the verdic
 
 from __future__ import annotations
 
-import os
-
 from watcher.criu import EXIT_OK, EXIT_REFUSE, EXIT_USAGE, RECORD_NAME
 from watcher.criu.gate import Verdict, check
 from watcher.criu.recordfile import Record, RecordError, load
-from watcher.criu.text import one_line, say, shown, tell
+from watcher.criu.text import image_dir_name, one_line, say, shown, tell
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -48,17 +46,9 @@ def evaluate(image_dir: str, environ: Mapping[str, str]) -> tuple[Record | None,
     return record, check(record, here, policy)
 
 
-def _shown_dir(image_dir: str) -> str:
-    """The image directory as a person knows it, not as CRIU's /proc/<pid>/fd/<n> link."""
-    try:
-        return os.readlink(image_dir) if image_dir.startswith("/proc/") else image_dir
-    except OSError:
-        return image_dir
-
-
 def verdict_lines(record: Record | None, verdict: Verdict, image_dir: str) -> list[str]:
     """The lines (without the `gpu-device-watcher:` prefix) that tell the verdict."""
-    where = f"{shown(_shown_dir(image_dir), 400)}/{RECORD_NAME}"
+    where = f"{shown(image_dir_name(image_dir), 400)}/{RECORD_NAME}"
     if not verdict.fits:
         lines = [f"{code}: {message}" for code, message in verdict.reasons]
         if record is None:

@@ -10,6 +10,7 @@ escape) and cuts it to a length. Every message that carries such a value is buil
 
 from __future__ import annotations
 
+import os
 import sys
 
 PREFIX = "gpu-device-watcher:"
@@ -58,3 +59,11 @@ def say(message: str) -> None:
 def tell(message: str) -> None:
     """One line of good news for CRIU's log."""
     print(f"{PREFIX} {one_line(message)}", flush=True)
+
+
+def image_dir_name(image_dir: str) -> str:
+    """The image directory as a person knows it, not as CRIU's /proc/<pid>/fd/<n> link."""
+    try:
+        return os.readlink(image_dir) if image_dir.startswith("/proc/") else image_dir
+    except OSError:
+        return image_dir
