@@ -48,6 +48,8 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_gids: list[int] | None = None
     # Read by the CRIU action at pre-restore: "exact" driver version, or same "major".
     restore_version_match: Literal["exact", "major"] | None = None
+    # Read by the CRIU action at pre-dump: whether a failed dump check stops the dump.
+    dump_checks: Literal["warn", "refuse"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
