@@ -214,8 +214,20 @@ _BUSY: Final = _response(503, b"too many connections; try again later\n")
 class MetricsServer:
     """Serves `GET /metrics` from `registry` on one TCP address until cancelled."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        max_request: int = MAX_REQUEST,
+        read_timeout: float = READ_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+    ) -> None:
         self._registry = registry
+        self._max_connections = max_connections
+        self._max_request = max_request
+        self._read_timeout = read_timeout
+        self._write_timeout = write_timeout
         self._active = 0
         self._saturated = False
 
@@ -257,7 +269,7 @@ class MetricsServer:
                     await anyio.sleep(0.1)
                 continue
             # Counted before any await: the limit holds however fast connections arrive.
-            if self._active >= MAX_CONNECTIONS:
+            if self._active >= self._max_connections:
                 group.start_soon(self._refuse, stream)
                 continue
             self._active += 1
@@ -268,9 +280,10 @@ class MetricsServer:
             # Once per episode, not once per refused connection.
             self._saturated = True
             log.warning(
-                "metrics: %d connections open; refusing more until one closes", MAX_CONNECTIONS
+                "metrics: %d connections open; refusing more until one closes",
+                self._max_connections,
             )
-        with anyio.move_on_after(WRITE_TIMEOUT):
+        with anyio.move_on_after(self._write_timeout):
             with contextlib.suppress(*_GONE):
                 await stream.send(_BUSY)
         await _close(stream)
@@ -279,7 +292,7 @@ class MetricsServer:
         try:
             reply = await self._reply(stream)
             if reply is not None:
-                with anyio.move_on_after(WRITE_TIMEOUT):
+                with anyio.move_on_after(self._write_timeout):
                     await stream.send(reply)
         except _GONE:
             log.debug("metrics: a client went away")
@@ -288,16 +301,18 @@ class MetricsServer:
             log.exception("metrics: a request failed")
         finally:
             self._active -= 1
-            if self._active < MAX_CONNECTIONS:
+            if self._active < self._max_connections:
                 self._saturated = False
             await _close(stream)
 
     async def _reply(self, stream: anyio.abc.SocketStream) -> bytes | None:
         try:
-            with anyio.fail_after(READ_TIMEOUT):
-                head = await _read_head(stream)
+            with anyio.fail_after(self._read_timeout):
+                head = await _read_head(stream, self._max_request)
         except TimeoutError:
-            log.info("metrics: request from %s incomplete after %g s", _peer(stream), READ_TIMEOUT)
+            log.info(
+                "metrics: request from %s incomplete after %g s", _peer(stream), self._read_timeout
+            )
             return _response(408, b"request incomplete; closing\n")
         if head is None:
             return None  # closed before a whole request: nobody to answer
@@ -309,8 +324,8 @@ class MetricsServer:
             return _response(error.status, f"{error}\n".encode("ascii", "replace"))
 
     def _answer(self, head: bytes) -> bytes:
-        if len(head) > MAX_REQUEST:
-            raise _BadRequest(431, f"request head longer than {MAX_REQUEST} bytes")
+        if len(head) > self._max_request:
+            raise _BadRequest(431, f"request head longer than {self._max_request} bytes")
         line = head.split(b"\n", 1)[0].rstrip(b"\r")
         matched = _REQUEST_LINE.fullmatch(line)
         if matched is None:
@@ -323,8 +338,8 @@ class MetricsServer:
         return _response(200, generate_latest(self._registry), CONTENT_TYPE)
 
 
-async def _read_head(stream: anyio.abc.SocketStream) -> bytes | None:
-    """The request head (request line and headers); more than MAX_REQUEST bytes of it is
+async def _read_head(stream: anyio.abc.SocketStream, limit: int) -> bytes | None:
+    """The request head (request line and headers); more than `limit` bytes of it is
     returned as is, for the caller to refuse; None if the client closed before its end."""
     buffer = bytearray()
     while True:
@@ -338,7 +353,7 @@ async def _read_head(stream: anyio.abc.SocketStream) -> bytes | None:
         ends = (buffer.find(b"\r\n\r\n", start), buffer.find(b"\n\n", start))
         if found := [end for end in ends if end >= 0]:
             return bytes(buffer[: min(found)])
-        if len(buffer) > MAX_REQUEST:
+        if len(buffer) > limit:
             return bytes(buffer)
 
 

@@ -127,14 +127,15 @@ class Publisher:
             log.info("cuda-checkpoint: %s", found or "not found on the host")
         self._cuda_checkpoint = found
         labels = compute_labels(current, found)
+        if settings.nfd_features_file is not None:
+            await self._write(settings.nfd_features_file, render(labels))
+        # Logged after the file is written: the line tells what the node now advertises.
         ready = labels[PREFIX + "checkpoint-ready"] == "true"
         if ready != self._ready:
-            log.info("checkpoint-ready: %s", "true" if ready else "false")
+            log.info("checkpoint-ready: %s (generation %d)", str(ready).lower(), current.generation)
             self._ready = ready
-        path = settings.nfd_features_file
-        if path is None:
-            return
-        content = render(labels)
+
+    async def _write(self, path: str, content: bytes) -> None:
         written = self._written
         if written is not None and written.path == path and written.content == content:
             return
