@@ -58,6 +58,9 @@ class Publisher:
         self._state = state
         self._settings = settings
         self._due = anyio.Event()
+        # One refresh or removal of the file at a time: a reload that moves the file must
+        # not remove the old one while a write to it is still under way in a thread.
+        self._file_lock = anyio.Lock()
         # The last lookup's result: what the labels and the checkpoint_ready metric use.
         self._cuda_checkpoint: str | None = None
         self._ready: bool | None = None
@@ -95,7 +98,8 @@ class Publisher:
         """Apply a reloaded config: another file path, another address, another host view."""
         previous, self._settings = self._settings, settings
         if previous.nfd_features_file != settings.nfd_features_file:
-            self._remove_file()
+            async with self._file_lock:
+                self._remove_file()
         if previous.metrics_listen != settings.metrics_listen:
             await self._open_metrics(settings.metrics_listen)
         # The host view may have changed (another --root): look for cuda-checkpoint again.
@@ -119,6 +123,10 @@ class Publisher:
                 log.exception("updating the node labels failed")
 
     async def _refresh(self) -> None:
+        async with self._file_lock:
+            await self._refresh_locked()
+
+    async def _refresh_locked(self) -> None:
         settings, current = self._settings, self._state.current
         found = await anyio.to_thread.run_sync(
             find_cuda_checkpoint, settings.view, current.driver.root
