@@ -126,7 +126,8 @@ class MapCollector:
         )
         device_counts = {(kind, valid): 0 for kind in _KINDS for valid in (True, False)}
         for device in current.devices:
-            device_counts[device.kind, device.valid] += 1
+            kind_valid = (device.kind, device.valid)
+            device_counts[kind_valid] = device_counts.get(kind_valid, 0) + 1
         for (kind, valid), count in device_counts.items():
             devices.add_metric([kind, "true" if valid else "false"], count)
         yield devices

@@ -68,6 +68,7 @@ class Publisher:
         self._file_lock = anyio.Lock()
         # The last lookup's result: what the labels and the checkpoint_ready metric use.
         self._cuda_checkpoint: str | None = None
+        self._looked = False
         self._ready: bool | None = None
         self._written: _Written | None = None
         self._write_error: str | None = None
@@ -139,9 +140,9 @@ class Publisher:
         found = await anyio.to_thread.run_sync(
             find_cuda_checkpoint, settings.view, current.driver.root
         )
-        if found != self._cuda_checkpoint:
+        if found != self._cuda_checkpoint or not self._looked:
             log.info("cuda-checkpoint: %s", found or "not found on the host")
-        self._cuda_checkpoint = found
+        self._cuda_checkpoint, self._looked = found, True
         labels = compute_labels(current, found)
         if settings.nfd_features_file is not None:
             await self._write(settings.nfd_features_file, render(labels))
