@@ -342,7 +342,7 @@ class Daemon:
     # -- the whole service -------------------------------------------------------------
 
     async def serve(self, listener: socket.socket) -> None:
-        from watcher.publish import Publisher  # noqa: PLC0415 (prometheus-client: only here)
+        from watcher.publish import Publisher  # noqa: PLC0415 (paid for by serve only)
         from watcher.server import Server  # noqa: PLC0415 (keeps import cycles out)
 
         server = Server(self.state, self.counters, self.settings, self.rescan)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import re
+import socket
 import typing
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
@@ -238,8 +240,30 @@ class MetricsServer:
 
     @staticmethod
     async def bind(host: str, port: int) -> Listener:
-        """Listen on (host, port); raises OSError (address in use, unknown host, ...)."""
-        return await anyio.create_tcp_listener(local_host=host, local_port=port)
+        """Listen on (host, port); raises OSError (address in use, unknown host, ...).
+
+        An IP address is bound directly. Only a host name goes through getaddrinfo(), whose
+        AI_ADDRCONFIG opens a netlink socket: under the unit's RestrictAddressFamilies=
+        (AF_UNIX AF_INET AF_INET6 with the metrics drop-in) that one is refused, and glibc
+        then assumes both IPv4 and IPv6 are configured, which is harmless here.
+        """
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return await anyio.create_tcp_listener(local_host=host, local_port=port)
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # As every server does: a restart may bind while old connections linger.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+            listener = await anyio.abc.SocketListener.from_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return anyio.streams.stapled.MultiListener([listener])
 
     async def serve(
         self,
