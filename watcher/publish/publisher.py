@@ -104,13 +104,19 @@ class Publisher:
             self._remove_file()
 
     async def reload(self, settings: Settings) -> None:
-        """Apply a reloaded config: another file path, another address, another host view."""
+        """Apply a reloaded config: another file path, another address, another host view.
+
+        Never raises: the daemon must answer a reload with READY=1 whatever happens here.
+        """
         previous, self._settings = self._settings, settings
-        if previous.nfd_features_file != settings.nfd_features_file:
-            async with self._file_lock:
-                self._remove_file()
-        if previous.metrics_listen != settings.metrics_listen:
-            await self._open_metrics(settings.metrics_listen)
+        try:
+            if previous.nfd_features_file != settings.nfd_features_file:
+                async with self._file_lock:
+                    self._remove_file()
+            if previous.metrics_listen != settings.metrics_listen:
+                await self._open_metrics(settings.metrics_listen)
+        except Exception:
+            log.exception("applying the reloaded config to the labels and metrics failed")
         # The host view may have changed (another --root): look for cuda-checkpoint again.
         self._due.set()
 
