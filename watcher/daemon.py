@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -31,6 +32,9 @@ from watcher.sources.inotify import TreeWatcher
 from watcher.sources.mounts import MountTableWatcher
 from watcher.state import Counters, MapState
 from watcher.systemd import Notifier, NotifyError, listen_fds, watchdog_interval
+
+if TYPE_CHECKING:
+    from watcher.publish import Publisher
 
 log = logging.getLogger("watcher.daemon")
 
@@ -156,6 +160,8 @@ class Daemon:
         # auto: the switch to fanotify is tried once, at the first mount change.
         self._mount_events_tried = False
         self._tasks: anyio.abc.TaskGroup | None = None
+        # Node labels and metrics (watcher.publish), while serve() runs.
+        self._publisher: Publisher | None = None
         # When the last scan ended (time.monotonic) and how long it took, for the spacing.
         self._scan_ended = 0.0
         self._scan_seconds = 0.0
@@ -167,8 +173,7 @@ class Daemon:
 
     def _account(self, scanned: _Scanned) -> DeviceMap:
         """Book a finished scan (on the event loop): counters and the roots to watch."""
-        self.counters.scans += 1
-        self.counters.last_scan_ms = scanned.milliseconds
+        self.counters.book_scan(scanned.milliseconds)
         self._scan_ended = time.monotonic()
         self._scan_seconds = scanned.milliseconds / 1000
         self._dev_roots = scanned.dev_roots
@@ -312,6 +317,8 @@ class Daemon:
             logging.getLogger("watcher").setLevel(self.settings.log_level.upper())
             self._rearm_due = True
             log.info("config reloaded from %s", self.settings.config_path)
+            if self._publisher is not None:
+                await self._publisher.reload(self.settings)
             try:
                 await self.rescan()
             except Exception:
@@ -335,9 +342,11 @@ class Daemon:
     # -- the whole service -------------------------------------------------------------
 
     async def serve(self, listener: socket.socket) -> None:
+        from watcher.publish import Publisher  # noqa: PLC0415 (paid for by serve only)
         from watcher.server import Server  # noqa: PLC0415 (keeps import cycles out)
 
         server = Server(self.state, self.counters, self.settings, self.rescan)
+        publisher = Publisher(self.state, self.counters, self.settings, server)
         mounts = MountTableWatcher(self.settings.view.mountinfo)
         try:
             async with anyio.create_task_group() as group:
@@ -372,6 +381,9 @@ class Daemon:
                 # now that they do, so nothing that changed in between is missed.
                 await self.rescan()
                 await group.start(server.serve, listener)
+                # Labels written and metrics listening before READY=1.
+                await group.start(publisher.run)
+                self._publisher = publisher
                 log.info(
                     "serving generation %d on %s: %s",
                     self.state.generation,
@@ -384,6 +396,7 @@ class Daemon:
                     group.start_soon(self._watchdog, self._watchdog_interval)
         finally:
             self._tasks = None
+            self._publisher = None
             mounts.close()
             self._tree.close()
             if self._mount_events is not None:
