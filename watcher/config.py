@@ -20,7 +20,7 @@ from watcher.errors import UsageError
 from watcher.hostview import foreign_mount_table
 
 DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
-DEFAULT_SOCKET = "/run/gpu-device-watcher.sock"
+DEFAULT_SOCKET = "/run/gpu-device-watcher/gpu-device-watcher.sock"
 SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
