@@ -137,6 +137,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     if wanted("criu-action"):
         commands.add_parser("criu-action", help="the CRIU action script (run by CRIU)")
+
+    if wanted("install-action"):
+        install = commands.add_parser(
+            "install-action",
+            help="write the CRIU action as one file for the host's python3 into DIR",
+        )
+        install.add_argument("directory", metavar="DIR", help="where to write it (must exist)")
     return parser
 
 
@@ -236,6 +243,32 @@ def command_criu_action(_: argparse.Namespace) -> int:
     return criu_main(os.environ)
 
 
+# -- install-action: the CRIU action as one self-contained file (deploy/kubernetes) ---------
+
+
+def command_install_action(arguments: argparse.Namespace) -> int:
+    from watcher import actionfile  # noqa: PLC0415
+
+    try:
+        built = actionfile.build()
+        target = actionfile.install(arguments.directory, built)
+    except actionfile.ActionFileError as error:
+        if error.usage:
+            raise UsageError(f"install-action: {error}") from None
+        fail(f"install-action: {error}")
+        return EXIT_ABSENT
+    print(
+        f"{target}: {len(built.data)} bytes, {len(built.modules)} modules, runs on python3 >= 3.11"
+    )
+    if built.left_out:
+        print(
+            f"left out (the direct scan, which needs the daemon's dependencies): "
+            f"{', '.join(built.left_out)}; without the daemon this file refuses a restore "
+            "that uses GPU devices"
+        )
+    return EXIT_OK
+
+
 COMMANDS = {
     "scan": command_scan,
     "serve": command_serve,
@@ -244,6 +277,7 @@ COMMANDS = {
     "watch": command_watch,
     "status": command_status,
     "criu-action": command_criu_action,
+    "install-action": command_install_action,
 }
 
 
