@@ -208,6 +208,13 @@ def main(spec_text: str, scratch_text: str) -> int:
             _run("mount", "-o", "remount,nodev", DRIVER_ROOT)
             seen = _wait_map(lambda m: _control(m)["mount"]["nodev"], "nodev remount")
             result["nodev"] = [p["code"] for p in seen["problems"] if p["code"] == "nodev-mount"]
+            # The pod's own copy of that mount: flags do not propagate, so the pod's table
+            # (what it would read without hostPID) still says the mount allows devices.
+            copy = f"{scratch}/host{DRIVER_ROOT}"
+            own = Path(f"/proc/{daemon.pid}/mountinfo").read_text().splitlines()
+            result["pod_copy_options"] = [
+                line.split(" ")[5] for line in own if line.split(" ")[4] == copy
+            ]
             _run("mount", "-o", "remount,dev", DRIVER_ROOT)
             _wait_map(lambda m: _control(m)["valid"], "dev remount")
             # A new mount on the host's dev root reaches the pod (HostToContainer).

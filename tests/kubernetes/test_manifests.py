@@ -223,6 +223,9 @@ def test_the_pod_s_privileges_are_enough(scratch: Path) -> None:
     assert result["probe"] == 0, "the readiness/liveness probe failed"
     # A nodev remount on the host, seen through the host's table (it does not propagate).
     assert result["nodev"] == ["nodev-mount"] * 4, result
+    # ...which the pod's own copy of the mount never shows: why the host's table is read.
+    assert result["pod_copy_options"], result
+    assert all("nodev" not in options.split(",") for options in result["pod_copy_options"])
     # A later mount on the host reaches the pod (HostToContainer) and is attributed to it.
     assert result["remounted"]["mount"]["mount_point"] == DEV_ROOT
     assert result["remounted"]["valid"]
