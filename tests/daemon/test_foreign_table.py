@@ -72,7 +72,7 @@ def _remount(host: Namespace, options: str, path: str) -> None:
     )
 
 
-def test_which_tables_are_another_process_s(tmp_path: Path) -> None:
+def test_which_tables_are_another_process_s(namespaces_available: None, tmp_path: Path) -> None:
     assert not foreign_mount_table("/proc/self/mountinfo")
     assert not foreign_mount_table("/proc/thread-self/mountinfo")
     assert not foreign_mount_table(f"/proc/{os.getpid()}/mountinfo")
@@ -85,6 +85,19 @@ def test_which_tables_are_another_process_s(tmp_path: Path) -> None:
     fixture.write_text("")
     assert not foreign_mount_table(str(fixture))
     assert not foreign_mount_table(str(tmp_path / "mountinfo"))
+    # A container without hostPID: the daemon is pid 1 there, and /proc/1 is itself.
+    as_init = subprocess.run(
+        [
+            *("unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"),
+            "import os; from watcher.hostview import foreign_mount_table as f; "
+            "print(os.getpid(), f('/proc/1/mountinfo'))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    assert as_init.stdout.split() == ["1", "False"]
     with subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE) as other:
         try:
             assert foreign_mount_table(f"/proc/{other.pid}/mountinfo")
