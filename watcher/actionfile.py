@@ -101,6 +101,10 @@ class Built:
     left_out: tuple[str, ...]
 
 
+def _ours(name: str) -> bool:
+    return name == "watcher" or name.startswith("watcher.")
+
+
 def _is_stdlib(name: str) -> bool:
     return name.partition(".")[0] in sys.stdlib_module_names
 
@@ -161,7 +165,7 @@ def _imports(node: ast.AST, module: str, is_package: bool) -> list[str]:
             found.extend(
                 f"{base}.{alias.name}"
                 for alias in statement.names
-                if base.startswith("watcher") and _is_module(f"{base}.{alias.name}")
+                if _ours(base) and _is_module(f"{base}.{alias.name}")
             )
     return found
 
@@ -194,14 +198,14 @@ def action_modules() -> tuple[tuple[str, ...], tuple[str, ...]]:
             if (
                 module == ENTRY
                 and isinstance(node, ast.FunctionDef)
-                and any(not _is_stdlib(n) and not n.startswith("watcher") for n in names)
+                and any(not _is_stdlib(n) and not _ours(n) for n in names)
             ):
                 # The direct scan: needs the daemon's dependencies, left out on purpose.
-                left_out.update(n for n in names if n.startswith("watcher"))
+                left_out.update(n for n in names if _ours(n))
                 continue
             followed.extend(names)
         for name in followed:
-            if name == "watcher" or name.startswith("watcher."):
+            if _ours(name):
                 pending.extend([*_parents(name), name])
             elif not _is_stdlib(name):
                 third_party.setdefault(name, set()).add(module)
