@@ -146,6 +146,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         _socket_option(check)
         check.add_argument("--config", metavar="FILE", help="TOML config (restore_version_match)")
         check.add_argument("--format", choices=("text", "json"), default="text")
+    if wanted("install-action"):
+        install = commands.add_parser(
+            "install-action",
+            help="write the CRIU action as one file for the host's python3 into DIR",
+        )
+        install.add_argument("directory", metavar="DIR", help="where to write it (must exist)")
     return parser
 
 
@@ -262,6 +268,32 @@ def command_restore_check(arguments: argparse.Namespace) -> int:
     return restore_check(arguments.image_dir, environ, arguments.format)
 
 
+# -- install-action: the CRIU action as one self-contained file (deploy/kubernetes) ---------
+
+
+def command_install_action(arguments: argparse.Namespace) -> int:
+    from watcher import actionfile  # noqa: PLC0415
+
+    try:
+        built = actionfile.build()
+        target = actionfile.install(arguments.directory, built)
+    except actionfile.ActionFileError as error:
+        if error.usage:
+            raise UsageError(f"install-action: {error}") from None
+        fail(f"install-action: {error}")
+        return EXIT_ABSENT
+    print(
+        f"{target}: {len(built.data)} bytes, {len(built.modules)} modules, runs on python3 >= 3.11"
+    )
+    if built.left_out:
+        print(
+            f"left out (the direct scan, which needs the daemon's dependencies): "
+            f"{', '.join(built.left_out)}; without the daemon this file refuses a restore "
+            "that uses GPU devices"
+        )
+    return EXIT_OK
+
+
 COMMANDS = {
     "scan": command_scan,
     "serve": command_serve,
@@ -271,6 +303,7 @@ COMMANDS = {
     "status": command_status,
     "criu-action": command_criu_action,
     "restore-check": command_restore_check,
+    "install-action": command_install_action,
 }
 
 

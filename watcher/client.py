@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any
 
-DEFAULT_SOCKET = "/run/gpu-device-watcher.sock"
+DEFAULT_SOCKET = "/run/gpu-device-watcher/gpu-device-watcher.sock"
 SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
 
 

@@ -18,9 +18,10 @@ import msgspec
 
 from watcher.core.scan import DEFAULT_DRIVER_ROOTS, DEFAULT_VALIDATIONS_DIR, HostView
 from watcher.errors import UsageError
+from watcher.hostview import foreign_mount_table
 
 DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
-DEFAULT_SOCKET = "/run/gpu-device-watcher.sock"
+DEFAULT_SOCKET = "/run/gpu-device-watcher/gpu-device-watcher.sock"
 SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -217,12 +218,14 @@ def resolve_settings(
 
     socket = options.get("socket") or environ.get(SOCKET_ENV) or config.socket or DEFAULT_SOCKET
     driver_roots = config.driver_roots
+    mountinfo = pick("mountinfo", "/proc/self/mountinfo")
     view = HostView(
         # Resolved once: mount points in the table are real paths, so a --root reached
         # through a symlink would otherwise match no mount at all.
         root=os.path.realpath(pick("root", "/")),
         proc=pick("proc", "/proc"),
-        mountinfo=pick("mountinfo", "/proc/self/mountinfo"),
+        mountinfo=mountinfo,
+        foreign_table=foreign_mount_table(mountinfo),
         driver_roots=tuple(driver_roots) if driver_roots is not None else DEFAULT_DRIVER_ROOTS,
         driver_roots_configured=driver_roots is not None,
         validations_dir=pick("validations_dir", DEFAULT_VALIDATIONS_DIR),

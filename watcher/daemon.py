@@ -85,10 +85,24 @@ def _watch_targets(view: HostView, dev_roots: list[str]) -> list[str]:
 def _mount_filter(view: HostView, dev_roots: list[str], driver_roots: list[str]) -> PathFilter:
     """Which mount points (as this process sees them) can change the map: on, above or below
     what a scan lists, watches or reads, and on or above the driver roots (a scan only asks
-    whether those exist). A superset only costs rescans."""
+    whether those exist). A superset only costs rescans.
+
+    For fanotify, whose statmount names mount points from our root: never for another
+    process's table (`_switch_to_mount_events` refuses it), whose points are host paths."""
     paths = {view.fs_path(path) for path in [*dev_roots, "/dev", view.validations_dir]}
     paths.add(os.path.abspath(view.proc))
     return PathFilter(sorted(paths), sorted({view.fs_path(path) for path in driver_roots}))
+
+
+def _log_foreign_table(view: HostView) -> None:
+    # Its mount points are another root's paths and its namespace may not be ours: the
+    # points statmount gives (from our root) cannot be matched to it, so no fanotify.
+    log.info(
+        "mount changes: every mountinfo wake-up rescans (%s is another process's mount "
+        "table: its mount points are taken as host paths, files are read under %s)",
+        view.mountinfo,
+        view.root,
+    )
 
 
 # What the GPU Operator writes into the validations directory; the rest of it is noise.
@@ -364,6 +378,9 @@ class Daemon:
                     # Listening before the mount table watcher starts: a change in between
                     # is seen by both, and by the full rescan below.
                     await self._switch_to_mount_events(rescan=False)
+                elif self.settings.view.foreign_table:
+                    self._mount_events_tried = True
+                    _log_foreign_table(self.settings.view)
                 elif (why := unsuitable()) is not None:
                     self._mount_events_tried = True
                     log.info("mount changes: every mountinfo wake-up rescans (%s)", why)
@@ -411,6 +428,9 @@ class Daemon:
         """
         self._mount_events_tried = True
         view = self.settings.view
+        if view.foreign_table:
+            _log_foreign_table(view)
+            return
         try:
             # Lists every mount once (~90 ms at 10,000): off the loop.
             events = await anyio.to_thread.run_sync(

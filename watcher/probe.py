@@ -187,7 +187,7 @@ def read_host(
     dev_roots = [candidate.dev_root for candidate in candidates]
     if "/dev" not in dev_roots:
         dev_roots.append("/dev")  # always looked at: `not-in-dev` is about /dev
-    relevant = PathFilter(view.fs_path(dev_root) for dev_root in dev_roots)
+    relevant = PathFilter(view.table_path(dev_root) for dev_root in dev_roots)
     key = (view.mountinfo, relevant.paths)
     mounts = mount_cache.lookup(key) if mount_cache is not None else None
     mounts_error = None

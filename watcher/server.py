@@ -78,6 +78,7 @@ __all__ = [
     "SocketSetupError",
     "UnixServerSocket",
     "bind_unix_socket",
+    "ensure_socket_directory",
     "unlink_socket",
 ]
 
@@ -712,8 +713,9 @@ def bind_unix_socket(
             f" a Unix socket path has at most {_SUN_PATH_MAX})"
         )
     gid = _resolve_group(group)
-    _existing(path)  # fail early, before creating anything
     directory, base = os.path.split(path)
+    ensure_socket_directory(directory)
+    _existing(path)  # fail early, before creating anything
     temporary = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
     if len(os.fsencode(temporary)) > _SUN_PATH_MAX:
         temporary = os.path.join(directory, f".gdw.{secrets.token_hex(4)}")
@@ -742,6 +744,45 @@ def bind_unix_socket(
         raise
     sock.path = path
     return sock
+
+
+def ensure_socket_directory(directory: str) -> None:
+    """Create the socket's own directory (`/run/gpu-device-watcher`) if missing: mode 0755,
+    owned by the daemon's user (root, in the shipped deployments).
+
+    Only the last component is made; its parent must exist. It is made private (0700) and
+    opened without following links before it is opened up to 0755, so the mode never lands
+    on something swapped in meanwhile. An existing directory is used as it is (a hostPath or
+    a systemd socket unit made it); a symlink or anything else there is refused.
+    """
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        try:
+            info = os.lstat(directory)
+        except OSError as error:
+            raise SocketSetupError(f"cannot examine {directory}: {error.strerror}") from error
+        if not stat.S_ISDIR(info.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a directory"
+            raise SocketSetupError(
+                f"{directory} exists and is {kind}; the socket's directory must be a real "
+                "directory (remove it, or choose another socket path)"
+            ) from None
+        return
+    except OSError as error:
+        raise SocketSetupError(
+            f"cannot create the socket directory {directory}: {error.strerror}"
+        ) from error
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise SocketSetupError(
+            f"cannot set up the socket directory {directory}: {error.strerror}"
+        ) from error
 
 
 def _install(temporary: str, path: str) -> None:

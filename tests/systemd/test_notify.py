@@ -256,7 +256,7 @@ def _one_line(done: subprocess.CompletedProcess[str], returncode: int, phrase: s
         ("root-missing", 2, "--root"),
         ("config-unreadable", 2, "cannot read config"),
         ("config-invalid", 2, "not valid TOML"),
-        ("socket-dir-missing", 1, "cannot create socket"),
+        ("socket-dir-missing", 1, "cannot create the socket directory"),
         ("socket-in-use", 1, "another gpu-device-watcher is serving"),
         ("notify-socket-bad", 1, "NOTIFY_SOCKET"),
         ("watchdog-usec-bad", 1, "WATCHDOG_USEC"),
@@ -278,7 +278,8 @@ def test_expected_failures_are_one_line(
         elif case == "config-invalid":
             config.write_text("driver_roots = [\n")
         elif case == "socket-dir-missing":
-            options["--socket"] = str(tmp_path / "missing" / "gdw.sock")
+            # The socket's own directory is made when missing; its parent is not.
+            options["--socket"] = str(tmp_path / "missing" / "sub" / "gdw.sock")
         elif case == "socket-in-use":
             live.bind(str(sock))
             live.listen()

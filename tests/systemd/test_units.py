@@ -125,7 +125,8 @@ def test_service_essentials() -> None:
 
 def test_socket_essentials() -> None:
     socket_unit = _settings(SOCKET)
-    assert socket_unit["Socket.ListenStream"] == ["/run/gpu-device-watcher.sock"]
+    assert socket_unit["Socket.ListenStream"] == ["/run/gpu-device-watcher/gpu-device-watcher.sock"]
+    assert socket_unit["Socket.DirectoryMode"] == ["0755"]
     assert socket_unit["Socket.SocketMode"] == ["0660"]
     assert socket_unit.get("Socket.Accept", ["no"]) == ["no"], "one daemon, not one per client"
 

@@ -45,6 +45,10 @@ class HostView:
     driver_roots: tuple[str, ...] = DEFAULT_DRIVER_ROOTS
     driver_roots_configured: bool = False
     validations_dir: str = DEFAULT_VALIDATIONS_DIR
+    # The mount table is another process's (`/proc/PID/mountinfo`, PID not us: see
+    # watcher.hostview): its mount points are host paths already, while the files are still
+    # reached under root. False: they are this process's paths, translated by removing root.
+    foreign_table: bool = False
 
     def fs_path(self, host_path: str) -> str:
         """Where a host path is visible to this process."""
@@ -62,6 +66,14 @@ class HostView:
         if fs_path.startswith(root + "/"):
             return fs_path[len(root) :]
         return None
+
+    def table_path(self, host_path: str) -> str:
+        """How a host path is written in the mount table."""
+        return host_path if self.foreign_table else self.fs_path(host_path)
+
+    def mount_point(self, table_path: str) -> str | None:
+        """The host path of a mount point in the table, or None when it lies outside root."""
+        return table_path if self.foreign_table else self.host_path(table_path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +197,7 @@ class _Problems:
 
 def _host_mount(view: HostView, entry: MountEntry) -> Mount:
     # A mount point outside --root is the mount that holds root itself: "/" in host terms.
-    mount_point = view.host_path(entry.mount_point) or "/"
+    mount_point = view.mount_point(entry.mount_point) or "/"
     return Mount(
         id=entry.id,
         mount_point=mount_point,
@@ -197,7 +209,7 @@ def _host_mount(view: HostView, entry: MountEntry) -> Mount:
 
 
 def _mount_of(view: HostView, mounts: MountTable, host_path: str) -> Mount | None:
-    entry = mounts.resolve(view.fs_path(host_path))
+    entry = mounts.resolve(view.table_path(host_path))
     return _host_mount(view, entry) if entry is not None else None
 
 

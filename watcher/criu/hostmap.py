@@ -39,7 +39,14 @@ def current_map(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
 
 def direct_scan(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     # The fallback is allowed to be heavy: it runs only when the daemon is down.
-    import msgspec  # noqa: PLC0415
+    try:
+        import msgspec  # noqa: PLC0415
+    except ImportError:
+        # The file `install-action` writes holds the stdlib-only modules alone: fail closed.
+        from watcher.criu import EXIT_REFUSE  # noqa: PLC0415 (the package imports this module)
+
+        say("this action file has no scanner of its own: without the daemon it checks nothing")
+        raise SystemExit(EXIT_REFUSE) from None
 
     from watcher.config import ConfigError, resolve_settings  # noqa: PLC0415
     from watcher.core.scan import HostView  # noqa: PLC0415

@@ -1,0 +1,256 @@
+"""deploy/kubernetes: valid against the Kubernetes schemas (offline), and what the contract says.
+
+Then the pod itself, simulated with the kernel's own pieces (podsim.py): the daemon run with
+exactly the uid and capabilities the DaemonSet gives it must produce the right map, follow
+the host's mounts and answer its probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.nsrun import run_scenario_module
+
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is not installed (the test extra has it)"
+)
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "deploy" / "kubernetes"
+BUILD_SCRIPT = REPO / "deploy" / "container" / "build.sh"
+# The oldest Kubernetes the base is meant for, and the newest schemas the package has.
+VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+DEV_ROOT = "/run/nvidia/driver/dev"
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _resources() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    found: list[dict[str, Any]] = []
+    for name in kustomization["resources"]:
+        found.extend(_documents(BASE / name))
+    return found
+
+
+def _one(kind: str) -> dict[str, Any]:
+    matches = [doc for doc in _resources() if doc["kind"] == kind]
+    assert len(matches) == 1, f"{kind}: {len(matches)}"
+    return matches[0]
+
+
+def _pod() -> dict[str, Any]:
+    spec: dict[str, Any] = _one("DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def _container(name: str, *, init: bool = False) -> dict[str, Any]:
+    containers = _pod()["initContainers" if init else "containers"]
+    return next(c for c in containers if c["name"] == name)
+
+
+def _volume(name: str) -> dict[str, Any]:
+    return next(v for v in _pod()["volumes"] if v["name"] == name)
+
+
+def _mount(container: dict[str, Any], path: str) -> dict[str, Any]:
+    return next(m for m in container["volumeMounts"] if m["mountPath"] == path)
+
+
+def capabilities_added(container: dict[str, Any]) -> list[str]:
+    """What the container keeps: `drop: [ALL]` and then only `add:`."""
+    capabilities = container["securityContext"]["capabilities"]
+    assert capabilities["drop"] == ["ALL"]
+    added: list[str] = capabilities.get("add", [])
+    return added
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_manifest_is_valid(version: str) -> None:
+    files = [
+        BASE / name
+        for name in yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"]
+    ]
+    assert files
+    for path in files:
+        for document in _documents(path):
+            kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_the_kustomization_renders_to_valid_manifests() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(BASE)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    documents = [doc for doc in yaml.safe_load_all(rendered) if doc is not None]
+    assert sorted(doc["kind"] for doc in documents) == ["DaemonSet", "Namespace", "ServiceAccount"]
+    for document in documents:
+        assert document["metadata"].get("namespace", "gpu-device-watcher") == "gpu-device-watcher"
+        kubernetes_validate.validate(document, VERSIONS[-1], strict=True)
+    daemonset = next(doc for doc in documents if doc["kind"] == "DaemonSet")
+    images = {c["image"] for c in daemonset["spec"]["template"]["spec"]["containers"]}
+    images |= {c["image"] for c in daemonset["spec"]["template"]["spec"]["initContainers"]}
+    assert images == {f"{_built_image()}"}
+
+
+def _built_image() -> str:
+    """The image name and tag the build script makes."""
+    text = BUILD_SCRIPT.read_text()
+    name = next(
+        line.split("=", 1)[1].strip('"')
+        for line in text.splitlines()
+        if line.startswith("IMAGE_NAME=")
+    )
+    from watcher import __version__
+
+    return f"{name}:{__version__}"
+
+
+def test_namespace_and_service_account() -> None:
+    assert _one("Namespace")["metadata"]["name"] == "gpu-device-watcher"
+    account = _one("ServiceAccount")
+    assert account["metadata"]["name"] == "gpu-device-watcher"
+    assert account["automountServiceAccountToken"] is False
+    assert _pod()["serviceAccountName"] == "gpu-device-watcher"
+    assert _pod()["automountServiceAccountToken"] is False
+
+
+def test_the_daemonset_is_the_contract_s() -> None:
+    daemonset = _one("DaemonSet")
+    assert daemonset["metadata"]["name"] == "gpu-device-watcher"
+    assert daemonset["metadata"]["namespace"] == "gpu-device-watcher"
+    pod = _pod()
+    assert pod["hostPID"] is True
+    assert not pod.get("hostNetwork") and not pod.get("hostIPC")
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+
+    daemon = _container("gpu-device-watcher")
+    assert daemon["args"] == ["serve", "--root", "/host", "--mountinfo", "/proc/1/mountinfo"]
+    host = _mount(daemon, "/host")
+    assert host["readOnly"] is True
+    assert host["mountPropagation"] == "HostToContainer"
+    assert _volume(host["name"])["hostPath"]["path"] == "/"
+    sockets = _mount(daemon, "/run/gpu-device-watcher")
+    assert _volume(sockets["name"])["hostPath"] == {
+        "path": "/run/gpu-device-watcher",
+        "type": "DirectoryOrCreate",
+    }
+
+    for container in (daemon, _container("install-action", init=True)):
+        context = container["securityContext"]
+        assert context["privileged"] is False
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["readOnlyRootFilesystem"] is True
+        assert capabilities_added(container) == [], "measured: no capability is needed"
+        resources = container["resources"]
+        assert set(resources) == {"requests", "limits"}
+        assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
+
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert daemon[probe]["exec"]["command"] == ["gpu-device-watcher", "status"]
+        assert daemon[probe]["timeoutSeconds"] >= 2
+    # The socket the probes and clients use is the one in the shared directory.
+    environment = {e["name"]: e["value"] for e in daemon.get("env", [])}
+    socket_path = environment.get(
+        "GPU_DEVICE_WATCHER_SOCKET", "/run/gpu-device-watcher/gpu-device-watcher.sock"
+    )
+    assert os.path.dirname(socket_path) == "/run/gpu-device-watcher"
+
+
+def test_the_init_container_installs_the_action_on_the_host() -> None:
+    init = _container("install-action", init=True)
+    command = init["command"]
+    assert command[:2] == ["gpu-device-watcher", "install-action"]
+    target = _mount(init, command[2])
+    volume = _volume(target["name"])
+    assert volume["hostPath"]["path"].startswith("/")
+    assert volume["hostPath"]["type"] == "DirectoryOrCreate"
+    assert not target.get("readOnly", False)
+
+
+# -- the pod, run for real -----------------------------------------------------------------
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: unshare -m, tmpfs mounts, mknod, setpriv")
+    missing = [tool for tool in ("unshare", "setpriv", "mount") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    directory = Path(tempfile.mkdtemp(prefix="gdw-pod-", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _simulate(scratch: Path, uid: int, capabilities: list[str]) -> dict[str, Any]:
+    spec = json.dumps({"uid": uid, "capabilities": capabilities})
+    done = run_scenario_module("tests.kubernetes.podsim", spec, scratch, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.realfs
+def test_the_pod_s_privileges_are_enough(scratch: Path) -> None:
+    pod = _pod()
+    uid = pod["securityContext"]["runAsUser"]
+    capabilities = capabilities_added(_container("gpu-device-watcher"))
+    result = _simulate(scratch, uid, capabilities)
+    assert result.get("ready"), result
+    log = result["log"]
+    assert "Traceback" not in log, log
+    # Nodes attributed to the host's mounts, by host path, through the host init's table.
+    assert result["first"]["valid"], result
+    assert result["first"]["mount"]["mount_point"] == "/run/nvidia/driver"
+    assert result["probe"] == 0, "the readiness/liveness probe failed"
+    # A nodev remount on the host, seen through the host's table (it does not propagate).
+    assert result["nodev"] == ["nodev-mount"] * 4, result
+    # ...which the pod's own copy of the mount never shows: why the host's table is read.
+    assert result["pod_copy_options"], result
+    assert all("nodev" not in options.split(",") for options in result["pod_copy_options"])
+    # A later mount on the host reaches the pod (HostToContainer) and is attributed to it.
+    assert result["remounted"]["mount"]["mount_point"] == DEV_ROOT
+    assert result["remounted"]["valid"]
+    assert result["exit"] == 0
+    # The DaemonSet's memory limit leaves room over what the daemon uses.
+    limit = _container("gpu-device-watcher")["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    assert result["usage"]["rss_mib"] * 2 < int(limit[:-2]), result["usage"]
+
+
+@pytest.mark.realfs
+def test_without_root_the_socket_directory_cannot_be_made(scratch: Path) -> None:
+    # Why the pod runs as uid 0: the hostPath directory of the socket belongs to root.
+    runs = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", ""],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if runs.returncode != 0:
+        pytest.skip(f"uid 65534 cannot run {sys.executable} (a Python under /root?)")
+    result = _simulate(scratch, 65534, [])
+    assert not result["ready"]
+    assert (
+        "cannot create the socket directory /run/gpu-device-watcher: Permission denied"
+        in (result["log"])
+    )

@@ -1,0 +1,325 @@
+"""`install-action DIR`: the CRIU action as one file that runs on the host's own python3.
+
+In the container deployment the daemon lives in a pod, but CRIU runs on the host (under
+runc, CRI-O or containerd) and executes the action there, where nothing of ours is
+installed. The file written here is a zipapp: `#!/usr/bin/env python3`, then a zip of the
+`watcher` modules the action imports, which must need the standard library alone.
+
+Which modules: those `watcher.criu` imports, at module level or inside its functions,
+followed through every module found, as read from their source (the action imports most of
+its modules lazily, so importing `watcher.criu` alone would show too few). A function of
+`watcher.criu` or of one of its modules that imports a third-party package is the direct-scan
+fallback (it needs the daemon's dependencies): its imports are left out, and the file instead
+refuses a restore it cannot check when the daemon is unreachable. Then every chosen module is
+imported in a fresh `python3 -I` that blocks all but the standard library: a module that needs
+anything else stops the install, loudly, rather than shipping an action that breaks inside
+CRIU.
+
+Standard library only, and imported only by `install-action`.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import py_compile
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ACTION_NAME", "ActionFileError", "Built", "action_modules", "build", "install"]
+
+ACTION_NAME = "gpu-device-watcher-criu-action"
+ENTRY = "watcher.criu"
+SHEBANG = b"#!/usr/bin/env python3\n"
+MIN_PYTHON = (3, 11)
+# Fixed: the same checkout gives the same bytes, so a re-install is visibly a no-op.
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+_MAIN = f'''\
+"""gpu-device-watcher's CRIU action (written by `gpu-device-watcher install-action`)."""
+import sys
+
+if sys.version_info < {MIN_PYTHON!r}:
+    print(
+        "gpu-device-watcher: the CRIU action needs Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or "
+        "later; " + sys.executable + " is " + sys.version.split()[0],
+        file=sys.stderr,
+    )
+    sys.exit(1)
+
+from watcher.criu import console_main
+
+sys.exit(console_main())
+'''
+
+# Run as `python3 -I -c _CHECK PACKAGE_PARENT MODULE...`: imports each module with every
+# import outside the standard library refused, and says what was loaded and what failed.
+_CHECK = """\
+import importlib, json, sys
+parent, modules = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, parent)
+allowed = set(sys.stdlib_module_names) | {"watcher"}
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] not in allowed:
+            raise ImportError(f"{name} is not in the standard library")
+        return None
+sys.meta_path.insert(0, Refuse())
+failed = {}
+for module in modules:
+    try:
+        importlib.import_module(module)
+    except Exception as error:
+        failed[module] = f"{type(error).__name__}: {error}"
+loaded = sorted(name for name in sys.modules if name == "watcher" or name.startswith("watcher."))
+print(json.dumps({"loaded": loaded, "failed": failed}))
+"""
+
+
+class ActionFileError(Exception):
+    """The action file cannot be built or written; the message says why and what to do.
+
+    `usage`: the cause is the directory given (exit 2), not the installed package (exit 1).
+    """
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    data: bytes
+    modules: tuple[str, ...]
+    left_out: tuple[str, ...]
+
+
+def _ours(name: str) -> bool:
+    return name == "watcher" or name.startswith("watcher.")
+
+
+def _is_stdlib(name: str) -> bool:
+    return name.partition(".")[0] in sys.stdlib_module_names
+
+
+def _source(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        raise ActionFileError(f"cannot find the source of {module}")
+    return Path(spec.origin)
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`): imports for mypy, never run."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _walk(node: ast.AST) -> list[ast.AST]:
+    """ast.walk, minus what lies under `if TYPE_CHECKING:`."""
+    found: list[ast.AST] = []
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if _type_checking_only(current):
+            pending.extend(getattr(current, "orelse", []))
+            continue
+        found.append(current)
+        pending.extend(ast.iter_child_nodes(current))
+    return found
+
+
+def _imports(node: ast.AST, module: str, is_package: bool) -> list[str]:
+    """Every module an import statement under `node` names (absolute names)."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: list[str] = []
+    for statement in _walk(node):
+        if isinstance(statement, ast.Import):
+            found.extend(alias.name for alias in statement.names)
+        elif isinstance(statement, ast.ImportFrom):
+            base = statement.module or ""
+            if statement.level:
+                parts = package.split(".")
+                anchor = ".".join(parts[: len(parts) - statement.level + 1])
+                base = f"{anchor}.{base}" if base else anchor
+            found.append(base)
+            # `from watcher import client` names a module, not an attribute.
+            found.extend(
+                f"{base}.{alias.name}"
+                for alias in statement.names
+                if _ours(base) and _is_module(f"{base}.{alias.name}")
+            )
+    return found
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:depth]) for depth in range(1, len(parts))]
+
+
+def action_modules() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the modules the action needs, the watcher modules left out with the fallback).
+
+    Raises ActionFileError when a needed module imports anything but the standard library.
+    """
+    needed: set[str] = set()
+    left_out: set[str] = set()
+    third_party: dict[str, set[str]] = {}
+    pending = [ENTRY]
+    while pending:
+        module = pending.pop()
+        if module in needed:
+            continue
+        needed.add(module)
+        path = _source(module)
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        is_package = path.name == "__init__.py"
+        followed: list[str] = []
+        for node in tree.body:
+            names = _imports(node, module, is_package)
+            if (
+                (module == ENTRY or module.startswith(ENTRY + "."))
+                and isinstance(node, ast.FunctionDef)
+                and any(not _is_stdlib(n) and not _ours(n) for n in names)
+            ):
+                # The direct scan: needs the daemon's dependencies, left out on purpose.
+                left_out.update(n for n in names if _ours(n))
+                continue
+            followed.extend(names)
+        for name in followed:
+            if _ours(name):
+                pending.extend([*_parents(name), name])
+            elif not _is_stdlib(name):
+                third_party.setdefault(name, set()).add(module)
+    if third_party:
+        where = "; ".join(f"{name} (in {', '.join(sorted(m))})" for name, m in third_party.items())
+        raise ActionFileError(
+            f"the CRIU action would import modules outside the standard library: {where}; "
+            "it must run on the host's bare python3"
+        )
+    return tuple(sorted(needed)), tuple(sorted(left_out - needed))
+
+
+def _check_imports(modules: tuple[str, ...], python: str) -> tuple[str, ...]:
+    """Import `modules` in a fresh `python -I` limited to the standard library."""
+    parent = str(Path(_source("watcher")).parent.parent)
+    try:
+        result = subprocess.run(
+            [python, "-I", "-c", _CHECK, parent, *modules],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise ActionFileError(f"cannot check the action's imports with {python}: {error}") from None
+    if result.returncode != 0:
+        raise ActionFileError(
+            f"checking the action's imports with {python} failed: {result.stderr.strip()}"
+        )
+    report = json.loads(result.stdout)
+    if report["failed"]:
+        failures = "; ".join(f"{name}: {why}" for name, why in sorted(report["failed"].items()))
+        raise ActionFileError(
+            f"the CRIU action's modules do not import with the standard library alone: {failures}"
+        )
+    extra = sorted(set(report["loaded"]) - set(modules))
+    if extra:
+        # Imported at run time in a way the source walk cannot see (importlib and such).
+        raise ActionFileError(f"the CRIU action imports modules not packed: {', '.join(extra)}")
+    return tuple(report["loaded"])
+
+
+def _entry(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def build(python: str = sys.executable) -> Built:
+    """The action file's bytes, and which modules it holds."""
+    modules, left_out = action_modules()
+    _check_imports(modules, python)
+    buffer = io.BytesIO()
+    # Zip offsets count from the start of the file, shebang included (as zipapp writes it).
+    buffer.write(SHEBANG)
+    with (
+        tempfile.TemporaryDirectory(prefix="gdw-action-") as scratch,
+        zipfile.ZipFile(buffer, "w") as archive,
+    ):
+        archive.writestr(_entry("__main__.py"), _MAIN)
+        for module in modules:
+            source = _source(module)
+            name = module.replace(".", "/") + ("/__init__" if source.name == "__init__.py" else "")
+            archive.writestr(_entry(f"{name}.py"), source.read_bytes())
+            # Compiled beside the source (zipimport's layout), unchecked: a host python of
+            # the same version skips compiling at every CRIU stage; another one compiles.
+            compiled = os.path.join(scratch, f"{module}.pyc")
+            py_compile.compile(
+                str(source),
+                cfile=compiled,
+                dfile=f"{ACTION_NAME}/{name}.py",
+                doraise=True,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+            )
+            archive.writestr(_entry(f"{name}.pyc"), Path(compiled).read_bytes())
+    return Built(buffer.getvalue(), modules, left_out)
+
+
+def install(directory: str, built: Built) -> str:
+    """Write `directory/gpu-device-watcher-criu-action` atomically, mode 0755; its path."""
+    target = os.path.join(directory, ACTION_NAME)
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ActionFileError(f"{directory} does not exist; create it first", usage=True) from None
+    except NotADirectoryError:
+        raise ActionFileError(f"{directory} is not a directory", usage=True) from None
+    except OSError as error:
+        raise ActionFileError(f"cannot open {directory}: {error.strerror}") from None
+    temporary = f".{ACTION_NAME}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(
+            temporary,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o700,
+            dir_fd=dir_fd,
+        )
+        try:
+            view = memoryview(built.data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, 0o755)  # whatever the umask
+            # Before the rename: CRIU finds the old file or the whole new one, never a part.
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, ACTION_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # never created, or already renamed
+            os.unlink(temporary, dir_fd=dir_fd)
+        raise ActionFileError(f"cannot write {target}: {error.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    return target
