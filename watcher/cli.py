@@ -12,7 +12,23 @@ import os
 import sys
 
 from watcher import __version__, client, render
+from watcher.contract import DEFAULT_SOCKET, SOCKET_ENV
 from watcher.errors import UsageError
+
+__all__ = [
+    "COMMANDS",
+    "PROG",
+    "build_parser",
+    "command_criu_action",
+    "command_get",
+    "command_path",
+    "command_scan",
+    "command_serve",
+    "command_status",
+    "command_watch",
+    "fail",
+    "main",
+]
 
 # Not `from typing import TYPE_CHECKING`: typing (and datetime, and the shutil that argparse
 # imports for the terminal width) cost milliseconds at every start of `path` and `get`.
@@ -88,7 +104,7 @@ def _socket_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket",
         metavar="PATH",
-        help=f"daemon socket (default ${client.SOCKET_ENV} or {client.DEFAULT_SOCKET})",
+        help=f"daemon socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})",
     )
 
 

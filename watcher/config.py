@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
 
+from watcher.contract import DEFAULT_CONFIG, DEFAULT_SOCKET, SOCKET_ENV, config_file_problem
 from watcher.core.scan import DEFAULT_DRIVER_ROOTS, DEFAULT_VALIDATIONS_DIR, HostView
-from watcher.errors import UsageError
+from watcher.errors import ConfigError
 
-DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
-DEFAULT_SOCKET = "/run/gpu-device-watcher.sock"
-SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_SOCKET",
+    "SOCKET_ENV",
+    "ConfigError",
+    "ConfigFile",
+    "Settings",
+    "check_file_safety",
+    "load_config_file",
+    "resolve_settings",
+]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 _MODE = re.compile(r"0?[0-7]{3,4}")
-
-
-class ConfigError(UsageError, ValueError):
-    """The config file is missing, unreadable, unsafe or invalid; the message names the key."""
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -80,19 +84,18 @@ def _explain(error: msgspec.ValidationError) -> str:
 
 
 def check_file_safety(path: str, info: os.stat_result | None = None) -> None:
-    """Refuse a config that anyone but its owner and root could have written.
+    """Refuse a config that a user other than root or ours owns or can write.
 
+    The rule itself is `watcher.contract.config_file_problem`, shared with the CRIU action.
     Pass `info`, the fstat() of the file that was read: a path looked up again could name
     another file by then (swapped in a directory others can write).
     """
     if info is None:
         info = os.stat(path)
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and info.st_gid != 0):
-        raise ConfigError(
-            f"config {path} is writable by others than its owner and root (mode {mode:04o});"
-            f" run: chmod go-w {path}"
-        )
+    problem = config_file_problem(path, info)
+    if problem is not None:
+        why, fix = problem
+        raise ConfigError(f"{why}: {fix}")
 
 
 def load_config_file(path: str, *, required: bool) -> ConfigFile:

@@ -16,6 +16,16 @@ from __future__ import annotations
 import os
 import sys
 
+from watcher.contract import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    PREFIX,
+    RECORD_NAME,
+    RECORD_VERSION,
+    config_file_problem,
+)
+from watcher.contract import utc_timestamp as _utc_now
+
 # Not `from typing import TYPE_CHECKING`: typing costs milliseconds at every one of CRIU's
 # stages, and mypy honours any constant of this name.
 TYPE_CHECKING = False
@@ -32,13 +42,6 @@ __all__ = [
     "restore_problems",
 ]
 
-RECORD_NAME = "gpu-device-watcher.json"
-RECORD_VERSION = 1
-PREFIX = "gpu-device-watcher:"
-# CRIU starts the action with no arguments, so a config at another path than the default can
-# only be named through the environment CRIU passes on (the caller's).
-CONFIG_ENV = "GPU_DEVICE_WATCHER_CONFIG"
-DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
 VERSION_POLICIES = ("exact", "major")
 
 EXIT_OK, EXIT_REFUSE, EXIT_USAGE = 0, 1, 2
@@ -206,13 +209,6 @@ def pre_dump(environ: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-def _utc_now() -> str:
-    import time  # noqa: PLC0415 (builtin module: no file to read)
-
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
-
-
 # --------------------------------------------------------------------------------------------
 # pre-restore
 
@@ -230,11 +226,10 @@ def version_policy(environ: Mapping[str, str]) -> str:
     try:
         with open(path, "rb") as file:
             info = os.fstat(file.fileno())
-            # The daemon's rule (watcher.config.check_file_safety, not importable here without
-            # msgspec): a file others can write must not relax a safety check run as root.
-            mode = info.st_mode & 0o777
-            if mode & 0o002 or (mode & 0o020 and info.st_gid != 0):
-                say(f"config {path} is writable by others (mode {mode:04o}); ignoring it")
+            # The daemon's rule: a file another user owns or can write must not relax a
+            # safety check run as root.
+            if (unsafe := config_file_problem(path, info)) is not None:
+                say(f"{unsafe[0]}; ignoring it")
                 return "exact"
             config = tomllib.load(file)
     except FileNotFoundError:

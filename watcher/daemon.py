@@ -20,12 +20,13 @@ import anyio.abc
 
 from watcher import logs
 from watcher.config import ConfigError, Settings
+from watcher.contract import MOUNT_EVENTS_ENV, summary_line, utc_timestamp
 from watcher.core.devices import NVIDIA
 from watcher.core.diff import describe
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import PathFilter
 from watcher.core.scan import HostView, build_map
-from watcher.probe import MountCache, read_host, utc_now
+from watcher.probe import MountCache, read_host
 from watcher.sources.fanotify import MountEvents, MountEventsUnavailable, unsuitable
 from watcher.sources.inotify import TreeWatcher
 from watcher.sources.mounts import MountTableWatcher
@@ -34,11 +35,10 @@ from watcher.systemd import Notifier, NotifyError, listen_fds, watchdog_interval
 
 log = logging.getLogger("watcher.daemon")
 
-MOUNT_EVENTS_ENV = "GPU_DEVICE_WATCHER_MOUNT_EVENTS"
-"""How mount changes are judged. `auto` (default): the mountinfo path until the first mount
-change, then fanotify mount events if the kernel has them (6.15+) and the process may use
-them (CAP_SYS_ADMIN, no seccomp filter); `fanotify`: fanotify mount events from the start
-when the kernel allows; `mountinfo`: always the mountinfo path (the fallback, for tests)."""
+# How mount changes are judged (MOUNT_EVENTS_ENV). `auto` (default): the mountinfo path until
+# the first mount change, then fanotify mount events if the kernel has them (6.15+) and the
+# process may use them (CAP_SYS_ADMIN, no seccomp filter); `fanotify`: fanotify mount events
+# from the start when the kernel allows; `mountinfo`: always the mountinfo path (the fallback).
 MOUNT_EVENTS_MODES = ("auto", "fanotify", "mountinfo")
 
 # After a scan, the next one waits this many times its duration (beyond the debounce). A
@@ -53,24 +53,14 @@ _SCAN_SPACING = 2.0
 def summary(device_map: DeviceMap) -> str:
     """The one-line STATUS= text: driver version, where the nodes are, what is wrong."""
     driver = device_map.driver
-    if not driver.loaded:
-        head = "driver not loaded"
-    else:
-        head = f"driver {driver.version or '(unknown version)'}"
-    where = (
-        f"{len(device_map.devices)} devices in {driver.dev_root}"
-        if driver.dev_root
-        else "no device root"
+    return summary_line(
+        loaded=driver.loaded,
+        version=driver.version,
+        dev_root=driver.dev_root,
+        devices=len(device_map.devices),
+        invalid=sum(1 for device in device_map.devices if not device.valid),
+        severities=(problem.severity for problem in device_map.problems),
     )
-    counts: dict[str, int] = {}
-    for problem in device_map.problems:
-        counts[problem.severity] = counts.get(problem.severity, 0) + 1
-    troubles = ", ".join(
-        f"{count} {severity}{'s' if count > 1 else ''}"
-        for severity in ("error", "warning")
-        if (count := counts.get(severity, 0))
-    )
-    return ", ".join(part for part in (head, where, troubles) if part)
 
 
 def _watch_targets(view: HostView, dev_roots: list[str]) -> list[str]:
@@ -113,7 +103,7 @@ class _Scanned:
 def _scan_host(view: HostView, generation: int, mount_cache: MountCache | None = None) -> _Scanned:
     started = time.perf_counter()
     snapshot = read_host(view, mount_cache=mount_cache)
-    device_map = build_map(view, snapshot, generation=generation, updated=utc_now())
+    device_map = build_map(view, snapshot, generation=generation, updated=utc_timestamp())
     return _Scanned(
         map=device_map,
         dev_roots=[candidate.dev_root for candidate in snapshot.candidates],

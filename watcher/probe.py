@@ -14,8 +14,8 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
+from watcher.contract import utc_timestamp
 from watcher.core.devices import NVIDIA, Family
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, PathFilter, parse_mountinfo
@@ -29,6 +29,8 @@ from watcher.core.scan import (
     build_map,
     candidates_for,
 )
+
+__all__ = ["MountCache", "list_dev_root", "open_dir_nofollow", "read_host", "read_text", "scan"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -220,10 +222,6 @@ def read_host(
     )
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
 def scan(view: HostView, *, generation: int = 0) -> DeviceMap:
     """One consistent scan of the host."""
-    return build_map(view, read_host(view), generation=generation, updated=utc_now())
+    return build_map(view, read_host(view), generation=generation, updated=utc_timestamp())

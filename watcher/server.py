@@ -52,6 +52,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from watcher import __version__
 from watcher.config import Settings
+from watcher.errors import SocketInUseError, SocketSetupError
 from watcher.protocol import (
     MAX_LINE,
     ErrorReply,
@@ -677,14 +678,6 @@ async def _close(stream: anyio.abc.SocketStream) -> None:
 # --- the socket file -------------------------------------------------------------------------
 
 _SUN_PATH_MAX: Final = 107  # sizeof(sun_path) - 1 for the terminating NUL
-
-
-class SocketSetupError(Exception):
-    """The socket path cannot be set up; the message says why."""
-
-
-class SocketInUseError(SocketSetupError):
-    """A live server already answers on the socket path."""
 
 
 class UnixServerSocket(socket.socket):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from watcher.core.model import Kind
 
+__all__ = ["NVIDIA", "Family", "NodeSpec", "ProcDevicesError", "parse_proc_devices"]
+
 
 @dataclass(frozen=True, slots=True)
 class NodeSpec:

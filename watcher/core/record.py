@@ -15,12 +15,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from watcher.contract import RECORD_NAME, RECORD_VERSION
 from watcher.core.model import DeviceMap, Kind
 
 __all__ = ["RECORD_NAME", "RECORD_VERSION", "Record", "UsedDevice", "Via", "schema", "schema_text"]
-
-RECORD_NAME = "gpu-device-watcher.json"
-RECORD_VERSION = 1
 
 Via = Literal["fd", "maps"]
 

@@ -29,6 +29,21 @@ from watcher.core.model import (
 from watcher.core.mountinfo import MountEntry, MountTable
 from watcher.core.procfs import GpuInformation, parse_driver_version, parse_key_values
 
+__all__ = [
+    "DEFAULT_DRIVER_ROOTS",
+    "DEFAULT_VALIDATIONS_DIR",
+    "Candidate",
+    "DevRootListing",
+    "FileType",
+    "HostSnapshot",
+    "HostView",
+    "NodeEntry",
+    "build_map",
+    "candidates_for",
+    "dev_root_of",
+    "printable",
+]
+
 DEFAULT_DRIVER_ROOTS = ("/", "/run/nvidia/driver")
 DEFAULT_VALIDATIONS_DIR = "/run/nvidia/validations"
 
