@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -21,6 +21,8 @@ from watcher.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG",
     "DEFAULT_SOCKET",
+    "RELOAD_LIVE",
+    "RELOAD_ON_RESTART",
     "SOCKET_ENV",
     "ConfigError",
     "ConfigFile",
@@ -52,6 +54,25 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_gids: list[int] | None = None
     # Read by the CRIU action at pre-restore: "exact" driver version, or same "major".
     restore_version_match: Literal["exact", "major"] | None = None
+
+
+# What a reload (SIGHUP) does with each key of ConfigFile. A key added to ConfigFile must be
+# added to one of these two tables (a test checks it): say where it reaches on reload.
+RELOAD_LIVE: Final[Mapping[str, str]] = {
+    "root": "the host view: the next scan, the watched directories and the mount filter",
+    "proc": "the host view: the next scan and the mount filter",
+    "mountinfo": "the mount table parsed, watched and judged (a new watcher)",
+    "driver_roots": "the candidate roots of the next scan and their watches",
+    "validations_dir": "the next scan and the watched validations directory",
+    "debounce_ms": "the rescan scheduler, from the next burst of events",
+    "log_level": "the daemon's loggers, at once",
+    "max_clients": "the server's admission of new connections",
+    "allowed_uids": "the server's admission of new connections",
+    "allowed_gids": "the server's admission of new connections",
+    "restore_version_match": "nothing in the daemon: the CRIU action reads it at pre-restore",
+}
+# The listening socket is bound once; these apply on restart, and a reload says so in the log.
+RELOAD_ON_RESTART: Final = ("socket", "socket_mode", "socket_group")
 
 
 @dataclass(frozen=True, slots=True)

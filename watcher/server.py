@@ -268,9 +268,7 @@ class Server:
         self._subscriber_queue = subscriber_queue
         self._subscribers: set[_Subscriber] = set()
         self._clients = 0
-        self._busy_line = encode_error(
-            "busy", f"too many clients (max_clients={settings.max_clients}); try again later"
-        )
+        self.configure(settings)
         self._behind_line = encode_error(
             "busy",
             f"subscriber fell behind by more than {subscriber_queue} generations;"
@@ -282,6 +280,17 @@ class Server:
         self._stalled_line = encode_error(
             "timeout",
             f"request line incomplete after {stall_timeout:g} s; closing the connection",
+        )
+
+    def configure(self, settings: Settings) -> None:
+        """Admit by `settings` from now on (a reload): access lists and `max_clients`.
+
+        Connections already admitted keep their slot; a client no longer allowed is refused
+        at its next connection.
+        """
+        self._settings = settings
+        self._busy_line = encode_error(
+            "busy", f"too many clients (max_clients={settings.max_clients}); try again later"
         )
 
     @property
