@@ -134,8 +134,8 @@ def list_dev_root(view: HostView, dev_root: str, family: Family = NVIDIA) -> Dev
     return DevRootListing(dev_root, exists=True, entries=tuple(entries))
 
 
-def _gpu_information(view: HostView) -> list[GpuInformation]:
-    gpus_dir = posixpath.join(view.proc, "driver/nvidia/gpus")
+def _gpu_information(view: HostView, family: Family) -> list[GpuInformation]:
+    gpus_dir = posixpath.join(view.proc, family.proc_gpus)
     try:
         bus_dirs = sorted(os.listdir(gpus_dir))
     except OSError:
@@ -182,9 +182,9 @@ def read_host(
     view: HostView, family: Family = NVIDIA, *, mount_cache: MountCache | None = None
 ) -> HostSnapshot:
     proc_devices, proc_devices_error = read_text(posixpath.join(view.proc, "devices"))
-    version_text, _ = read_text(posixpath.join(view.proc, "driver/nvidia/version"))
+    version_text, _ = read_text(posixpath.join(view.proc, family.proc_version))
     driver_ready, _ = read_text(view.fs_path(posixpath.join(view.validations_dir, "driver-ready")))
-    candidates = candidates_for(view, driver_ready)
+    candidates = candidates_for(view, driver_ready, family)
     dev_roots = [candidate.dev_root for candidate in candidates]
     if "/dev" not in dev_roots:
         dev_roots.append("/dev")  # always looked at: `not-in-dev` is about /dev
@@ -212,7 +212,7 @@ def read_host(
         proc_devices=proc_devices,
         proc_devices_error=proc_devices_error,
         driver_version_text=version_text,
-        gpu_information=_gpu_information(view),
+        gpu_information=_gpu_information(view, family),
         mounts=mounts,
         mounts_error=mounts_error,
         driver_ready=driver_ready,
@@ -222,6 +222,8 @@ def read_host(
     )
 
 
-def scan(view: HostView, *, generation: int = 0) -> DeviceMap:
+def scan(view: HostView, *, generation: int = 0, family: Family = NVIDIA) -> DeviceMap:
     """One consistent scan of the host."""
-    return build_map(view, read_host(view), generation=generation, updated=utc_timestamp())
+    return build_map(
+        view, read_host(view, family), generation=generation, updated=utc_timestamp(), family=family
+    )

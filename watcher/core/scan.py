@@ -140,15 +140,17 @@ def _usable_path(path: str) -> bool:
     return path.startswith("/") and "\0" not in path
 
 
-def candidates_for(view: HostView, driver_ready: str | None) -> list[Candidate]:
+def candidates_for(
+    view: HostView, driver_ready: str | None, family: Family = NVIDIA
+) -> list[Candidate]:
     """Candidate roots in order: the one named by driver-ready first, then `driver_roots`."""
     found: list[Candidate] = []
     if driver_ready is not None:
         values = parse_key_values(driver_ready)
-        driver_root = values.get("NVIDIA_DRIVER_ROOT", "")
+        driver_root = values.get(family.ready_root_key, "")
         # A NUL cannot be in a path: passed on, it raised ValueError in every scan.
         if _usable_path(driver_root):
-            dev_base = values.get("NVIDIA_DEV_ROOT", "")
+            dev_base = values.get(family.ready_dev_key, "")
             if not _usable_path(dev_base):  # absent, empty or relative: the driver root
                 dev_base = driver_root
             found.append(
@@ -229,7 +231,7 @@ class _Judge:
                 (
                     "not-char-device",
                     f"{path} is a block device; the driver only makes character devices: remove "
-                    "it and let the driver (or nvidia-modprobe) recreate it",
+                    f"it and let the driver (or {self.family.recreate}) recreate it",
                 )
             )
         registered = self.family.registered_major(spec, self.majors)
@@ -284,7 +286,7 @@ class _Judge:
                 yield verdict
 
     def has_valid_control(self, listing: DevRootListing) -> bool:
-        control = listing.entry("nvidiactl")
+        control = listing.entry(self.family.control)
         if control is None:
             return False
         verdict = self.judge(listing.dev_root, control)
@@ -317,13 +319,13 @@ def build_map(
         why = (
             f"cannot read {view.proc}/devices ({snapshot.proc_devices_error})"
             if snapshot.proc_devices_error
-            else f"{view.proc}/devices lists neither 'nvidia' nor 'nvidia-frontend'"
+            else f"{view.proc}/devices lists {_neither(family.core_majors)}"
         )
         problems.add(
             "driver-not-loaded",
             "error",
-            f"the NVIDIA kernel driver is not loaded: {why}; load it (modprobe nvidia) or wait "
-            "for the driver container to finish starting",
+            f"the {family.display} kernel driver is not loaded: {why}; load it "
+            f"({family.load_hint}) or wait for the driver container to finish starting",
         )
 
     if snapshot.mounts_error is not None:
@@ -346,7 +348,7 @@ def build_map(
 
     judge = _Judge(view, family, majors, loaded, snapshot.mounts)
 
-    # Pick the dev root: first valid nvidiactl, else first with any node, else none.
+    # Pick the dev root: first valid control node, else first with any node, else none.
     chosen: Candidate | None = None
     for candidate in snapshot.candidates:
         listing = snapshot.listings.get(candidate.dev_root)
@@ -395,7 +397,7 @@ def build_map(
         problems.add(
             "no-device-root",
             "error",
-            "no NVIDIA device nodes in any driver root ("
+            f"no {family.display} device nodes in any driver root ("
             + ", ".join(candidate.dev_root for candidate in snapshot.candidates)
             + f"){unreadable}; if the driver runs in a container, set driver_roots to its root",
         )
@@ -425,33 +427,34 @@ def build_map(
                 "driver-root-empty",
                 "warning" if chosen else "error",
                 f"driver root {candidate.driver_root} exists but {candidate.dev_root} holds no "
-                "NVIDIA device nodes: the driver container may still be starting, or its root "
-                "was left behind by an earlier driver pod (check the driver pod)",
+                f"{family.display} device nodes: the driver container may still be starting, or "
+                "its root was left behind by an earlier driver pod (check the driver pod)",
                 candidate.driver_root,
             )
 
     if chosen is not None and chosen.dev_root != "/dev":
         in_dev = snapshot.listings.get("/dev")
-        # A stale or planted /dev/nvidiactl does not help a tool that opens it.
+        # A stale or planted control node in /dev does not help a tool that opens it.
         if in_dev is None or not judge.has_valid_control(in_dev):
             problems.add(
                 "not-in-dev",
                 "warning",
-                f"NVIDIA device nodes are in {chosen.dev_root}, not /dev: tools that open "
-                "/dev/nvidiactl (CRIU's CUDA plugin among them) will not find them; ask "
-                "gpu-device-watcher for the paths (`gpu-device-watcher path nvidiactl`)",
+                f"{family.display} device nodes are in {chosen.dev_root}, not /dev: tools that "
+                f"open /dev/{family.control} ({family.opened_by} among them) will not find them;"
+                " ask gpu-device-watcher for the paths (`gpu-device-watcher path "
+                f"{family.control}`)",
                 chosen.dev_root,
             )
 
     if snapshot.driver_ready is not None:
-        _check_validations(view, snapshot, chosen, problems)
+        _check_validations(view, snapshot, chosen, problems, family)
 
     gpus: list[Gpu] = []
     listed = {device.name: device for device in devices}
     for info in sorted(
         snapshot.gpu_information, key=lambda gpu: (gpu.minor is None, gpu.minor, gpu.bus_id)
     ):
-        node = listed.get(f"nvidia{info.minor}") if info.minor is not None else None
+        node = listed.get(family.gpu_node_name(info.minor)) if info.minor is not None else None
         gpus.append(
             Gpu(
                 minor=info.minor,
@@ -463,7 +466,9 @@ def build_map(
         )
 
     if loaded and chosen is not None:
-        _missing_nodes(chosen, chosen_listing, majors, snapshot, problems)
+        _missing_nodes(
+            family, chosen, chosen_listing, majors=majors, snapshot=snapshot, problems=problems
+        )
 
     source: DriverSource = "detected"
     if chosen is not None and chosen.from_validations:
@@ -491,6 +496,14 @@ def build_map(
             problems=problems.sorted(),
         )
     )
+
+
+def _neither(names: tuple[str, ...]) -> str:
+    """ "neither 'a' nor 'b'" (or "no 'a'" for one name)."""
+    quoted = [f"'{name}'" for name in names]
+    if len(quoted) == 1:
+        return f"no {quoted[0]}"
+    return "neither " + " nor ".join(quoted)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -531,37 +544,42 @@ def printable(device_map: DeviceMap) -> DeviceMap:
 
 
 def _missing_nodes(
+    family: Family,
     chosen: Candidate,
     listing: DevRootListing | None,
+    *,
     majors: Mapping[str, int],
     snapshot: HostSnapshot,
     problems: _Problems,
 ) -> None:
     expected: list[tuple[str, Severity, str]] = [
-        ("nvidiactl", "error", "every CUDA process opens it"),
+        (node.name, node.severity, node.why)
+        for node in family.expected
+        if node.when_major is None or node.when_major in majors
     ]
     for info in snapshot.gpu_information:
         if info.minor is not None:
             expected.append(
-                (f"nvidia{info.minor}", "error", f"GPU {info.bus_id} is listed in /proc")
+                (family.gpu_node_name(info.minor), "error", f"GPU {info.bus_id} is listed in /proc")
             )
-    if "nvidia-uvm" in majors:
-        expected.append(("nvidia-uvm", "error", "the nvidia-uvm module is loaded"))
-        expected.append(("nvidia-uvm-tools", "warning", "the nvidia-uvm module is loaded"))
     for name, severity, why in expected:
         if listing is None or listing.entry(name) is None:
             path = posixpath.join(chosen.dev_root, name)
             problems.add(
                 "missing-node",
                 severity,
-                f"{path} is missing although {why}: run nvidia-modprobe (or restart the driver "
+                f"{path} is missing although {why}: run {family.recreate} (or restart the driver "
                 "container) to create it",
                 path,
             )
 
 
 def _check_validations(
-    view: HostView, snapshot: HostSnapshot, chosen: Candidate | None, problems: _Problems
+    view: HostView,
+    snapshot: HostSnapshot,
+    chosen: Candidate | None,
+    problems: _Problems,
+    family: Family,
 ) -> None:
     ready_path = posixpath.join(view.validations_dir, "driver-ready")
     named = next((c for c in snapshot.candidates if c.from_validations), None)
@@ -569,7 +587,7 @@ def _check_validations(
         problems.add(
             "validations-mismatch",
             "warning",
-            f"{ready_path} has no absolute NVIDIA_DRIVER_ROOT; it was ignored (is the GPU "
+            f"{ready_path} has no absolute {family.ready_root_key}; it was ignored (is the GPU "
             "Operator's driver validation healthy?)",
             ready_path,
         )
@@ -577,7 +595,7 @@ def _check_validations(
         problems.add(
             "validations-mismatch",
             "warning",
-            f"{ready_path} names {named.dev_root}, but it holds no valid nvidiactl; using "
+            f"{ready_path} names {named.dev_root}, but it holds no valid {family.control}; using "
             f"{chosen.dev_root} instead (the driver-ready file may be stale after a driver pod "
             "restart)",
             ready_path,

@@ -15,7 +15,7 @@ from watcher.config import Settings
 from watcher.contract import MOUNT_EVENTS_ENV
 from watcher.daemon.judge import mount_events_mode
 from watcher.daemon.lifecycle import Lifecycle
-from watcher.daemon.scanning import matters
+from watcher.daemon.scanning import event_filter, watched_subdirs
 from watcher.daemon.service import Daemon, Sources
 from watcher.errors import SocketSetupError
 from watcher.server import bind_unix_socket, unlink_socket
@@ -30,10 +30,8 @@ log = logging.getLogger("watcher.daemon")
 
 def real_sources(environ: Mapping[str, str]) -> Sources:
     """The kernel's event sources: inotify for directories, epoll (and fanotify) for mounts."""
-    from watcher.core.devices import NVIDIA  # noqa: PLC0415
-
     return Sources(
-        tree=TreeWatcher(subdirs=NVIDIA.subdirs, names=matters),
+        tree=TreeWatcher(subdirs=watched_subdirs(), names=event_filter()),
         mount_table=MountTableWatcher,
         mount_events=mount_events_mode(environ.get(MOUNT_EVENTS_ENV)),
     )

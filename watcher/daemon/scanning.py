@@ -6,16 +6,26 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from watcher.contract import summary_line, utc_timestamp
-from watcher.core.devices import NVIDIA
+from watcher.core.devices import NVIDIA, Family
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import PathFilter
 from watcher.core.scan import HostView, build_map
 from watcher.probe import MountCache, read_host
 
-__all__ = ["Scanned", "matters", "mount_filter", "scan_host", "summary", "watch_targets"]
+__all__ = [
+    "Scanned",
+    "event_filter",
+    "matters",
+    "mount_filter",
+    "scan_host",
+    "summary",
+    "watch_targets",
+    "watched_subdirs",
+]
 
 
 def summary(device_map: DeviceMap) -> str:
@@ -49,15 +59,22 @@ def mount_filter(view: HostView, dev_roots: list[str], driver_roots: list[str]) 
 _VALIDATION_FILES = frozenset({"driver-ready", ".driver-ctr-ready"})
 
 
-def matters(name: str) -> bool:
-    """Whether an entry with this name, in a dev root or a family subdirectory or the
-    validations directory, can change the map."""
-    return (
-        name in _VALIDATION_FILES
-        or name in NVIDIA.subdirs
-        or NVIDIA.match(name) is not None
-        or any(NVIDIA.match(f"{subdir}/{name}") is not None for subdir in NVIDIA.subdirs)
-    )
+def event_filter(families: tuple[Family, ...] = (NVIDIA,)) -> Callable[[str], bool]:
+    """Whether an entry with a given name, in a dev root or a family subdirectory or the
+    validations directory, can change the map (the families' tables decide)."""
+
+    def matters(name: str) -> bool:
+        return name in _VALIDATION_FILES or any(family.names_entry(name) for family in families)
+
+    return matters
+
+
+def watched_subdirs(families: tuple[Family, ...] = (NVIDIA,)) -> tuple[str, ...]:
+    """The subdirectories of a dev root that are watched too."""
+    return tuple(dict.fromkeys(subdir for family in families for subdir in family.subdirs))
+
+
+matters = event_filter()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +85,17 @@ class Scanned:
     driver_roots: list[str]
 
 
-def scan_host(view: HostView, generation: int, mount_cache: MountCache | None = None) -> Scanned:
+def scan_host(
+    view: HostView,
+    generation: int,
+    mount_cache: MountCache | None = None,
+    family: Family = NVIDIA,
+) -> Scanned:
     started = time.perf_counter()
-    snapshot = read_host(view, mount_cache=mount_cache)
-    device_map = build_map(view, snapshot, generation=generation, updated=utc_timestamp())
+    snapshot = read_host(view, family, mount_cache=mount_cache)
+    device_map = build_map(
+        view, snapshot, generation=generation, updated=utc_timestamp(), family=family
+    )
     return Scanned(
         map=device_map,
         dev_roots=[candidate.dev_root for candidate in snapshot.candidates],
