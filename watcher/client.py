@@ -55,7 +55,15 @@ class Connection:
         try:
             self._sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
         except OSError as error:
-            raise Unreachable(self.path, f"send failed: {error.strerror or error}") from None
+            # A daemon that refuses a client (busy, forbidden) writes its reason first and
+            # then closes; our request may meet the closed socket (EPIPE) with the reason
+            # already waiting to be read. Read it: ServerError says why, not "unreachable".
+            failure = Unreachable(self.path, f"send failed: {error.strerror or error}")
+            try:
+                self.receive()
+            except Unreachable:
+                raise failure from None  # nothing was waiting: the send error is the news
+            raise failure from None
 
     def receive(self) -> dict[str, Any]:
         """One reply line; a `{"ok": false}` reply raises ServerError."""

@@ -34,6 +34,7 @@ __all__ = [
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 _MODE = re.compile(r"0?[0-7]{3,4}")
+_GID_MAX = 2**32 - 2  # (gid_t) -1 means "leave unchanged" to chown
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -160,6 +161,13 @@ def _validate(path: str, config: ConfigFile) -> None:
         raise bad("debounce_ms", "must be between 0 and 10000")
     if config.max_clients is not None and not 1 <= config.max_clients <= 65_536:
         raise bad("max_clients", "must be between 1 and 65536")
+    group = config.socket_group
+    if isinstance(group, str) and group.isascii() and group.isdigit():
+        group = int(group)
+    if isinstance(group, int) and not 0 <= group <= _GID_MAX:
+        raise bad("socket_group", f"must be a group name or id (0 to {_GID_MAX}), got {group}")
+    if isinstance(group, str) and (not group or "\0" in group or "/" in group or ":" in group):
+        raise bad("socket_group", f"must be a group name or id, got {group!r}")
     if config.socket_mode is not None and not _MODE.fullmatch(config.socket_mode):
         raise bad(
             "socket_mode", f'must be an octal mode such as "0660", got {config.socket_mode!r}'
