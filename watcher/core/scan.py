@@ -301,8 +301,52 @@ def build_map(
     updated: str,
     family: Family = NVIDIA,
 ) -> DeviceMap:
+    """The map of one snapshot: each step below adds its devices or problems."""
     problems = _Problems()
+    majors, loaded = _driver(view, snapshot, family, problems)
+    _mount_table_problems(view, snapshot, problems)
+    judge = _Judge(view, family, majors, loaded, snapshot.mounts)
+    chosen = _choose_dev_root(snapshot, judge)
+    chosen_listing = snapshot.listings.get(chosen.dev_root) if chosen else None
+    devices = _devices(chosen_listing, judge, problems) if chosen_listing is not None else []
+    if chosen is None:
+        _no_device_root(snapshot, family, problems)
+    _driver_root_problems(snapshot, chosen, family, problems)
+    if chosen is not None and chosen.dev_root != "/dev":
+        _not_in_dev(snapshot, chosen, judge, problems)
+    if snapshot.driver_ready is not None:
+        _check_validations(view, snapshot, chosen, problems, family)
+    gpus = _gpus(snapshot, devices, family)
+    if loaded and chosen is not None:
+        _missing_nodes(
+            family, chosen, chosen_listing, majors=majors, snapshot=snapshot, problems=problems
+        )
+    return printable(
+        DeviceMap(
+            generation=generation,
+            updated=updated,
+            driver=Driver(
+                loaded=loaded,
+                version=(
+                    parse_driver_version(snapshot.driver_version_text)
+                    if snapshot.driver_version_text is not None
+                    else None
+                ),
+                root=chosen.driver_root if chosen else None,
+                dev_root=chosen.dev_root if chosen else None,
+                source=_source(view, chosen),
+            ),
+            devices=tuple(devices),
+            gpus=tuple(gpus),
+            problems=problems.sorted(),
+        )
+    )
 
+
+def _driver(
+    view: HostView, snapshot: HostSnapshot, family: Family, problems: _Problems
+) -> tuple[dict[str, int], bool]:
+    """The registered majors and whether the family's driver is loaded."""
     majors: dict[str, int] = {}
     if snapshot.proc_devices is not None:
         try:
@@ -327,7 +371,10 @@ def build_map(
             f"the {family.display} kernel driver is not loaded: {why}; load it "
             f"({family.load_hint}) or wait for the driver container to finish starting",
         )
+    return majors, loaded
 
+
+def _mount_table_problems(view: HostView, snapshot: HostSnapshot, problems: _Problems) -> None:
     if snapshot.mounts_error is not None:
         problems.add(
             "nodev-mount",
@@ -346,62 +393,67 @@ def build_map(
             "node on a skipped mount is attributed to the mount below it, nodev unnoticed",
         )
 
-    judge = _Judge(view, family, majors, loaded, snapshot.mounts)
 
-    # Pick the dev root: first valid control node, else first with any node, else none.
-    chosen: Candidate | None = None
+def _choose_dev_root(snapshot: HostSnapshot, judge: _Judge) -> Candidate | None:
+    """The first candidate with a valid control node, else the first with any node."""
     for candidate in snapshot.candidates:
         listing = snapshot.listings.get(candidate.dev_root)
         if listing is not None and judge.has_valid_control(listing):
-            chosen = candidate
-            break
-    if chosen is None:
-        for candidate in snapshot.candidates:
-            listing = snapshot.listings.get(candidate.dev_root)
-            if listing is not None and listing.has_nodes:
-                chosen = candidate
-                break
+            return candidate
+    for candidate in snapshot.candidates:
+        listing = snapshot.listings.get(candidate.dev_root)
+        if listing is not None and listing.has_nodes:
+            return candidate
+    return None
 
+
+def _devices(listing: DevRootListing, judge: _Judge, problems: _Problems) -> list[Device]:
+    """Every node of the chosen dev root, sorted by name, with what is wrong with each."""
     devices: list[Device] = []
-    chosen_listing = snapshot.listings.get(chosen.dev_root) if chosen else None
-    if chosen_listing is not None:
-        for verdict in judge.verdicts(chosen_listing):
-            devices.append(verdict.device)
-            if loaded:
-                for code, message in verdict.problems:
-                    problems.add(code, "error", message, verdict.device.path)
-        for entry in chosen_listing.entries:
-            if entry.file_type not in ("char", "block"):
-                path = posixpath.join(chosen_listing.dev_root, entry.name)
-                what = (
-                    f"a symlink to {entry.link_target!r} (not followed)"
-                    if entry.file_type == "symlink"
-                    else f"a {'directory' if entry.file_type == 'dir' else entry.file_type}"
-                )
-                problems.add(
-                    "not-char-device",
-                    "error",
-                    f"{path} is {what}, not a character device: remove it so the driver's own "
-                    "node can be created",
-                    path,
-                )
+    for verdict in judge.verdicts(listing):
+        devices.append(verdict.device)
+        if judge.loaded:
+            for code, message in verdict.problems:
+                problems.add(code, "error", message, verdict.device.path)
+    for entry in listing.entries:
+        if entry.file_type not in ("char", "block"):
+            path = posixpath.join(listing.dev_root, entry.name)
+            what = (
+                f"a symlink to {entry.link_target!r} (not followed)"
+                if entry.file_type == "symlink"
+                else f"a {'directory' if entry.file_type == 'dir' else entry.file_type}"
+            )
+            problems.add(
+                "not-char-device",
+                "error",
+                f"{path} is {what}, not a character device: remove it so the driver's own "
+                "node can be created",
+                path,
+            )
     devices.sort(key=lambda device: device.name)
+    return devices
 
-    if chosen is None:
-        unreadable = "".join(
-            f"; cannot read {listing.dev_root} ({listing.error})"
-            for candidate in snapshot.candidates
-            if (listing := snapshot.listings.get(candidate.dev_root)) is not None
-            and listing.error is not None
-        )
-        problems.add(
-            "no-device-root",
-            "error",
-            f"no {family.display} device nodes in any driver root ("
-            + ", ".join(candidate.dev_root for candidate in snapshot.candidates)
-            + f"){unreadable}; if the driver runs in a container, set driver_roots to its root",
-        )
 
+def _no_device_root(snapshot: HostSnapshot, family: Family, problems: _Problems) -> None:
+    unreadable = "".join(
+        f"; cannot read {listing.dev_root} ({listing.error})"
+        for candidate in snapshot.candidates
+        if (listing := snapshot.listings.get(candidate.dev_root)) is not None
+        and listing.error is not None
+    )
+    problems.add(
+        "no-device-root",
+        "error",
+        f"no {family.display} device nodes in any driver root ("
+        + ", ".join(candidate.dev_root for candidate in snapshot.candidates)
+        + f"){unreadable}; if the driver runs in a container, set driver_roots to its root",
+    )
+
+
+def _driver_root_problems(
+    snapshot: HostSnapshot, chosen: Candidate | None, family: Family, problems: _Problems
+) -> None:
+    """Driver roots that exist but hold no readable nodes."""
     for candidate in snapshot.candidates:
         if (
             candidate.driver_root == "/"
@@ -432,25 +484,28 @@ def build_map(
                 candidate.driver_root,
             )
 
-    if chosen is not None and chosen.dev_root != "/dev":
-        in_dev = snapshot.listings.get("/dev")
-        # A stale or planted control node in /dev does not help a tool that opens it.
-        if in_dev is None or not judge.has_valid_control(in_dev):
-            problems.add(
-                "not-in-dev",
-                "warning",
-                f"{family.display} device nodes are in {chosen.dev_root}, not /dev: tools that "
-                f"open /dev/{family.control} ({family.opened_by} among them) will not find them;"
-                " ask gpu-device-watcher for the paths (`gpu-device-watcher path "
-                f"{family.control}`)",
-                chosen.dev_root,
-            )
 
-    if snapshot.driver_ready is not None:
-        _check_validations(view, snapshot, chosen, problems, family)
+def _not_in_dev(
+    snapshot: HostSnapshot, chosen: Candidate, judge: _Judge, problems: _Problems
+) -> None:
+    family = judge.family
+    in_dev = snapshot.listings.get("/dev")
+    # A stale or planted control node in /dev does not help a tool that opens it.
+    if in_dev is None or not judge.has_valid_control(in_dev):
+        problems.add(
+            "not-in-dev",
+            "warning",
+            f"{family.display} device nodes are in {chosen.dev_root}, not /dev: tools that "
+            f"open /dev/{family.control} ({family.opened_by} among them) will not find them;"
+            " ask gpu-device-watcher for the paths (`gpu-device-watcher path "
+            f"{family.control}`)",
+            chosen.dev_root,
+        )
 
-    gpus: list[Gpu] = []
+
+def _gpus(snapshot: HostSnapshot, devices: list[Device], family: Family) -> list[Gpu]:
     listed = {device.name: device for device in devices}
+    gpus: list[Gpu] = []
     for info in sorted(
         snapshot.gpu_information, key=lambda gpu: (gpu.minor is None, gpu.minor, gpu.bus_id)
     ):
@@ -464,38 +519,15 @@ def build_map(
                 device=node.path if node is not None else None,
             )
         )
+    return gpus
 
-    if loaded and chosen is not None:
-        _missing_nodes(
-            family, chosen, chosen_listing, majors=majors, snapshot=snapshot, problems=problems
-        )
 
-    source: DriverSource = "detected"
+def _source(view: HostView, chosen: Candidate | None) -> DriverSource:
     if chosen is not None and chosen.from_validations:
-        source = "validations"
-    elif view.driver_roots_configured:
-        source = "config"
-    version = (
-        parse_driver_version(snapshot.driver_version_text)
-        if snapshot.driver_version_text is not None
-        else None
-    )
-    return printable(
-        DeviceMap(
-            generation=generation,
-            updated=updated,
-            driver=Driver(
-                loaded=loaded,
-                version=version,
-                root=chosen.driver_root if chosen else None,
-                dev_root=chosen.dev_root if chosen else None,
-                source=source,
-            ),
-            devices=tuple(devices),
-            gpus=tuple(gpus),
-            problems=problems.sorted(),
-        )
-    )
+        return "validations"
+    if view.driver_roots_configured:
+        return "config"
+    return "detected"
 
 
 def _neither(names: tuple[str, ...]) -> str:
