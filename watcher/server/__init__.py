@@ -244,7 +244,13 @@ class Server:
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         try:
-            await self._converse(Connection(stream))
+            conn = Connection(stream)
+            # One scope for the connection's life; its deadline is set only while the
+            # connection waits for its next request (cheaper than a scope per wait).
+            with anyio.CancelScope() as conn.idle:
+                await self._converse(conn)
+            if conn.idle.cancelled_caught:
+                await self._last_words(conn, self._idle_line)
         except GONE:
             log.debug("a client went away mid-conversation")
         except Exception:
@@ -258,8 +264,7 @@ class Server:
             try:
                 item = await self._next_line(conn)
             except Stalled:
-                line = self._stalled_line if conn.partial else self._idle_line
-                await self._last_words(conn, line)
+                await self._last_words(conn, self._stalled_line)
                 return
             if item is None:
                 return
@@ -274,7 +279,7 @@ class Server:
 
     async def _next_line(self, conn: Connection) -> bytes | TooLarge | None:
         """The next line, None at end of input; raises Stalled for a partial line gone
-        quiet or a connection idle beyond the idle timeout."""
+        quiet. A connection idle beyond the idle timeout is cancelled (conn.idle)."""
         lines = conn.lines
         if lines:
             # Pipelined lines need no read; yield anyway so that a client sending thousands
@@ -297,11 +302,15 @@ class Server:
                         conn.deadline = anyio.current_time() + self._stall_timeout
                     chunk = await conn.receive(conn.deadline)
                 else:
-                    # Between requests: the idle clock, set only once the read has to wait
-                    # (a client with its next request already sent pays nothing for it).
+                    # Between requests: the idle clock runs while the server waits for the
+                    # next request, from the moment it starts waiting.
                     if idle_until == math.inf:
                         idle_until = anyio.current_time() + self._idle_timeout
-                    chunk = await conn.receive(idle_until)
+                    conn.idle.deadline = idle_until
+                    try:
+                        chunk = await conn.receive()
+                    finally:
+                        conn.idle.deadline = math.inf
             except anyio.EndOfStream:
                 conn.eof = True
                 continue

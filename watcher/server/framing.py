@@ -62,7 +62,7 @@ def raw_socket(stream: anyio.abc.SocketStream) -> socket.socket:
 class Connection:
     """Framing state of one client: complete lines waiting, and the partial line after them."""
 
-    __slots__ = ("deadline", "eof", "hung_up", "lines", "partial", "raw", "stream")
+    __slots__ = ("deadline", "eof", "hung_up", "idle", "lines", "partial", "raw", "stream")
 
     def __init__(self, stream: anyio.abc.SocketStream) -> None:
         self.stream = stream
@@ -72,6 +72,8 @@ class Connection:
         self.deadline = math.inf
         self.eof = False
         self.hung_up = False
+        # Ends the connection when it sits idle too long (set by the server).
+        self.idle = anyio.CancelScope()
 
     @property
     def input_closed(self) -> bool:
