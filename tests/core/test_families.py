@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from pathlib import Path
 
 import pytest
 
+from tests.support.hostfiles import mknod
 from watcher.core.devices import NVIDIA, Expected, Family, NodeSpec
 from watcher.core.scan import HostView
 from watcher.daemon.scanning import event_filter, watched_subdirs
@@ -58,7 +58,7 @@ def _host(tmp_path: Path) -> HostView:
     (validations / "driver-ready").write_text("ACME_DRIVER_ROOT=/run/acme\n")
     for name, minor in (("acmectl", 0), ("acme0", 0), ("acme-links/link3", 3)):
         major = 241 if name.startswith("acme-links") else 240
-        os.mknod(root / "run/acme/dev" / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        mknod(root / "run/acme/dev" / name, major, minor)
     mountinfo = tmp_path / "mountinfo"
     mountinfo.write_text(f"1 0 0:1 / {tmp_path} rw - tmpfs tmpfs rw\n")
     return HostView(
