@@ -100,6 +100,8 @@ class Daemon:
         self._mounts: _MountWatch | None = None
         self._server: Server | None = None
         self._state: MapState | None = None
+        # The task group of serve(), where a reload starts a new mount-table watcher.
+        self._tasks: anyio.abc.TaskGroup | None = None
 
     @property
     def state(self) -> MapState:
@@ -235,7 +237,10 @@ class Daemon:
         """Watch and judge `mountinfo` from now on (in place of the table watched so far)."""
         if self._mounts is not None:
             self._mounts.close()
+            self._mounts = None
             log.info("mount table: now watching %s", mountinfo)
+        if self._tasks is None:
+            return  # not serving (yet, or any more): serve() starts the watch
         watch = _MountWatch(mountinfo, self._sources, self)
         self._mounts = watch
         await watch.start(self._tasks)
@@ -274,12 +279,11 @@ class Daemon:
                 group.start_soon(self.lifecycle.watchdog)
                 task_status.started()
         finally:
+            self._tasks = None
             if self._mounts is not None:
                 self._mounts.close()
                 self._mounts = None
             self._sources.tree.close()
-
-    _tasks: anyio.abc.TaskGroup
 
 
 class _MountWatch:
