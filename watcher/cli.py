@@ -12,7 +12,7 @@ import os
 import sys
 
 from watcher import __version__, client, render
-from watcher.contract import DEFAULT_SOCKET, SOCKET_ENV
+from watcher.contract import DEFAULT_SOCKET, PREFIX, SOCKET_ENV, utc_timestamp
 from watcher.errors import UsageError
 
 __all__ = [
@@ -42,7 +42,7 @@ EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def fail(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    print(f"{PREFIX} {message}", file=sys.stderr)
 
 
 def _terminal_columns() -> int:
@@ -226,9 +226,8 @@ def command_status(arguments: argparse.Namespace) -> int:
 
 
 def _stamp() -> str:
-    from datetime import UTC, datetime  # noqa: PLC0415 (only `watch` prints times)
-
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    # The contract's UTC format, to the millisecond: a person reads these.
+    return utc_timestamp()[:-4] + "Z"
 
 
 def command_watch(arguments: argparse.Namespace) -> int:
