@@ -201,9 +201,12 @@ class Daemon:
         (config.RELOAD_ON_RESTART)."""
         kept = self.settings
         for key in RELOAD_ON_RESTART:
-            if getattr(fresh, key) != getattr(kept, key) and not (
-                key == "socket" and self._socket_activated
-            ):
+            if getattr(fresh, key) == getattr(kept, key):
+                continue
+            if self._socket_activated:
+                # systemd made the socket: its .socket unit, not the config, says where and how.
+                log.info("%s is ignored: the socket is systemd's (see its .socket unit)", key)
+            else:
                 log.warning(
                     "%s changes only on restart; still serving %s with the old value",
                     key,
