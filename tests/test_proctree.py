@@ -502,3 +502,147 @@ def test_mapping_of_an_unlinked_node_is_skipped(spawn: Spawn, tmp_path: Path) ->
     assert f"{dev}/nvidia-uvm (deleted)" in info["maps"]
     used = used_devices(child.pid, NS_DEVICES)
     assert [(u["name"], u["via"]) for u in used] == [("nvidiactl", ["fd"])]
+
+
+# --------------------------------------------------------------------------------------------
+# Maps a workload can craft: a file name with "\r", and a maps file of 63 MiB
+
+
+def test_a_carriage_return_in_a_mapped_name_forges_no_maps_line(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """A name holding "\\r" plus a fake maps line must not make /dev/full count as used.
+
+    The kernel escapes only "\\n" in maps paths; splitting on anything else (splitlines
+    splits on "\\r" too) turns the rest of the name into a line of its own.
+    """
+    full = os.stat("/dev/full")
+    fake = (
+        f"7f0000000000-7f0000001000 r--p 00000000 "
+        f"{os.major(full.st_dev):02x}:{os.minor(full.st_dev):02x} {full.st_ino} "
+    )
+    directory = tmp_path / f"x\r{fake}" / "dev"
+    directory.mkdir(parents=True)
+    (directory / "full").write_bytes(b"\0" * 8192)
+    child, info = spawn(
+        """
+        import json, sys
+        map_only(sys.argv[1])
+        print(json.dumps({"maps": open("/proc/self/maps", "rb").read().decode("latin-1")}))
+        sys.stdin.read()
+        """,
+        str(directory / "full"),
+    )
+    [line] = [line for line in info["maps"].split("\n") if "\r" in line]
+    # The control: cut at "\r", the rest of the name is a valid line mapping /dev/full itself.
+    forged = proctree._parse_maps_line(line.split("\r", 1)[1])
+    assert forged is not None and (forged.path, forged.inode) == ("/dev/full", full.st_ino)
+    assert proctree._stat_mapping(child.pid, forged, "/proc") is not None
+
+    devices = [_device("nvidia7", *FULL, kind="gpu")]
+    assert used_devices(child.pid, devices) == []
+    assert FULL not in open_char_devices([child.pid])
+
+
+MANY_MAPPINGS = 60_000
+
+MAPPER = f"""
+    import json, sys
+    path = sys.argv[1]
+    fd = os.open(path, os.O_RDONLY)
+    # Offset 0 every time: neighbours cannot merge into one mapping.
+    for _ in range({MANY_MAPPINGS}):
+        address = _libc.mmap(None, 4096, 1, 2, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+    os.close(fd)
+    print(json.dumps({{}}), flush=True)
+    sys.stdin.read()
+"""
+
+# VmHWM, not ru_maxrss: the latter carries the parent's peak over fork and exec.
+MEASURE = """
+import sys
+from watcher.proctree import used_devices
+pid = int(sys.argv[1])
+libraries = set()
+used = used_devices(pid, [], library_suffix=".so.580.95.05", libraries=libraries)
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(peak.split()[1], len(libraries))
+"""
+
+
+def test_reading_63_mib_of_maps_stays_in_bounded_memory(spawn: Spawn, tmp_path: Path) -> None:
+    """60,000 mappings of a long-named file: the maps are streamed, not read whole.
+
+    Read whole (the first version), this made pre-dump peak at 204 MiB.
+    """
+    with open("/proc/sys/vm/max_map_count") as file:
+        if int(file.read()) < MANY_MAPPINGS + 1000:
+            pytest.skip("vm.max_map_count is below the 61,000 mappings this test needs")
+    long_dir = tmp_path.joinpath(*["d" * 250] * 4)
+    long_dir.mkdir(parents=True)
+    target = long_dir / "libcuda.so.580.95.05"
+    target.write_bytes(b"\0" * 4096)
+    child, _ = spawn(MAPPER, str(target))
+    with open(f"/proc/{child.pid}/maps", "rb") as file:
+        size = sum(len(chunk) for chunk in iter(lambda: file.read(1 << 20), b""))
+    assert size > 60 * 1024 * 1024
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(child.pid)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=REPO,
+    )
+    peak_kib, libraries = (int(value) for value in done.stdout.split())
+    assert libraries == 1
+    assert peak_kib < 32 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB for {size >> 20} MiB of maps"
+
+
+# --------------------------------------------------------------------------------------------
+# The tree's root
+
+
+def test_environment_picks_the_names_and_bounds_the_values() -> None:
+    env_child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print('{}', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={
+            "CUDA_VISIBLE_DEVICES": "0,1",
+            "NVIDIA_VISIBLE_DEVICES": "x" * 100_000,
+            "OTHER": "CUDA_VISIBLE_DEVICES=no",
+            "BAD": "caf\xe9",
+        },
+        start_new_session=True,
+    )
+    try:
+        _read_json_line(env_child)
+        names = ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
+        found = proctree.environment(env_child.pid, names, limit=64)
+        assert found == {"CUDA_VISIBLE_DEVICES": "0,1", "NVIDIA_VISIBLE_DEVICES": "x" * 64}
+        assert proctree.environment(env_child.pid, ["BAD"]) == {"BAD": "caf\xe9"}
+        assert proctree.is_running(env_child.pid)
+    finally:
+        _kill_group(env_child)
+    assert not proctree.is_running(env_child.pid)
+    assert proctree.environment(env_child.pid, names) == {}
+    assert not proctree.is_running(0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"/usr/lib/x86_64-linux-gnu/libcuda.so.580.95.05\n", "libcuda.so.580.95.05"),
+        (b"/usr/lib/libcuda.so.580.95.05 (deleted)\n", "libcuda.so.580.95.05"),
+        (b"/usr/lib/libcuda.so.1", None),
+        (b"/usr/lib/libcuda.so.580.95.05.bak", None),
+        (b"/opt/caf\xe9/libnvidia-ml.so.580.95.05", "libnvidia-ml.so.580.95.05"),
+        (b"/x/\xff.so.580.95.05", "\\xff.so.580.95.05"),
+        (b"/x/" + b"a" * 300 + b".so.580.95.05", None),  # longer than any file name
+    ],
+)
+def test_library_names(raw: bytes, expected: str | None) -> None:
+    assert proctree._library_name(raw, b".so.580.95.05") == expected

@@ -153,6 +153,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     if wanted("criu-action"):
         commands.add_parser("criu-action", help="the CRIU action script (run by CRIU)")
+
+    if wanted("restore-check"):
+        check = commands.add_parser(
+            "restore-check", help="can this host take a checkpoint back, with which device map"
+        )
+        check.add_argument("image_dir", metavar="IMAGE_DIR", help="the checkpoint's image dir")
+        _socket_option(check)
+        check.add_argument("--config", metavar="FILE", help="TOML config (restore_version_match)")
+        check.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
 
@@ -251,6 +260,23 @@ def command_criu_action(_: argparse.Namespace) -> int:
     return criu_main(os.environ)
 
 
+def command_restore_check(arguments: argparse.Namespace) -> int:
+    if not os.path.isdir(arguments.image_dir):
+        raise UsageError(f"IMAGE_DIR {arguments.image_dir}: not a directory")
+    if arguments.config is not None and not os.path.isfile(arguments.config):
+        raise UsageError(f"--config {arguments.config}: no such file")
+    from watcher.criu import CONFIG_ENV  # noqa: PLC0415
+    from watcher.criu.restore import restore_check  # noqa: PLC0415
+
+    # The gate reads its socket and config as the CRIU action does, from the environment.
+    environ = dict(os.environ)
+    if arguments.socket:
+        environ[client.SOCKET_ENV] = arguments.socket
+    if arguments.config:
+        environ[CONFIG_ENV] = arguments.config
+    return restore_check(arguments.image_dir, environ, arguments.format)
+
+
 COMMANDS = {
     "scan": command_scan,
     "serve": command_serve,
@@ -259,6 +285,7 @@ COMMANDS = {
     "watch": command_watch,
     "status": command_status,
     "criu-action": command_criu_action,
+    "restore-check": command_restore_check,
 }
 
 

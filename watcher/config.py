@@ -6,6 +6,7 @@ wrong type is a `ConfigError` naming the key, which the CLI turns into exit 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -55,6 +56,11 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_gids: list[int] | None = None
     # Read by the CRIU action at pre-restore: "exact" driver version, or same "major".
     restore_version_match: Literal["exact", "major"] | None = None
+    # Read by the CRIU action at pre-dump: whether a failed dump check stops the dump.
+    dump_checks: Literal["warn", "refuse"] | None = None
+    # The Node Feature Discovery feature file, and the Prometheus endpoint (watcher.publish).
+    nfd_features_file: str | None = None
+    metrics_listen: str | None = None
 
 
 # What a reload (SIGHUP) does with each key of ConfigFile. A key added to ConfigFile must be
@@ -71,6 +77,9 @@ RELOAD_LIVE: Final[Mapping[str, str]] = {
     "allowed_uids": "the server's admission of new connections",
     "allowed_gids": "the server's admission of new connections",
     "restore_version_match": "nothing in the daemon: the CRIU action reads it at pre-restore",
+    "dump_checks": "nothing in the daemon: the CRIU action reads it at pre-dump",
+    "nfd_features_file": "the publisher: the old file is removed, the new one written",
+    "metrics_listen": "the publisher: the metrics endpoint moves to the new address",
 }
 # The listening socket is bound once; these apply on restart, and a reload says so in the log.
 RELOAD_ON_RESTART: Final = ("socket", "socket_mode", "socket_group")
@@ -88,6 +97,48 @@ class Settings:
     allowed_uids: frozenset[int] | None = None
     allowed_gids: frozenset[int] | None = None
     config_path: str | None = None
+    nfd_features_file: str | None = None
+    # (host, port) of `metrics_listen`, the host without IPv6 brackets.
+    metrics_listen: tuple[str, int] | None = None
+
+
+class ListenAddressError(ValueError):
+    """A `metrics_listen` value that is not HOST:PORT; the message says what is wrong."""
+
+
+# A host name or an IPv4 address: dot-separated labels of letters, digits and hyphens.
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` -> (host, port); IPv6 hosts in brackets (`[::1]:9402`)."""
+    host, colon, port_text = value.rpartition(":")
+    if not colon or not host:
+        raise ListenAddressError(f'must be "HOST:PORT" (e.g. "127.0.0.1:9402"), got {value!r}')
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ListenAddressError(f"unclosed [ in {value!r}")
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ListenAddressError(
+                f"{host!r} in brackets is not an IPv6 address (in {value!r})"
+            ) from None
+    elif ":" in host:
+        raise ListenAddressError(
+            f'an IPv6 address goes in brackets ("[{host}]:{port_text}"), got {value!r}'
+        )
+    elif len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise ListenAddressError(f"{host!r} is not a host name or IP address (in {value!r})")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65_535:
+        raise ListenAddressError(f"port must be a number from 1 to 65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def format_listen(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _explain(error: msgspec.ValidationError) -> str:
@@ -148,7 +199,7 @@ def _validate(path: str, config: ConfigFile) -> None:
         return ConfigError(f"config {path}: key {key!r}: {why}")
 
     # TOML can spell a NUL ("\u0000"); no path holds one, and every use of it would raise.
-    for key in ("socket", "root", "proc", "mountinfo", "validations_dir"):
+    for key in ("socket", "root", "proc", "mountinfo", "validations_dir", "nfd_features_file"):
         value = getattr(config, key)
         if value is not None and (not value.startswith("/") or "\0" in value):
             raise bad(key, f"must be an absolute path, got {value!r}")
@@ -172,6 +223,16 @@ def _validate(path: str, config: ConfigFile) -> None:
         raise bad(
             "socket_mode", f'must be an octal mode such as "0660", got {config.socket_mode!r}'
         )
+    if config.nfd_features_file is not None:
+        name = os.path.basename(config.nfd_features_file)
+        if not name or name.startswith("."):
+            # NFD skips dot files (our temporary files are dot files for that reason).
+            raise bad("nfd_features_file", "must name a file whose name does not start with '.'")
+    if config.metrics_listen is not None:
+        try:
+            parse_listen(config.metrics_listen)
+        except ListenAddressError as error:
+            raise bad("metrics_listen", str(error)) from None
 
 
 def resolve_settings(
@@ -212,4 +273,8 @@ def resolve_settings(
         allowed_uids=frozenset(config.allowed_uids) if config.allowed_uids is not None else None,
         allowed_gids=frozenset(config.allowed_gids) if config.allowed_gids is not None else None,
         config_path=config_path or DEFAULT_CONFIG,
+        nfd_features_file=config.nfd_features_file,
+        metrics_listen=(
+            parse_listen(config.metrics_listen) if config.metrics_listen is not None else None
+        ),
     )

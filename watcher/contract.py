@@ -47,7 +47,7 @@ MOUNT_EVENTS_ENV = "GPU_DEVICE_WATCHER_MOUNT_EVENTS"
 
 RECORD_NAME = "gpu-device-watcher.json"
 """The record `pre-dump` writes into CRIU's image directory."""
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 """The record format version written (and read) by this version."""
 
 PREFIX = "gpu-device-watcher:"

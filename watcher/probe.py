@@ -28,6 +28,7 @@ from watcher.core.scan import (
     NodeEntry,
     build_map,
     candidates_for,
+    cuda_checkpoint_candidates,
 )
 
 __all__ = ["MountCache", "list_dev_root", "open_dir_nofollow", "read_host", "read_text", "scan"]
@@ -219,7 +220,16 @@ def read_host(
         candidates=candidates,
         listings={dev_root: list_dev_root(view, dev_root, family) for dev_root in dev_roots},
         driver_roots_existing=existing,
+        cuda_checkpoints=frozenset(
+            path
+            for path in cuda_checkpoint_candidates(candidates)
+            if _is_executable(view.fs_path(path))
+        ),
     )
+
+
+def _is_executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def scan(view: HostView, *, generation: int = 0, family: Family = NVIDIA) -> DeviceMap:

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
     "DeviceUse",
+    "environment",
+    "is_running",
     "open_char_devices",
     "process_tree",
     "used_devices",
@@ -227,26 +229,31 @@ class _Mapping:
         self.path = path
 
 
-def _parse_maps_line(line: str) -> _Mapping | None:
+def _parse_maps_line(line: str | bytes) -> _Mapping | None:
     """A file-backed mapping from one `/proc/PID/maps` line, or None.
 
     Anonymous mappings, pseudo paths (`[heap]`, `[vdso]`), inode 0 and ` (deleted)` files are
-    None. The kernel escapes only newline in the path (as `\\012`).
+    None. The kernel escapes only newline in the path (as `\\012`): a line ends at `\\n` and
+    nowhere else (a `\\r` in a file name is part of the name, never a line break).
     """
-    parts = line.rstrip("\n").split(maxsplit=5)
+    raw = os.fsencode(line) if isinstance(line, str) else line
+    parts = raw.split(maxsplit=5)
     if len(parts) < 6:
         return None
-    addresses, _perms, _offset, dev, inode_text, path = parts
-    path = path.replace("\\012", "\n")
+    addresses, _perms, _offset, dev, inode_text, raw_path = parts
+    if raw_path.endswith(b"\n"):
+        raw_path = raw_path[:-1]
+    # Paths are bytes; surrogateescape round-trips them to stat.
+    path = os.fsdecode(raw_path).replace("\\012", "\n")
     if not path.startswith("/") or path.endswith(_DELETED):
         return None
     try:
-        start_text, _, end_text = addresses.partition("-")
+        start_text, _, end_text = addresses.partition(b"-")
         start, end = int(start_text, 16), int(end_text, 16)
-        major_text, _, minor_text = dev.partition(":")
+        major_text, _, minor_text = dev.partition(b":")
         fs_dev = os.makedev(int(major_text, 16), int(minor_text, 16))
         inode = int(inode_text)
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
     if inode == 0:
         return None
@@ -272,45 +279,99 @@ def _stat_mapping(pid: int, m: _Mapping, proc: str) -> os.stat_result | None:
         raise
 
 
-def _maps_devices(pid: int, proc: str) -> set[int] | None:
+# Library names kept per dump: a tree maps a few dozen driver libraries; a process that maps
+# thousands of files named like one cannot grow the record without bound.
+MAX_LIBRARIES = 256
+_MAX_NAME = 255  # NAME_MAX
+
+
+def _library_name(raw_path: bytes, suffix: bytes) -> str | None:
+    """The file name of a mapped path when it ends in `suffix` (` (deleted)` or not)."""
+    name = raw_path.rstrip(b"\n").rpartition(b"/")[2]
+    if name.endswith(b" (deleted)"):
+        # A library replaced on disk since it was mapped (a driver upgraded under a running
+        # process) is still the version the process needs back.
+        name = name[: -len(b" (deleted)")]
+    if not name.endswith(suffix) or len(name) > _MAX_NAME:
+        return None
+    return name.decode("utf-8", "backslashreplace")
+
+
+def _maps_devices(
+    pid: int, proc: str, library_suffix: bytes | None = None, libraries: set[str] | None = None
+) -> set[int] | None:
     """`st_rdev` of every character device `pid` has mapped; None if it is gone.
 
-    Raises PermissionError when the maps may not be read.
+    With `library_suffix` and `libraries`, the names of mapped files that end in the suffix
+    are added to `libraries` (at most MAX_LIBRARIES). Raises PermissionError when the maps may
+    not be read.
+
+    The maps are streamed line by line (binary, so a line ends at b"\\n" only), and each mapped
+    inode is examined once: memory stays bounded whatever the size of the maps (a process
+    with 60,000 mappings of a long-named file has 63 MiB of them).
     """
-    data = _read_bytes(f"{proc}/{pid}/maps")
-    if data is None:
-        return None
-    text = os.fsdecode(data)  # paths are bytes; surrogateescape round-trips them to stat
+    try:
+        maps = open(f"{proc}/{pid}/maps", "rb")  # noqa: SIM115 (closed below, errors apart)
+    except OSError as e:
+        if e.errno in _GONE:
+            return None
+        raise
     found: set[int] = set()
-    checked: dict[tuple[int, int, str], int | None] = {}
-    for line in text.splitlines():
-        m = _parse_maps_line(line)
-        if m is None:
-            continue
-        key = (m.fs_dev, m.inode, m.path)
-        if key not in checked:
-            st = _stat_mapping(pid, m, proc)
-            checked[key] = st.st_rdev if st is not None and stat.S_ISCHR(st.st_mode) else None
-        rdev = checked[key]
-        if rdev is not None:
-            found.add(rdev)
+    checked: dict[tuple[int, int], int | None] = {}
+    with maps:
+        try:
+            for line in maps:
+                if libraries is not None and library_suffix and library_suffix in line:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and len(libraries) < MAX_LIBRARIES:
+                        name = _library_name(parts[5], library_suffix)
+                        if name is not None:
+                            libraries.add(name)
+                m = _parse_maps_line(line)
+                if m is None:
+                    continue
+                key = (m.fs_dev, m.inode)
+                if key not in checked:
+                    st = _stat_mapping(pid, m, proc)
+                    checked[key] = (
+                        st.st_rdev if st is not None and stat.S_ISCHR(st.st_mode) else None
+                    )
+                rdev = checked[key]
+                if rdev is not None:
+                    found.add(rdev)
+        except OSError as e:
+            if e.errno in _GONE:  # exited while its maps were read
+                return None
+            raise
     return found
 
 
 def open_char_devices(
-    pids: Iterable[int], proc: str = PROC, *, unreadable: list[int] | None = None
+    pids: Iterable[int],
+    proc: str = PROC,
+    *,
+    unreadable: list[int] | None = None,
+    library_suffix: str | None = None,
+    libraries: set[str] | None = None,
 ) -> dict[tuple[int, int], DeviceUse]:
     """(major, minor) -> DeviceUse for every character device the pids hold open or mapped.
 
     A pid that is gone is skipped. A pid whose fd table or maps may not be read (EACCES,
-    EPERM) is skipped too; if `unreadable` is given, such pids are appended to it.
+    EPERM) is skipped too; if `unreadable` is given, such pids are appended to it. With
+    `library_suffix` and `libraries`, the names of mapped files ending in the suffix (the
+    driver's versioned libraries: `.so.580.95.05`) are collected into `libraries`.
     """
     holders: dict[int, set[int]] = {}
     ways: dict[int, set[str]] = {}
+    suffix = library_suffix.encode() if library_suffix else None
     for pid in dict.fromkeys(pids):
-        for via, reader in ((VIA_FD, _fd_devices), (VIA_MAPS, _maps_devices)):
+        for via in (VIA_FD, VIA_MAPS):
             try:
-                found = reader(pid, proc)
+                found = (
+                    _fd_devices(pid, proc)
+                    if via == VIA_FD
+                    else _maps_devices(pid, proc, suffix, libraries)
+                )
             except PermissionError:
                 if unreadable is not None and pid not in unreadable:
                     unreadable.append(pid)
@@ -337,6 +398,8 @@ def used_devices(
     proc: str = PROC,
     *,
     unreadable: list[int] | None = None,
+    library_suffix: str | None = None,
+    libraries: set[str] | None = None,
 ) -> list[dict[str, object]]:
     """The contract's `used` entries: each map device held by the tree under `root_pid`.
 
@@ -345,7 +408,13 @@ def used_devices(
     `{"name", "path", "kind", "major", "minor", "valid", "pids", "via"}`, sorted by name,
     with `pids` and `via` sorted lists. Map entries without integer numbers are ignored.
     """
-    held = open_char_devices(process_tree(root_pid, proc), proc, unreadable=unreadable)
+    held = open_char_devices(
+        process_tree(root_pid, proc),
+        proc,
+        unreadable=unreadable,
+        library_suffix=library_suffix,
+        libraries=libraries,
+    )
     used: list[dict[str, object]] = []
     for device in devices:
         major, minor = _number(device.get("major")), _number(device.get("minor"))
@@ -368,3 +437,62 @@ def used_devices(
         )
     used.sort(key=lambda entry: str(entry["name"]))
     return used
+
+
+# --------------------------------------------------------------------------------------------
+# The tree's root: is it there, and its environment
+
+
+def is_running(pid: int, proc: str = PROC) -> bool:
+    """True when `pid` exists and is neither a zombie nor dead (`/proc/PID/stat`)."""
+    if pid <= 0:
+        return False
+    try:
+        data = _read_bytes(f"{proc}/{pid}/stat")
+    except PermissionError:
+        return True  # there, but not ours to look at
+    if data is None:
+        return False
+    fields = data.rpartition(b")")[2].split()
+    return bool(fields) and fields[0] not in (b"Z", b"X", b"x")
+
+
+_ENV_CHUNK = 65536
+
+
+def environment(
+    pid: int, names: Sequence[str], proc: str = PROC, *, limit: int = 4096
+) -> dict[str, str]:
+    """Those of `names` set in `pid`'s environment, each value cut to `limit` characters.
+
+    `/proc/PID/environ` is streamed: memory stays bounded by the chunk size and `limit`, however
+    large the environment (up to a quarter of the stack limit). Bytes that are not UTF-8 are
+    kept as backslash escapes. A process that is gone, or not ours to read, has none.
+    """
+    wanted = {name.encode(): name for name in names}
+    keep = max((len(name) for name in wanted), default=0) + 1 + limit * 4
+    found: dict[str, str] = {}
+
+    def take(entry: bytes) -> None:
+        key, sep, value = entry.partition(b"=")
+        name = wanted.get(key)
+        if sep and name is not None and name not in found:  # the first one, as getenv
+            found[name] = value.decode("utf-8", "backslashreplace")[:limit]
+
+    try:
+        with open(f"{proc}/{pid}/environ", "rb") as file:
+            carry = b""
+            while chunk := file.read(_ENV_CHUNK):
+                entries = (carry + chunk).split(b"\0")
+                carry = entries.pop()
+                for entry in entries:
+                    take(entry)
+                # An entry longer than anything worth keeping: its head is all that matters.
+                carry = carry[:keep]
+            if carry:
+                take(carry)
+    except OSError as e:
+        if e.errno in (*_GONE, errno.EACCES, errno.EPERM):
+            return {}
+        raise
+    return found

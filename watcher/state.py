@@ -8,6 +8,7 @@ queries outnumber changes by orders of magnitude.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,14 +28,33 @@ class MapReply(msgspec.Struct, kw_only=True):
     map: DeviceMap
 
 
+# Upper bounds (seconds) of the scan-duration histogram: a scan that reuses the mount table
+# takes ~1 ms, a full read of a 10,000-mount table ~40 ms, a host in trouble much longer.
+SCAN_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+
 @dataclass(slots=True)
 class Counters:
-    """What `status` reports about the daemon's own work."""
+    """What `status` and the metrics report about the daemon's own work."""
 
     started: float = field(default_factory=time.monotonic)
     scans: int = 0
     events: int = 0
     last_scan_ms: float = 0.0
+    # Scans per SCAN_BUCKETS bound (not cumulative; the last slot counts the longer ones),
+    # and their total duration in seconds.
+    scan_buckets: list[int] = field(default_factory=lambda: [0] * (len(SCAN_BUCKETS) + 1))
+    scan_seconds: float = 0.0
+
+    def book_scan(self, milliseconds: float) -> None:
+        """Count one finished scan of this duration."""
+        self.scans += 1
+        self.last_scan_ms = milliseconds
+        seconds = milliseconds / 1000
+        self.scan_seconds += seconds
+        self.scan_buckets[bisect.bisect_left(SCAN_BUCKETS, seconds)] += 1
 
 
 @dataclass(frozen=True, slots=True)

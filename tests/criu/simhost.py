@@ -241,11 +241,28 @@ class SimHost:
 
     # ------------------------------------------------------------------ talking to it
 
-    def env(self, **extra: str) -> dict[str, str]:
-        """An environment for the action (and CRIU) that points at this daemon."""
+    def env(self, *, cuda_checkpoint: bool = True, **extra: str) -> dict[str, str]:
+        """An environment for the action (and CRIU) that points at this daemon.
+
+        With `cuda_checkpoint`, PATH starts with a directory holding a stand-in
+        `cuda-checkpoint` (pre-dump checks that CRIU's CUDA plugin would find one).
+        """
         env = dict(os.environ)
         env[client.SOCKET_ENV] = str(self.socket)
         env.pop("GPU_DEVICE_WATCHER_CONFIG", None)
+        if cuda_checkpoint:
+            tools = self.base / "bin"
+            tools.mkdir(exist_ok=True)
+            stand_in = tools / "cuda-checkpoint"
+            stand_in.write_text("#!/bin/sh\nexit 0\n")
+            stand_in.chmod(0o755)
+            env["PATH"] = os.pathsep.join(filter(None, [str(tools), env.get("PATH")]))
+        else:
+            env["PATH"] = os.pathsep.join(
+                part
+                for part in env.get("PATH", "").split(os.pathsep)
+                if part and not os.path.exists(os.path.join(part, "cuda-checkpoint"))
+            )
         env.update(extra)
         return env
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from watcher import criu as action_module
 from watcher.core import record as record_model
 
 from .harness import ACTION, Tree
-from .simhost import H200, SimHost
+from .simhost import H200, HostSpec, SimHost
 
 TIMEOUT = 30.0
 RECORD = "gpu-device-watcher.json"
@@ -120,7 +121,7 @@ def test_pre_dump_records_the_map_and_the_used_device(
     assert done.stderr == ""
     record = read_record(images)
     uname = os.uname()
-    assert record["version"] == 1
+    assert record["version"] == 2
     assert record["generation"] == live["generation"] >= 1
     assert record["hostname"] == uname.nodename
     assert record["kernel"] == uname.release
@@ -136,8 +137,16 @@ def test_pre_dump_records_the_map_and_the_used_device(
             "valid": True,
             "pids": [tree.child],
             "via": ["fd"],
+            "gpu": {
+                "uuid": "GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f",
+                "bus_id": "0000:3b:00.0",
+                "model": H200,
+                "minor": 5,
+            },
         }
     ]
+    assert record["libraries"] == []
+    assert record["checks"] == []
     assert done.stdout.startswith("gpu-device-watcher: recorded generation")
     assert "(nvidia5)" in done.stdout
     # Only the record, no temporary file left behind.
@@ -262,7 +271,9 @@ def test_pre_restore_stops_when_a_used_node_is_missing(
     done = run_action("pre-restore", host.env(), images)
     assert done.returncode == 1
     [reason, stop] = prefixed(done.stderr)
-    assert "nvidia5" in reason and "absent here" in reason
+    # The GPU itself is still here (same UUID): its node is what is missing.
+    assert reason.startswith("gpu-device-watcher: device-absent: nvidia5")
+    assert "whose device node is absent" in reason
     assert f"(used by pid {recorded['used'][0]['pids'][0]})" in reason
     assert "restore stopped" in stop
 
@@ -299,19 +310,22 @@ def test_pre_restore_stops_when_the_driver_is_not_loaded(
     )
 
 
-def test_pre_restore_stops_when_the_gpu_is_another_model(
+def test_pre_restore_moves_a_gpu_onto_another_of_its_model_with_a_device_map(
     host: SimHost, recorded: dict[str, Any], images: Path
 ) -> None:
+    # nvidia5 is another model now; the other H200 (nvidia7) takes the checkpoint's GPU, and
+    # the driver (580) has --device-map: the restore may go on, with the map printed.
     host.set_gpu_model(5, "NVIDIA A100-SXM4-80GB")
     host.rescan()
     done = run_action("pre-restore", host.env(), images)
-    assert done.returncode == 1
-    lines = prefixed(done.stderr)
-    assert f"gpu-device-watcher: nvidia5 was {H200} at dump, is NVIDIA A100-SXM4-80GB here" in (
-        lines
-    )
-    # The other H200 (nvidia7) is still here: one of that model is enough.
-    assert not any("GPU(s)" in line for line in lines)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert prefixed(done.stdout) == [
+        "gpu-device-watcher: device map GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f="
+        "GPU-0b2d4e6f-8a1c-3e5f-7a9b-1c3d5e7f9a2b",
+        "gpu-device-watcher: the GPU devices of the checkpoint (nvidia5 as /dev/nvidia7) match "
+        "this host: restore may go on",
+    ]
 
 
 def test_pre_restore_counts_gpus_of_the_model(
@@ -322,7 +336,10 @@ def test_pre_restore_counts_gpus_of_the_model(
     host.rescan()
     done = run_action("pre-restore", host.env(), images)
     assert done.returncode == 1
-    assert f"the checkpoint used 1 {H200} GPU(s); this host has 0" in done.stderr
+    assert (
+        f"gpu-device-watcher: gpu-model: nvidia5 used {H200} GPU(s); this host has none of "
+        "that model (2 x NVIDIA A100-SXM4-80GB)"
+    ) in prefixed(done.stderr)
 
 
 def test_pre_restore_without_a_record_goes_on(host: SimHost, images: Path) -> None:
@@ -345,9 +362,10 @@ def test_pre_restore_with_nothing_used_goes_on_anywhere(
 @pytest.mark.parametrize(
     ("content", "says"),
     [
-        ("{not json", "cannot read gpu-device-watcher.json"),
-        ("[1, 2]", "is not a JSON object"),
-        ('{"version": 2, "used": [], "map": {}}', "record format version 2"),
+        ("{not json", "record-unreadable: gpu-device-watcher.json is not JSON"),
+        ("[1, 2]", "record-unreadable: gpu-device-watcher.json is not a JSON object"),
+        ('{"version": 3, "used": [], "map": {}}', "record-version: "),
+        ('{"version": "2", "used": [], "map": {}}', '"version" is not an integer'),
         ('{"version": 1, "used": "nvidia0", "map": {}}', '"used" is not a list'),
     ],
 )
@@ -543,7 +561,16 @@ def imported_modules(stderr: str) -> set[str]:
     return names
 
 
-HEAVY = {"asyncio", "anyio", "msgspec", "watcher.config", "watcher.probe", "watcher.daemon"}
+HEAVY = {
+    "asyncio",
+    "anyio",
+    "msgspec",
+    "argparse",
+    "typing",
+    "watcher.config",
+    "watcher.probe",
+    "watcher.daemon",
+}
 
 
 @pytest.mark.parametrize("action", ["pre-dump", "pre-restore", "post-dump"])
@@ -571,3 +598,165 @@ def test_the_import_check_does_see_the_fallback(
     done = run_action("pre-dump", env, images, trees(None).root)
     assert done.returncode == 0, done.stderr
     assert {"msgspec", "watcher.probe"} <= imported_modules(done.stderr)
+
+
+# ---------------------------------------------------------------------------- record format 2
+
+# A GPU process as pre-dump sees it: the node open, the driver's libraries mapped (files named
+# like them: the names are what the record keeps), the visibility variables set.
+GPU_PROCESS = """\
+import ctypes, mmap, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+held = os.open("/dev/zero", os.O_RDONLY)
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    address = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    os.close(fd)
+print("ready", flush=True)
+time.sleep(1000)
+"""
+GPU_ENVIRONMENT = {
+    "NVIDIA_VISIBLE_DEVICES": "GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f",
+    "CUDA_VISIBLE_DEVICES": "0",
+    "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+}
+
+
+@contextmanager
+def gpu_process(tmp_path: Path, libraries: list[str]) -> Iterator[int]:
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir(exist_ok=True)
+    paths = []
+    for name in libraries:
+        (lib_dir / name).write_bytes(b"\0" * 4096)
+        paths.append(str(lib_dir / name))
+    env = {k: v for k, v in os.environ.items() if k not in GPU_ENVIRONMENT}
+    env.update(GPU_ENVIRONMENT, NVIDIA_DRIVER_CAPABILITIES_X="not one of ours")
+    child = subprocess.Popen(
+        [sys.executable, "-c", GPU_PROCESS, *paths],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], TIMEOUT)
+        assert ready and child.stdout.readline() == b"ready\n"
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait(timeout=TIMEOUT)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def test_pre_dump_records_environment_libraries_and_gpu_identity(
+    host: SimHost, images: Path, tmp_path: Path
+) -> None:
+    libraries = [
+        "libcuda.so.580.95.05",
+        "libnvidia-ml.so.580.95.05",
+        "libcudart.so.12.4.127",  # the CUDA runtime's version, not the driver's: not recorded
+        "libcuda.so.1",  # the soname link's name: not versioned by the driver
+    ]
+    with gpu_process(tmp_path, libraries) as pid:
+        done = run_action("pre-dump", host.env(), images, pid)
+    assert done.returncode == 0, done.stderr
+    record = read_record(images)
+    assert record["version"] == 2
+    assert record["environment"] == GPU_ENVIRONMENT
+    assert record["libraries"] == ["libcuda.so.580.95.05", "libnvidia-ml.so.580.95.05"]
+    [used] = record["used"]
+    assert used["gpu"]["uuid"] == "GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f"
+    assert used["gpu"]["model"] == H200
+    msgspec.convert(record, record_model.Record, strict=True)
+
+    # Another 580 driver under "major": the versions may differ, the libraries may not.
+    host.set_driver_version("580.105.08")
+    host.rescan()
+    config = tmp_path / "major.toml"
+    config.write_text('restore_version_match = "major"\n')
+    refused = run_action("pre-restore", host.env(GPU_DEVICE_WATCHER_CONFIG=str(config)), images)
+    assert refused.returncode == 1
+    [reason, _stop] = prefixed(refused.stderr)
+    assert reason.startswith(
+        "gpu-device-watcher: driver-library: the checkpoint mapped libcuda.so.580.95.05, "
+        "libnvidia-ml.so.580.95.05 (driver 580.95.05); this host's driver is 580.105.08"
+    )
+
+
+def test_pre_dump_of_a_pid_that_is_gone_stops_the_dump(host: SimHost, images: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait(timeout=TIMEOUT)
+    done = run_action("pre-dump", host.env(), images, gone.pid)
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"gpu-device-watcher: CRTOOLS_INIT_PID {gone.pid} is not a running")
+    assert list(images.iterdir()) == []
+
+
+def test_cuda_checkpoint_missing_warns_and_names_the_one_in_the_map(
+    host: SimHost, trees: Callable[..., Tree], images: Path
+) -> None:
+    # A cuda-checkpoint on the host but not on CRIU's PATH: the map knows where it is.
+    host.run_inside(["mkdir", "-p", str(host.root / "usr/local/bin")], host.env())
+    host.run_inside(
+        ["cp", "/bin/true", str(host.root / "usr/local/bin/cuda-checkpoint")], host.env()
+    )
+    assert host.rescan()["map"]["driver"]["cuda_checkpoint"] == "/usr/local/bin/cuda-checkpoint"
+    tree = trees("/dev/zero")
+    done = run_action("pre-dump", host.env(cuda_checkpoint=False), images, tree.root)
+    assert done.returncode == 0, done.stderr
+    [line] = prefixed(done.stderr)
+    assert line.startswith("gpu-device-watcher: cuda-checkpoint-missing: the tree uses a GPU")
+    assert "one is at /usr/local/bin/cuda-checkpoint: add /usr/local/bin to the PATH" in line
+    [check] = read_record(images)["checks"]
+    assert (check["code"], check["severity"]) == ("cuda-checkpoint-missing", "warning")
+
+
+def test_dump_checks_refuse_stops_the_dump_before_the_freeze(
+    make_host: Callable[..., SimHost], trees: Callable[..., Tree], images: Path
+) -> None:
+    # One config for the daemon (which validates the key) and the action (which obeys it).
+    host = make_host(HostSpec(config={"dump_checks": "refuse"}))
+    config = host.config
+    tree = trees("/dev/zero")
+    env = host.env(cuda_checkpoint=False, GPU_DEVICE_WATCHER_CONFIG=str(config))
+    done = run_action("pre-dump", env, images, tree.root)
+    assert done.returncode == 1
+    lines = prefixed(done.stderr)
+    assert lines[0].startswith("gpu-device-watcher: cuda-checkpoint-missing:")
+    assert lines[-1].startswith("gpu-device-watcher: dump stopped before CRIU froze the tree")
+    assert list(images.iterdir()) == []
+    # The same tree with cuda-checkpoint on PATH has nothing to refuse.
+    env = host.env(GPU_DEVICE_WATCHER_CONFIG=str(config))
+    assert run_action("pre-dump", env, images, tree.root).returncode == 0
+
+
+def test_mig_in_use_is_found_from_the_capabilities_in_proc(tmp_path: Path) -> None:
+    from watcher.criu import dump
+
+    proc = tmp_path / "proc"
+    gi = proc / "driver/nvidia/capabilities/gpu0/mig/gi1"
+    (gi / "ci0").mkdir(parents=True)
+    (gi / "access").write_text("DeviceFileMinor: 12\nDeviceFileMode: 292\nDeviceFileModify: 1\n")
+    (gi / "ci0" / "access").write_text("DeviceFileMinor: 13\nDeviceFileMode: 292\n")
+    (proc / "driver/nvidia/capabilities/mig").mkdir()  # config/monitor: not MIG instances
+    (proc / "driver/nvidia/capabilities/mig/config").write_text("DeviceFileMinor: 1\n")
+    assert dump.mig_minors(str(proc)) == {12, 13}
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'proc = "{proc}"\n')
+    environ = {"GPU_DEVICE_WATCHER_CONFIG": str(config), "PATH": "/nonexistent"}
+    cap = {"name": "nvidia-caps/nvidia-cap13", "kind": "cap", "minor": 13}
+    monitor = {"name": "nvidia-caps/nvidia-cap1", "kind": "cap", "minor": 1}
+    checks = dump.run_checks([cap, monitor], {}, environ)
+    assert [check["code"] for check in checks] == ["mig-in-use"]
+    assert "nvidia-caps/nvidia-cap13" in checks[0]["message"]
+    assert re.search(r"nvidia-cap1\b", checks[0]["message"]) is None
+    assert dump.run_checks([monitor], {}, environ) == []

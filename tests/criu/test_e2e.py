@@ -16,6 +16,7 @@ import pytest
 
 from .harness import ACTION, Criu, Tree, alive
 from .simhost import SimHost
+from .test_restore_check import UUID_A, UUID_C, other_minor_spec
 
 pytestmark = pytest.mark.criu
 
@@ -43,7 +44,7 @@ def test_dump_records_the_used_device_and_restore_goes_on(
     images = tmp_path / "images"
     record = dump_tree(criu, host, tree, images)
 
-    assert record["version"] == 1
+    assert record["version"] == 2
     assert record["pid"] == tree.root
     assert record["generation"] == host.get()["generation"]
     assert record["used"] == [
@@ -56,6 +57,12 @@ def test_dump_records_the_used_device_and_restore_goes_on(
             "valid": True,
             "pids": [tree.child],
             "via": ["fd"],
+            "gpu": {
+                "uuid": "GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f",
+                "bus_id": "0000:3b:00.0",
+                "model": "NVIDIA H200",
+                "minor": 5,
+            },
         }
     ]
     dump_log = (images / "dump.log").read_text()
@@ -96,7 +103,7 @@ def test_restore_on_a_changed_host_stops_before_any_process_exists(
     refused = criu.restore(images, host.env(), log="restore-node.log")
     assert not refused.ok, refused.explain()
     lines = action_lines(refused.log)
-    assert any("nvidia5" in line and "absent here" in line for line in lines), refused.log
+    assert any("device-absent: nvidia5" in line and "absent" in line for line in lines), refused.log
     assert ABORTED in refused.log
     assert not alive(tree.root)
     assert not alive(tree.child)
@@ -124,3 +131,39 @@ def test_the_action_script_line_of_a_criu_config_file(
     tree.gone()
     used = json.loads((images / RECORD).read_text())["used"]
     assert [entry["name"] for entry in used] == ["nvidia5"]
+
+
+def test_a_checkpoint_moves_to_another_node_with_another_gpu(
+    criu: Criu, make_host: Callable[..., SimHost], trees: Callable[..., Tree], tmp_path: Path
+) -> None:
+    # Dumped on one node (its nvidia5 is GPU A, an H200); offered to a node whose only GPU
+    # is another model (CRIU stops, nothing restored), then to one whose H200 is nvidia3 with
+    # another UUID (the gate passes and CRIU's log carries the device map).
+    source = make_host(name="source")
+    tree = trees("/dev/zero")
+    images = tmp_path / "images"
+    dump_tree(criu, source, tree, images)
+    source.stop()
+
+    other_model = make_host(other_minor_spec("NVIDIA A100-SXM4-80GB"), name="a100-node")
+    refused = criu.restore(images, other_model.env(), log="restore-a100.log")
+    assert not refused.ok, refused.explain()
+    lines = action_lines(refused.log)
+    assert any(line.startswith("gpu-device-watcher: gpu-model: nvidia5") for line in lines), (
+        refused.log
+    )
+    assert ABORTED in refused.log
+    assert not alive(tree.root)
+    assert not alive(tree.child)
+    other_model.stop()
+
+    target = make_host(other_minor_spec(), name="h200-node")
+    restored = criu.restore(images, target.env(), log="restore-h200.log")
+    assert restored.ok, restored.explain()
+    assert alive(tree.root), restored.explain()
+    assert alive(tree.child)
+    lines = action_lines(restored.log)
+    assert f"gpu-device-watcher: device map {UUID_A}={UUID_C}" in lines, restored.log
+    assert any(
+        "(nvidia5 as /dev/nvidia3)" in line and "restore may go on" in line for line in lines
+    )

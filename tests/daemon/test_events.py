@@ -50,6 +50,7 @@ def test_the_daemon_starts_with_the_operator_layout(daemon: Daemon) -> None:
         "root": DRIVER_ROOT,
         "dev_root": DEV_ROOT,
         "source": "detected",
+        "cuda_checkpoint": None,
     }
     assert names(device_map) == ALL_NODES
     assert all(d["valid"] for d in device_map["devices"])

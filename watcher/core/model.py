@@ -95,6 +95,9 @@ class Driver(msgspec.Struct, frozen=True, kw_only=True):
     root: str | None
     dev_root: str | None
     source: DriverSource
+    # Host path of an executable cuda-checkpoint: the driver root's usr/bin, else the host's
+    # /usr/local/bin or /usr/bin; None when there is none.
+    cuda_checkpoint: str | None = None
 
 
 class DeviceMap(msgspec.Struct, frozen=True, kw_only=True):

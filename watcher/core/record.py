@@ -18,9 +18,39 @@ import msgspec
 from watcher.contract import RECORD_NAME, RECORD_VERSION
 from watcher.core.model import DeviceMap, Kind
 
-__all__ = ["RECORD_NAME", "RECORD_VERSION", "Record", "UsedDevice", "Via", "schema", "schema_text"]
+__all__ = [
+    "RECORD_NAME",
+    "RECORD_VERSION",
+    "Check",
+    "Record",
+    "UsedDevice",
+    "UsedGpu",
+    "Via",
+    "schema",
+    "schema_text",
+]
 
 Via = Literal["fd", "maps"]
+CheckCode = Literal["mig-in-use", "cuda-checkpoint-missing"]
+
+
+class UsedGpu(msgspec.Struct, frozen=True, kw_only=True):
+    """Version 2: which GPU a used GPU node was, from the map's `gpus` at dump."""
+
+    uuid: Annotated[
+        str | None, msgspec.Meta(description="GPU UUID (`GPU-...`): what --device-map names")
+    ]
+    bus_id: Annotated[str, msgspec.Meta(description="PCI bus id at dump")]
+    model: Annotated[str | None, msgspec.Meta(description="model name, e.g. NVIDIA H200")]
+    minor: Annotated[int | None, msgspec.Meta(description="device minor at dump")]
+
+
+class Check(msgspec.Struct, frozen=True, kw_only=True):
+    """Version 2: something pre-dump found that makes this GPU checkpoint fail."""
+
+    code: CheckCode
+    severity: Literal["error", "warning"]
+    message: str
 
 
 class UsedDevice(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,12 +73,20 @@ class UsedDevice(msgspec.Struct, frozen=True, kw_only=True):
             description='"fd": held open (/proc/PID/fd); "maps": mapped (/proc/PID/maps)',
         ),
     ]
+    gpu: Annotated[
+        UsedGpu | None,
+        msgspec.Meta(description="version 2, on a used GPU only: its UUID, bus id and model"),
+    ] = None
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
-    """What `pre-dump` wrote: the GPU side of a checkpoint, checked again at `pre-restore`."""
+    """What `pre-dump` wrote: the GPU side of a checkpoint, checked again at `pre-restore`.
 
-    version: Annotated[Literal[1], msgspec.Meta(description="record format version")]
+    Version 1 records lack `environment`, `libraries`, `checks` and `used[].gpu`; they are
+    still read and checked.
+    """
+
+    version: Annotated[Literal[1, 2], msgspec.Meta(description="record format version")]
     generation: Annotated[
         int,
         msgspec.Meta(ge=0, description="the daemon's map generation; 0: a direct scan"),
@@ -62,6 +100,24 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
         tuple[UsedDevice, ...],
         msgspec.Meta(description="NVIDIA devices the tree used, sorted by name"),
     ]
+    environment: Annotated[
+        dict[str, str],
+        msgspec.Meta(
+            description="version 2: those of NVIDIA_VISIBLE_DEVICES, CUDA_VISIBLE_DEVICES, "
+            "CUDA_DEVICE_ORDER, NVIDIA_DRIVER_CAPABILITIES set for the tree's root"
+        ),
+    ] = {}
+    libraries: Annotated[
+        tuple[str, ...],
+        msgspec.Meta(
+            description="version 2: sorted file names of the driver's versioned libraries the "
+            "tree maps (libcuda.so.580.95.05, ...)"
+        ),
+    ] = ()
+    checks: Annotated[
+        tuple[Check, ...],
+        msgspec.Meta(description="version 2: what pre-dump found wrong for a GPU checkpoint"),
+    ] = ()
 
 
 def schema() -> dict[str, Any]:

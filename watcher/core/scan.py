@@ -130,6 +130,23 @@ class HostSnapshot:
     candidates: list[Candidate]
     listings: dict[str, DevRootListing]
     driver_roots_existing: set[str] = field(default_factory=set)
+    # Host paths of the cuda-checkpoint candidates (`cuda_checkpoint_candidates`) that are
+    # executable files.
+    cuda_checkpoints: frozenset[str] = frozenset()
+
+
+CUDA_CHECKPOINT_HOST_PATHS = ("/usr/local/bin/cuda-checkpoint", "/usr/bin/cuda-checkpoint")
+
+
+def cuda_checkpoint_candidates(candidates: list[Candidate]) -> list[str]:
+    """Where a cuda-checkpoint may be: each driver root's usr/bin, then the host's."""
+    paths = [posixpath.join(c.driver_root, "usr/bin/cuda-checkpoint") for c in candidates]
+    return list(dict.fromkeys([*paths, *CUDA_CHECKPOINT_HOST_PATHS]))
+
+
+def _cuda_checkpoint(chosen: Candidate | None, found: frozenset[str]) -> str | None:
+    first = [posixpath.join(chosen.driver_root, "usr/bin/cuda-checkpoint")] if chosen else []
+    return next((path for path in (*first, *CUDA_CHECKPOINT_HOST_PATHS) if path in found), None)
 
 
 def dev_root_of(driver_root: str) -> str:
@@ -335,6 +352,7 @@ def build_map(
                 root=chosen.driver_root if chosen else None,
                 dev_root=chosen.dev_root if chosen else None,
                 source=_source(view, chosen),
+                cuda_checkpoint=_cuda_checkpoint(chosen, snapshot.cuda_checkpoints),
             ),
             devices=tuple(devices),
             gpus=tuple(gpus),

@@ -29,6 +29,7 @@ from watcher.daemon.lifecycle import Lifecycle
 from watcher.daemon.scanning import Scanned, mount_filter, scan_host, summary, watch_targets
 from watcher.daemon.scheduler import RescanScheduler
 from watcher.probe import MountCache
+from watcher.publish import Publisher
 from watcher.server import Server
 from watcher.state import Counters, MapState
 
@@ -99,6 +100,8 @@ class Daemon:
         self._mount_cache = MountCache()
         self._mounts: _MountWatch | None = None
         self._server: Server | None = None
+        # Node labels and metrics (watcher.publish), while serve() runs.
+        self._publisher: Publisher | None = None
         self._state: MapState | None = None
         # The task group of serve(), where a reload starts a new mount-table watcher.
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -113,8 +116,7 @@ class Daemon:
 
     def _account(self, scanned: Scanned) -> DeviceMap:
         """Book a finished scan (on the event loop): counters and the roots to watch."""
-        self.counters.scans += 1
-        self.counters.last_scan_ms = scanned.milliseconds
+        self.counters.book_scan(scanned.milliseconds)
         self._dev_roots = scanned.dev_roots
         self._driver_roots = scanned.driver_roots
         if self._mounts is not None:
@@ -223,6 +225,9 @@ class Daemon:
         self.scheduler.debounce_s = settings.debounce_ms / 1000
         if self._server is not None:
             self._server.configure(settings)
+        if self._publisher is not None:
+            # Never raises: READY=1 must follow the reload whatever happens there.
+            await self._publisher.reload(settings)
         if settings.view != kept.view:
             # Other roots or another --proc: the mount filter and watches follow the next
             # scan (re-armed first); a cached mount table was filtered for the old paths.
@@ -260,6 +265,7 @@ class Daemon:
         first = await self._scan_off_loop(generation=1)
         self._state = MapState(first)
         self._server = server = Server(self.state, self.counters, self.settings, self.rescan)
+        publisher = Publisher(self.state, self.counters, self.settings, server)
         try:
             async with anyio.create_task_group() as group:
                 self._tasks = group
@@ -272,6 +278,9 @@ class Daemon:
                 # now that they do, so nothing that changed in between is missed.
                 await self.scheduler.now()
                 await group.start(server.serve, listener)
+                # Labels written and metrics listening before READY=1.
+                await group.start(publisher.run)
+                self._publisher = publisher
                 log.info(
                     "serving generation %d on %s: %s",
                     self.state.generation,
@@ -283,6 +292,7 @@ class Daemon:
                 task_status.started()
         finally:
             self._tasks = None
+            self._publisher = None
             if self._mounts is not None:
                 self._mounts.close()
                 self._mounts = None

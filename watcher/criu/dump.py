@@ -1,0 +1,262 @@
+"""`pre-dump`: write the record (format 2) before CRIU freezes the tree.
+
+The record says which GPU devices the tree under `CRTOOLS_INIT_PID` holds open or mapped
+(by host path, and for a GPU by UUID and model), the tree root's GPU visibility variables,
+the driver's versioned libraries the tree maps, and the checks that found this checkpoint
+cannot work as a GPU checkpoint (`mig-in-use`, `cuda-checkpoint-missing`). With
+`dump_checks = "refuse"` a check stops the dump here, while the tree still runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from watcher.contract import utc_timestamp as _utc_now
+from watcher.criu import EXIT_OK, EXIT_REFUSE, EXIT_USAGE, RECORD_NAME, RECORD_VERSION
+from watcher.criu.text import image_dir_name, say, shown, tell
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
+ENVIRONMENT = (
+    "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "NVIDIA_DRIVER_CAPABILITIES",
+)
+CUDA_CHECKPOINT = "cuda-checkpoint"
+_MIG_DEPTH = 3  # gpuN/mig/giN/ciN/access
+
+
+def write_atomically(directory: str, name: str, data: bytes) -> None:
+    """Replace `directory/name` by `data` in one rename: a reader sees the old file or the new."""
+    # CRTOOLS_IMAGE_DIR is a /proc/<pid>/fd/<n> link: open it once as a directory fd so the
+    # temporary file and the rename land in the same directory, whatever the link says later.
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    temporary = f".{name}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(
+            temporary,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o644,
+            dir_fd=dir_fd,
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            # Before the rename: after a crash the record is the old one or the whole new one.
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        import contextlib  # noqa: PLC0415 (failure path only)
+
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------------
+# The checks
+
+
+def mig_minors(proc: str) -> set[int]:
+    """`DeviceFileMinor` of every MIG capability (`driver/nvidia/capabilities/gpu*/mig/`)."""
+    base = f"{proc}/driver/nvidia/capabilities"
+    try:
+        gpus = [name for name in os.listdir(base) if name.startswith("gpu")]
+    except OSError:
+        return set()
+    minors: set[int] = set()
+    for gpu in gpus:
+        top = f"{base}/{gpu}/mig"
+        for directory, subdirectories, files in os.walk(top):
+            if directory.count("/") - top.count("/") >= _MIG_DEPTH:
+                subdirectories.clear()  # deeper than the driver ever writes: not followed
+            if "access" not in files:
+                continue
+            try:
+                with open(f"{directory}/access", "rb") as file:
+                    text = file.read(4096)
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(b":")
+                if key.strip() == b"DeviceFileMinor" and value.strip().isdigit():
+                    minors.add(int(value.strip()))
+    return minors
+
+
+def on_path(environ: Mapping[str, str], program: str) -> str | None:
+    """Where `program` is on `environ`'s PATH, as execvp would find it (no shutil: it is slow)."""
+    for directory in (environ.get("PATH") or os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def run_checks(
+    used: list[dict[str, Any]], device_map: Mapping[str, Any], environ: Mapping[str, str]
+) -> list[dict[str, str]]:
+    """The record's `checks`: what makes this a checkpoint that cannot be restored as is."""
+    checks: list[dict[str, str]] = []
+    caps = [entry for entry in used if entry.get("kind") == "cap"]
+    if caps:
+        from watcher.criu.settings import proc_dir  # noqa: PLC0415 (only with caps in use)
+
+        mig = mig_minors(proc_dir(environ))
+        held = sorted(str(entry["name"]) for entry in caps if entry.get("minor") in mig)
+        if held:
+            checks.append(
+                {
+                    "code": "mig-in-use",
+                    "severity": "error",
+                    "message": (
+                        f"the tree holds MIG capability node(s) {', '.join(map(shown, held))}: "
+                        "cuda-checkpoint cannot checkpoint MIG GPU instances, so this "
+                        "checkpoint cannot be restored as a GPU process"
+                    ),
+                }
+            )
+    if any(entry.get("kind") == "gpu" for entry in used) and not on_path(environ, CUDA_CHECKPOINT):
+        driver = device_map.get("driver")
+        found = driver.get("cuda_checkpoint") if isinstance(driver, dict) else None
+        where = (
+            f"; one is at {shown(found)}: add {shown(os.path.dirname(found))} to the PATH of "
+            "the service that runs CRIU"
+            if isinstance(found, str) and found
+            else "; install it (it ships with the NVIDIA driver, 550 and later)"
+        )
+        checks.append(
+            {
+                "code": "cuda-checkpoint-missing",
+                "severity": "warning",
+                "message": (
+                    "the tree uses a GPU and no cuda-checkpoint is on CRIU's PATH, so CRIU's "
+                    f"CUDA plugin cannot save the GPU state{where}"
+                ),
+            }
+        )
+    return checks
+
+
+# --------------------------------------------------------------------------------------------
+# pre-dump
+
+
+def _gpu_identities(device_map: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Device path -> {"uuid", "bus_id", "model", "minor"}, from the map's `gpus`."""
+    found: dict[str, dict[str, Any]] = {}
+    gpus = device_map.get("gpus")
+    for gpu in gpus if isinstance(gpus, (list, tuple)) else []:
+        if isinstance(gpu, dict) and isinstance(gpu.get("device"), str):
+            found[gpu["device"]] = {
+                key: gpu.get(key) for key in ("uuid", "bus_id", "model", "minor")
+            }
+    return found
+
+
+def pre_dump(environ: Mapping[str, str]) -> int:
+    image_dir = environ.get("CRTOOLS_IMAGE_DIR")
+    if not image_dir:
+        say("CRTOOLS_IMAGE_DIR is not set; this command is run by CRIU's --action-script")
+        return EXIT_USAGE
+    pid_text = environ.get("CRTOOLS_INIT_PID", "")
+    if not (pid_text.isascii() and pid_text.isdigit()) or int(pid_text) <= 0:
+        say(
+            f"CRTOOLS_INIT_PID is {shown(repr(pid_text))}, not a pid; cannot tell which devices "
+            "are used"
+        )
+        return EXIT_USAGE
+    pid = int(pid_text)
+
+    from watcher import proctree  # noqa: PLC0415
+
+    if not proctree.is_running(pid):
+        say(
+            f"CRTOOLS_INIT_PID {pid} is not a running process (it exited, or this is another "
+            "pid namespace): there is no tree to record; dump stopped"
+        )
+        return EXIT_REFUSE
+
+    from watcher.criu.hostmap import current_map  # noqa: PLC0415
+
+    generation, device_map = current_map(environ)
+    driver = device_map.get("driver")
+    version = driver.get("version") if isinstance(driver, dict) else None
+    unreadable: list[int] = []
+    libraries: set[str] = set()
+    devices = device_map.get("devices")
+    used = proctree.used_devices(
+        pid,
+        devices if isinstance(devices, (list, tuple)) else [],
+        unreadable=unreadable,
+        library_suffix=f".so.{version}" if isinstance(version, str) and version else None,
+        libraries=libraries,
+    )
+    if unreadable:
+        say(f"could not read /proc of pids {unreadable}: the devices they use are not recorded")
+    identities = _gpu_identities(device_map)
+    for entry in used:
+        path = entry.get("path")
+        if entry.get("kind") == "gpu" and isinstance(path, str):
+            identity = identities.get(path)
+            if identity is not None:
+                entry["gpu"] = identity
+    if not proctree.is_running(pid):
+        # The whole walk raced the root's exit: an empty record would claim "no GPU used".
+        say(f"CRTOOLS_INIT_PID {pid} exited while its tree was read; dump stopped")
+        return EXIT_REFUSE
+
+    checks = run_checks(used, device_map, environ)
+    if checks:
+        from watcher.criu.settings import dump_checks  # noqa: PLC0415 (only with a check)
+
+        policy = dump_checks(environ)
+        for check in checks:
+            say(f"{check['code']}: {check['message']}")
+        if policy == "refuse":
+            say(
+                f'dump stopped before CRIU froze the tree (dump_checks = "refuse"): '
+                f"{len(checks)} check(s) failed"
+            )
+            return EXIT_REFUSE
+
+    uname = os.uname()
+    record = {
+        "version": RECORD_VERSION,
+        "generation": generation,
+        "hostname": uname.nodename,
+        "kernel": uname.release,
+        "created": _utc_now(),
+        "pid": pid,
+        "map": device_map,
+        "used": used,
+        "environment": proctree.environment(pid, ENVIRONMENT),
+        "libraries": sorted(libraries),
+        "checks": checks,
+    }
+    import json  # noqa: PLC0415 (already loaded by the client; kept local with its user)
+
+    data = json.dumps(record, indent=2, ensure_ascii=False).encode() + b"\n"
+    try:
+        write_atomically(image_dir, RECORD_NAME, data)
+    except OSError as error:
+        say(
+            f"cannot write {RECORD_NAME} into {shown(image_dir_name(image_dir), 400)}: "
+            f"{shown(error.strerror or error)}"
+        )
+        return EXIT_REFUSE
+    names = ", ".join(shown(device["name"]) for device in used) or "none"
+    tell(
+        f"recorded generation {generation}: {len(used)} NVIDIA device(s) used by the tree of "
+        f"pid {pid} ({names}) in {shown(image_dir_name(image_dir), 400)}/{RECORD_NAME}"
+    )
+    return EXIT_OK

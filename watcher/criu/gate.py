@@ -1,0 +1,366 @@
+"""The restore gate, pure: can this host take a checkpoint back, and with which device map.
+
+`check(record, here, policy)` takes a checked record (`recordfile.validate`), this host's map
+as plain JSON values (from the daemon or a direct scan: read defensively, any shape), and the
+`restore_version_match` policy, and returns a `Verdict`: every reason the restore cannot work
+(each with its contract code), the host path each used device lands on, and the device map
+for `cuda-checkpoint --device-map` when a used GPU lands on another UUID.
+
+Matching: a used GPU goes to the GPU of this host with the same UUID; failing that, to a GPU
+of the same model that no other used GPU took, the same minor first. Every used GPU needs a
+GPU of its own. Other used nodes (`nvidiactl`, `nvidia-uvm`, caps, ...) must be present and
+valid here by name; so must a used GPU whose identity the record does not know.
+
+Every value from the record in a message goes through `shown()`: messages are printed into
+CRIU's log.
+"""
+
+from __future__ import annotations
+
+from watcher.criu.recordfile import GpuId, Record, Used, uuid_ok
+from watcher.criu.text import shown
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
+    NodeCheck = Callable[[str, dict[str, Any]], bool]
+
+REASON_CODES = (
+    "record-unreadable",
+    "record-version",
+    "driver-not-loaded",
+    "driver-version",
+    "driver-library",
+    "device-absent",
+    "device-invalid",
+    "gpu-model",
+    "gpu-count",
+    "remap-unsupported",
+    "mig-in-use",
+)
+# cuda-checkpoint --device-map arrived with the 580 drivers.
+DEVICE_MAP_SINCE = 580
+_LISTED = 4  # names listed in one message before "and N more"
+
+
+class Verdict:
+    """What the gate decided. `fits` is true when no reason was found."""
+
+    __slots__ = ("device_map", "devices", "reasons", "record", "remap")
+
+    def __init__(self, record: dict[str, str | None] | None = None) -> None:
+        self.record = record
+        self.reasons: list[tuple[str, str]] = []
+        self.devices: list[dict[str, str | None]] = []
+        self.device_map: dict[str, str] = {}
+        self.remap = False
+
+    @property
+    def fits(self) -> bool:
+        return not self.reasons
+
+    def refuse(self, code: str, message: str) -> None:
+        self.reasons.append((code, message))
+
+    def as_json(self) -> dict[str, Any]:
+        """The contract's JSON of `restore-check --format json`."""
+        return {
+            "fits": self.fits,
+            "remap": self.remap,
+            "record": self.record,
+            "reasons": [{"code": code, "message": message} for code, message in self.reasons],
+            "devices": self.devices,
+            "device_map": self.device_map,
+        }
+
+    def device_map_text(self) -> str:
+        """`OLD=NEW,OLD=NEW` as `cuda-checkpoint --device-map` takes it."""
+        return ",".join(f"{old}={new}" for old, new in self.device_map.items())
+
+
+# --------------------------------------------------------------------------------------------
+# This host's map, read defensively
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [item for item in value if isinstance(item, dict)]
+
+
+class _HostGpu:
+    __slots__ = ("bus_id", "device", "minor", "model", "uuid")
+
+    def __init__(self, gpu: dict[str, Any]) -> None:
+        uuid = _str(gpu.get("uuid"))
+        self.uuid = uuid if uuid is not None and uuid_ok(uuid) else None
+        self.model = _str(gpu.get("model"))
+        self.minor = _int(gpu.get("minor"))
+        self.bus_id = _str(gpu.get("bus_id"))
+        self.device = _str(gpu.get("device"))
+
+    def label(self) -> str:
+        return shown(self.uuid or self.bus_id or f"minor {self.minor}")
+
+
+def _major(version: str | None) -> int | None:
+    head = (version or "").split(".", 1)[0]
+    return int(head) if head.isdigit() and len(head) <= 6 else None
+
+
+def _versions_match(recorded: str, here: str, policy: str) -> bool:
+    if policy == "major":
+        return recorded.split(".", 1)[0] == here.split(".", 1)[0]
+    return recorded == here
+
+
+def library_version(name: str) -> str:
+    """`libcuda.so.580.95.05` -> `580.95.05` ("" when the name has no `.so.` version)."""
+    return name.rpartition(".so.")[2] if ".so." in name else ""
+
+
+def _listing(names: list[str]) -> str:
+    head = ", ".join(shown(name) for name in names[:_LISTED])
+    return head + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def _who(used: Used) -> str:
+    pids = ", ".join(str(pid) for pid in used.pids[:_LISTED]) or "?"
+    if len(used.pids) > _LISTED:
+        pids += ", ..."
+    return f"{shown(used.name)} (used by pid {pids})"
+
+
+# --------------------------------------------------------------------------------------------
+# The gate
+
+
+def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Verdict:
+    """Every reason this host cannot take `record`'s process back, and the device map."""
+    verdict = Verdict(record.summary())
+    if not record.used:
+        # The tree touched no GPU device: any host will do.
+        return verdict
+    driver = here.get("driver")
+    driver = driver if isinstance(driver, dict) else {}
+    version_then, version_here = record.driver_version, _str(driver.get("version"))
+
+    if "mig-in-use" in record.checks:
+        caps = [used.name for used in record.used if used.kind == "cap"]
+        verdict.refuse(
+            "mig-in-use",
+            "the checkpoint used a MIG GPU instance"
+            + (f" (capability nodes {_listing(caps)})" if caps else "")
+            + ": cuda-checkpoint cannot checkpoint or restore MIG, so no host can take it back",
+        )
+    if driver.get("loaded") is not True:
+        verdict.refuse(
+            "driver-not-loaded",
+            "the NVIDIA driver is not loaded on this host"
+            + (f" (it was {shown(version_then)} at dump)" if version_then else ""),
+        )
+        # Without a driver no node or GPU can be judged: the other reasons would only blame
+        # what loading the driver brings back.
+        return verdict
+    if version_then and not (version_here and _versions_match(version_then, version_here, policy)):
+        verdict.refuse(
+            "driver-version",
+            f"driver version {shown(version_here or 'unknown')} here, {shown(version_then)} at "
+            f'dump (restore_version_match = "{policy}")',
+        )
+    foreign = [name for name in record.libraries if library_version(name) != version_here]
+    if foreign:
+        versions = sorted({library_version(name) or "?" for name in foreign})
+        verdict.refuse(
+            "driver-library",
+            f"the checkpoint mapped {_listing(foreign)} (driver {_listing(versions)}); this "
+            f"host's driver is {shown(version_here or 'unknown')}: the restored process maps "
+            "those exact files, whatever restore_version_match says",
+        )
+
+    dev_root = shown(_str(driver.get("dev_root")) or "none")
+    devices = _dicts(here.get("devices"))
+    by_name = {name: device for device in devices if (name := _str(device.get("name")))}
+    by_path = {path: device for device in devices if (path := _str(device.get("path")))}
+    problems_at: dict[str, list[str]] = {}
+    for problem in _dicts(here.get("problems")):
+        path, message = _str(problem.get("path")), _str(problem.get("message"))
+        if path and message:
+            problems_at.setdefault(path, []).append(message)
+
+    def node_reason(who: str, device: dict[str, Any]) -> bool:
+        """Refuse an invalid node; True when the node is usable."""
+        if device.get("valid") is True:
+            return True
+        path = _str(device.get("path")) or "?"
+        why = "; ".join(problems_at.get(path, [])) or "see `gpu-device-watcher scan`"
+        verdict.refuse(
+            "device-invalid", f"{who} is not valid here: {shown(path)}: {shown(why, 400)}"
+        )
+        return False
+
+    gpus_used: list[tuple[Used, GpuId]] = []
+    for used in record.used:
+        if used.kind == "gpu" and used.gpu is not None and (used.gpu.uuid or used.gpu.model):
+            gpus_used.append((used, used.gpu))
+            continue
+        device = by_name.get(used.name)
+        if device is None:
+            verdict.refuse("device-absent", f"{_who(used)} is absent here (dev root {dev_root})")
+        elif node_reason(_who(used), device):
+            verdict.devices.append(
+                {"name": used.name, "path": used.path, "here": _str(device.get("path"))}
+            )
+
+    _match_gpus(
+        verdict,
+        gpus_used=gpus_used,
+        here=here,
+        by_path=by_path,
+        node_reason=node_reason,
+        dev_root=dev_root,
+        version_here=version_here,
+    )
+    verdict.devices.sort(key=lambda device: str(device["name"]))
+    return verdict
+
+
+def _match_gpus(
+    verdict: Verdict,
+    *,
+    gpus_used: list[tuple[Used, GpuId]],
+    here: Mapping[str, Any],
+    by_path: dict[str, dict[str, Any]],
+    node_reason: NodeCheck,
+    dev_root: str,
+    version_here: str | None,
+) -> None:
+    host = [_HostGpu(gpu) for gpu in _dicts(here.get("gpus"))]
+    taken: set[int] = set()
+    landing: dict[int, int] = {}  # index in gpus_used -> index in host
+
+    def take(used_index: int, host_index: int) -> None:
+        taken.add(host_index)
+        landing[used_index] = host_index
+
+    # 1. The same GPU, by UUID (a GPU of another model under that UUID is not the same GPU).
+    for i, (_, want) in enumerate(gpus_used):
+        for j, gpu in enumerate(host):
+            if (
+                j not in taken
+                and want.uuid is not None
+                and gpu.uuid == want.uuid
+                and (want.model is None or gpu.model is None or gpu.model == want.model)
+            ):
+                take(i, j)
+                break
+    # 2. A free GPU of the same model, the same minor first, then in the map's order.
+    for same_minor in (True, False):
+        for i, (_, want) in enumerate(gpus_used):
+            if i in landing or want.model is None:
+                continue
+            for j, gpu in enumerate(host):
+                if (
+                    j not in taken
+                    and gpu.model == want.model
+                    and (not same_minor or (want.minor is not None and gpu.minor == want.minor))
+                ):
+                    take(i, j)
+                    break
+
+    # What did not land: no GPU of that model here, or too few.
+    missing: dict[str, list[Used]] = {}
+    for i, (used, want) in enumerate(gpus_used):
+        if i in landing:
+            continue
+        if want.model is None:
+            verdict.refuse(
+                "gpu-model",
+                f"{_who(used)} was GPU {shown(want.uuid)} (model unknown at dump), which is "
+                "not on this host",
+            )
+            continue
+        missing.setdefault(want.model, []).append(used)
+    inventory: dict[str, int] = {}
+    for gpu in host:
+        if gpu.model:
+            inventory[gpu.model] = inventory.get(gpu.model, 0) + 1
+    for model, lost in missing.items():
+        of_model = [used.name for used, want in gpus_used if want.model == model]
+        if not inventory.get(model):
+            has = ", ".join(f"{count} x {shown(name)}" for name, count in inventory.items())
+            verdict.refuse(
+                "gpu-model",
+                f"{_listing([used.name for used in lost])} used {shown(model)} GPU(s); this "
+                f"host has none of that model ({has or 'no GPU listed'})",
+            )
+        else:
+            verdict.refuse(
+                "gpu-count",
+                f"the checkpoint used {len(of_model)} {shown(model)} GPU(s) "
+                f"({_listing(of_model)}); this host has {inventory[model]}",
+            )
+
+    # Where each landed: its node must be here and valid; and the UUIDs, old and new.
+    pairs: list[tuple[Used, GpuId, _HostGpu]] = []
+    for i, (used, want) in enumerate(gpus_used):
+        if i not in landing:
+            continue
+        gpu = host[landing[i]]
+        pairs.append((used, want, gpu))
+        who = _who(used)
+        device = by_path.get(gpu.device) if gpu.device else None
+        if device is None:
+            verdict.refuse(
+                "device-absent",
+                f"{who} lands on GPU {gpu.label()} here, whose device node is absent "
+                f"(dev root {dev_root})",
+            )
+        elif node_reason(who, device):
+            verdict.devices.append({"name": used.name, "path": used.path, "here": gpu.device})
+
+    # A GPU whose UUID this host does not know may be another GPU: it needs a map too.
+    moved = [(used, gpu) for used, want, gpu in pairs if want.uuid and want.uuid != gpu.uuid]
+    if not moved:
+        return
+    verdict.remap = True
+    unknown = [used.name for used, want, gpu in pairs if not (want.uuid and gpu.uuid)]
+    if unknown:
+        verdict.refuse(
+            "remap-unsupported",
+            f"the checkpoint's GPUs land on GPUs with other UUIDs here, and the UUID of "
+            f"{_listing(unknown)} is unknown: cuda-checkpoint --device-map must name every "
+            "checkpointed GPU",
+        )
+        return
+    major = _major(version_here)
+    if major is None or major < DEVICE_MAP_SINCE:
+        landed = ", ".join(
+            f"{shown(used.name)} -> {shown(_name_of(gpu, by_path))}" for used, gpu in moved
+        )
+        verdict.refuse(
+            "remap-unsupported",
+            f"the checkpoint's GPUs land on GPUs with other UUIDs here ({landed}), which needs "
+            f"cuda-checkpoint --device-map: drivers {DEVICE_MAP_SINCE} and later have it, this "
+            f"host has {shown(version_here or 'an unknown version')}",
+        )
+        return
+    for _, want, gpu in pairs:
+        if want.uuid and gpu.uuid:  # every one of them (checked above); says so to mypy
+            verdict.device_map[want.uuid] = gpu.uuid
+
+
+def _name_of(gpu: _HostGpu, by_path: dict[str, dict[str, Any]]) -> str:
+    device = by_path.get(gpu.device) if gpu.device else None
+    name = _str(device.get("name")) if device is not None else None
+    return name or gpu.label()

@@ -1,0 +1,105 @@
+"""`pre-restore` and `gpu-device-watcher restore-check`: the same gate, inside CRIU and out.
+
+`pre-restore` prints one `gpu-device-watcher:` line per reason into CRIU's log and exits 1,
+so that CRIU stops before it creates a process or loads a page; when the host fits and a GPU
+lands on another UUID it prints the device map (`gpu-device-watcher: device map OLD=NEW,...`)
+for `cuda-checkpoint --device-map`. `restore-check` runs the same checks for an orchestrator,
+before it schedules a restore on a node, and prints the same lines or the verdict as JSON.
+"""
+
+from __future__ import annotations
+
+from watcher.criu import EXIT_OK, EXIT_REFUSE, EXIT_USAGE, RECORD_NAME
+from watcher.criu.gate import Verdict, check
+from watcher.criu.recordfile import Record, RecordError, load
+from watcher.criu.text import image_dir_name, one_line, say, shown, tell
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+def evaluate(image_dir: str, environ: Mapping[str, str]) -> tuple[Record | None, Verdict]:
+    """(the record or None, the gate's verdict) for the checkpoint in `image_dir`."""
+    try:
+        record = load(image_dir)
+    except RecordError as error:
+        verdict = Verdict()
+        verdict.refuse(error.code, error.message)
+        return None, verdict
+    if record is None or not record.used:
+        # Dumped without this action, or the tree touched no GPU device: any host will do,
+        # and nobody needs to be asked.
+        return record, Verdict(record.summary() if record is not None else None)
+    from watcher.criu.hostmap import current_map  # noqa: PLC0415
+
+    _, here = current_map(environ)
+    driver = here.get("driver")
+    version_here = driver.get("version") if isinstance(driver, dict) else None
+    version_then = record.driver_version
+    policy = "exact"
+    if isinstance(version_here, str) and version_then and version_then != version_here:
+        # The config is read only when it can matter: one file read saved on the common path.
+        from watcher.criu.settings import version_policy  # noqa: PLC0415
+
+        policy = version_policy(environ)
+    return record, check(record, here, policy)
+
+
+def verdict_lines(record: Record | None, verdict: Verdict, image_dir: str) -> list[str]:
+    """The lines (without the `gpu-device-watcher:` prefix) that tell the verdict."""
+    where = f"{shown(image_dir_name(image_dir), 400)}/{RECORD_NAME}"
+    if not verdict.fits:
+        lines = [f"{code}: {message}" for code, message in verdict.reasons]
+        if record is None:
+            lines.append("restore stopped: the GPU devices of this checkpoint cannot be checked")
+        else:
+            lines.append(
+                f"restore stopped: this host cannot take back the GPU devices recorded in "
+                f"{where} (dumped on {shown(record.hostname or 'an unknown host')}, driver "
+                f"{shown(record.driver_version or 'unknown')})"
+            )
+        return lines
+    if record is None or not record.used:
+        return []
+    lines = [f"device map {verdict.device_map_text()}"] if verdict.device_map else []
+    landed = ", ".join(
+        shown(device["name"])
+        if device["here"] == device["path"]
+        else f"{shown(device['name'])} as {shown(device['here'])}"
+        for device in verdict.devices
+    )
+    lines.append(f"the GPU devices of the checkpoint ({landed}) match this host: restore may go on")
+    return lines
+
+
+def pre_restore(environ: Mapping[str, str]) -> int:
+    image_dir = environ.get("CRTOOLS_IMAGE_DIR")
+    if not image_dir:
+        say("CRTOOLS_IMAGE_DIR is not set; this command is run by CRIU's --action-script")
+        return EXIT_USAGE
+    record, verdict = evaluate(image_dir, environ)
+    lines = verdict_lines(record, verdict, image_dir)
+    for line in lines:
+        (tell if verdict.fits else say)(line)
+    return EXIT_OK if verdict.fits else EXIT_REFUSE
+
+
+def restore_check(image_dir: str, environ: Mapping[str, str], output_format: str) -> int:
+    """`gpu-device-watcher restore-check`: 0 when this host fits, 1 when it does not."""
+    record, verdict = evaluate(image_dir, environ)
+    if output_format == "json":
+        import json  # noqa: PLC0415 (loaded already by the client in most cases)
+
+        # ensure_ascii: a value from a crafted record stays an escape, never a raw byte.
+        print(json.dumps(verdict.as_json(), ensure_ascii=True))
+    else:
+        lines = verdict_lines(record, verdict, image_dir)
+        if not lines:
+            lines = [
+                f"no GPU device used by the checkpoint in {shown(image_dir, 400)} (no "
+                f"{RECORD_NAME}, or an empty 'used'): any host can take it back"
+            ]
+        for line in lines:
+            print(f"gpu-device-watcher: {one_line(line)}")
+    return EXIT_OK if verdict.fits else EXIT_REFUSE
