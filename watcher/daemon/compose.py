@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -21,7 +22,7 @@ from watcher.errors import SocketSetupError
 from watcher.server import bind_unix_socket, unlink_socket
 from watcher.sources.inotify import TreeWatcher
 from watcher.sources.mounts import MountTableWatcher
-from watcher.systemd import Notifier, listen_fds, watchdog_interval
+from watcher.systemd import ActivatedSocket, Notifier, listen_fds, watchdog_interval
 
 __all__ = ["real_sources", "run"]
 
@@ -56,20 +57,9 @@ def run(
     except ValueError as error:
         log.error("%s", error)
         return 1
-    owned_inode: int | None = None
     if activated:
-        listener = activated[0].socket
-        for extra in activated[1:]:
-            # One listening socket is served; holding the others would leave their
-            # clients hanging in a backlog nobody accepts from.
-            log.warning("ignoring extra socket passed by systemd (%s)", extra.name)
-            extra.socket.close()
-        # The contract: an activated socket wins over --socket, the environment and the
-        # config. Name it as it is, so logs and a reload speak of the socket really served.
-        address = listener.getsockname()
-        if isinstance(address, str) and address:
-            settings = replace(settings, socket=address)
-        log.info("using the socket passed by systemd (%s): %s", activated[0].name, address)
+        listener, settings = _take_activated(activated, settings)
+        owned_inode: int | None = None
     else:
         try:
             bound = bind_unix_socket(settings.socket, settings.socket_mode, settings.socket_group)
@@ -92,3 +82,22 @@ def run(
             unlink_socket(settings.socket, owned_inode)
         notifier.close()
     return 0
+
+
+def _take_activated(
+    activated: list[ActivatedSocket], settings: Settings
+) -> tuple[socket.socket, Settings]:
+    """The socket systemd passed (LISTEN_FDS), and the settings naming it."""
+    listener = activated[0].socket
+    for extra in activated[1:]:
+        # One listening socket is served; holding the others would leave their clients
+        # hanging in a backlog nobody accepts from.
+        log.warning("ignoring extra socket passed by systemd (%s)", extra.name)
+        extra.socket.close()
+    # The contract: an activated socket wins over --socket, the environment and the config.
+    # Name it as it is, so logs and a reload speak of the socket really served.
+    address = listener.getsockname()
+    if isinstance(address, str) and address:
+        settings = replace(settings, socket=address)
+    log.info("using the socket passed by systemd (%s): %s", activated[0].name, address)
+    return listener, settings
