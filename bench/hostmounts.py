@@ -5,13 +5,26 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import stat
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.support.hostfiles import make_nodes
+
+__all__ = [
+    "build_operator_host",
+    "grow_mount_table",
+    "in_private_namespace",
+    "make_nodes",
+    "mount_tmpfs",
+    "move_mount",
+    "reexec_unshared",
+    "scratch_tmpfs",
+    "umount",
+]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 MS_REC = 0x4000
@@ -86,13 +99,6 @@ OPERATOR_NODES = {
     "nvidia-uvm": (509, 0),
     "nvidia-uvm-tools": (509, 1),
 }
-
-
-def make_nodes(directory: Path, nodes: dict[str, tuple[int, int]]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, (major, minor) in nodes.items():
-        os.mknod(directory / name, stat.S_IFCHR | 0o666, os.makedev(major, minor))
-        os.chmod(directory / name, 0o666)  # noqa: S103 (as the driver makes them)
 
 
 def build_operator_host(base: Path) -> tuple[Path, Path]:

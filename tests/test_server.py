@@ -919,20 +919,23 @@ def test_bind_makes_the_path_appear_only_once_listening(
     seen: list[str] = []
     real_link, real_rename = os.link, os.rename
 
-    def probe(source: str) -> None:
+    def probe(source: str, src_dir_fd: int | None) -> None:
+        # The socket is moved from its private directory by fd: reach it the same way.
+        if src_dir_fd is not None:
+            source = f"/proc/self/fd/{src_dir_fd}/{source}"
         assert not os.path.exists(path)
         assert stat.S_IMODE(os.stat(source).st_mode) == 0o640
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as early:
             early.connect(source)  # already accepting, before the path exists
         seen.append(source)
 
-    def link(source: str, target: str) -> None:
-        probe(source)
-        real_link(source, target)
+    def link(source: str, target: str, *, src_dir_fd: int | None = None, **kw: Any) -> None:
+        probe(source, src_dir_fd)
+        real_link(source, target, src_dir_fd=src_dir_fd, **kw)
 
-    def rename(source: str, target: str) -> None:
-        probe(source)
-        real_rename(source, target)
+    def rename(source: str, target: str, *, src_dir_fd: int | None = None, **kw: Any) -> None:
+        probe(source, src_dir_fd)
+        real_rename(source, target, src_dir_fd=src_dir_fd, **kw)
 
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "rename", rename)

@@ -12,7 +12,23 @@ import os
 import sys
 
 from watcher import __version__, client, render
+from watcher.contract import DEFAULT_SOCKET, PREFIX, SOCKET_ENV, utc_timestamp
 from watcher.errors import UsageError
+
+__all__ = [
+    "COMMANDS",
+    "PROG",
+    "build_parser",
+    "command_criu_action",
+    "command_get",
+    "command_path",
+    "command_scan",
+    "command_serve",
+    "command_status",
+    "command_watch",
+    "fail",
+    "main",
+]
 
 # Not `from typing import TYPE_CHECKING`: typing (and datetime, and the shutil that argparse
 # imports for the terminal width) cost milliseconds at every start of `path` and `get`.
@@ -26,7 +42,7 @@ EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def fail(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    print(f"{PREFIX} {message}", file=sys.stderr)
 
 
 def _terminal_columns() -> int:
@@ -88,7 +104,7 @@ def _socket_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket",
         metavar="PATH",
-        help=f"daemon socket (default ${client.SOCKET_ENV} or {client.DEFAULT_SOCKET})",
+        help=f"daemon socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})",
     )
 
 
@@ -225,9 +241,8 @@ def command_status(arguments: argparse.Namespace) -> int:
 
 
 def _stamp() -> str:
-    from datetime import UTC, datetime  # noqa: PLC0415 (only `watch` prints times)
-
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    # The contract's UTC format, to the millisecond: a person reads these.
+    return utc_timestamp()[:-4] + "Z"
 
 
 def command_watch(arguments: argparse.Namespace) -> int:

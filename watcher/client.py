@@ -7,8 +7,10 @@ neither should pay for importing asyncio, anyio or msgspec (tens of milliseconds
 from __future__ import annotations
 
 import json
-import os
 import socket
+
+from watcher.contract import DEFAULT_SOCKET, SOCKET_ENV, socket_path
+from watcher.errors import ServerError, Unreachable
 
 # Not `from typing import ...`: importing typing costs milliseconds at every client start.
 TYPE_CHECKING = False
@@ -16,31 +18,15 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any
 
-DEFAULT_SOCKET = "/run/gpu-device-watcher/gpu-device-watcher.sock"
-SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
-
-
-class Unreachable(Exception):
-    """The daemon could not be reached on `path` (exit code 3 in the CLI)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(
-            f"cannot reach the daemon at {path}: {reason} (is `gpu-device-watcher serve` "
-            f"running? set --socket or {SOCKET_ENV} if it listens elsewhere)"
-        )
-        self.path = path
-
-
-class ServerError(Exception):
-    """The daemon answered with `{"ok": false, ...}`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def socket_path(explicit: str | None = None) -> str:
-    return explicit or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+__all__ = [
+    "DEFAULT_SOCKET",
+    "SOCKET_ENV",
+    "Connection",
+    "ServerError",
+    "Unreachable",
+    "request",
+    "socket_path",
+]
 
 
 class Connection:
@@ -69,7 +55,15 @@ class Connection:
         try:
             self._sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
         except OSError as error:
-            raise Unreachable(self.path, f"send failed: {error.strerror or error}") from None
+            # A daemon that refuses a client (busy, forbidden) writes its reason first and
+            # then closes; our request may meet the closed socket (EPIPE) with the reason
+            # already waiting to be read. Read it: ServerError says why, not "unreachable".
+            failure = Unreachable(self.path, f"send failed: {error.strerror or error}")
+            try:
+                self.receive()
+            except Unreachable:
+                raise failure from None  # nothing was waiting: the send error is the news
+            raise failure from None
 
     def receive(self) -> dict[str, Any]:
         """One reply line; a `{"ok": false}` reply raises ServerError."""

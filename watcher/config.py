@@ -9,27 +9,34 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
+from watcher.contract import DEFAULT_CONFIG, DEFAULT_SOCKET, SOCKET_ENV, config_file_problem
 from watcher.core.scan import DEFAULT_DRIVER_ROOTS, DEFAULT_VALIDATIONS_DIR, HostView
-from watcher.errors import UsageError
+from watcher.errors import ConfigError
 from watcher.hostview import foreign_mount_table
 
-DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
-DEFAULT_SOCKET = "/run/gpu-device-watcher/gpu-device-watcher.sock"
-SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_SOCKET",
+    "RELOAD_LIVE",
+    "RELOAD_ON_RESTART",
+    "SOCKET_ENV",
+    "ConfigError",
+    "ConfigFile",
+    "Settings",
+    "check_file_safety",
+    "load_config_file",
+    "resolve_settings",
+]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 _MODE = re.compile(r"0?[0-7]{3,4}")
-
-
-class ConfigError(UsageError, ValueError):
-    """The config file is missing, unreadable, unsafe or invalid; the message names the key."""
+_GID_MAX = 2**32 - 2  # (gid_t) -1 means "leave unchanged" to chown
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -55,6 +62,28 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The Node Feature Discovery feature file, and the Prometheus endpoint (watcher.publish).
     nfd_features_file: str | None = None
     metrics_listen: str | None = None
+
+
+# What a reload (SIGHUP) does with each key of ConfigFile. A key added to ConfigFile must be
+# added to one of these two tables (a test checks it): say where it reaches on reload.
+RELOAD_LIVE: Final[Mapping[str, str]] = {
+    "root": "the host view: the next scan, the watched directories and the mount filter",
+    "proc": "the host view: the next scan and the mount filter",
+    "mountinfo": "the mount table parsed, watched and judged (a new watcher)",
+    "driver_roots": "the candidate roots of the next scan and their watches",
+    "validations_dir": "the next scan and the watched validations directory",
+    "debounce_ms": "the rescan scheduler, from the next burst of events",
+    "log_level": "the daemon's loggers, at once",
+    "max_clients": "the server's admission of new connections",
+    "allowed_uids": "the server's admission of new connections",
+    "allowed_gids": "the server's admission of new connections",
+    "restore_version_match": "nothing in the daemon: the CRIU action reads it at pre-restore",
+    "dump_checks": "nothing in the daemon: the CRIU action reads it at pre-dump",
+    "nfd_features_file": "the publisher: the old file is removed, the new one written",
+    "metrics_listen": "the publisher: the metrics endpoint moves to the new address",
+}
+# The listening socket is bound once; these apply on restart, and a reload says so in the log.
+RELOAD_ON_RESTART: Final = ("socket", "socket_mode", "socket_group")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,19 +158,18 @@ def _explain(error: msgspec.ValidationError) -> str:
 
 
 def check_file_safety(path: str, info: os.stat_result | None = None) -> None:
-    """Refuse a config that anyone but its owner and root could have written.
+    """Refuse a config that a user other than root or ours owns or can write.
 
+    The rule itself is `watcher.contract.config_file_problem`, shared with the CRIU action.
     Pass `info`, the fstat() of the file that was read: a path looked up again could name
     another file by then (swapped in a directory others can write).
     """
     if info is None:
         info = os.stat(path)
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and info.st_gid != 0):
-        raise ConfigError(
-            f"config {path} is writable by others than its owner and root (mode {mode:04o});"
-            f" run: chmod go-w {path}"
-        )
+    problem = config_file_problem(path, info)
+    if problem is not None:
+        why, fix = problem
+        raise ConfigError(f"{why}: {fix}")
 
 
 def load_config_file(path: str, *, required: bool) -> ConfigFile:
@@ -185,6 +213,13 @@ def _validate(path: str, config: ConfigFile) -> None:
         raise bad("debounce_ms", "must be between 0 and 10000")
     if config.max_clients is not None and not 1 <= config.max_clients <= 65_536:
         raise bad("max_clients", "must be between 1 and 65536")
+    group = config.socket_group
+    if isinstance(group, str) and group.isascii() and group.isdigit():
+        group = int(group)
+    if isinstance(group, int) and not 0 <= group <= _GID_MAX:
+        raise bad("socket_group", f"must be a group name or id (0 to {_GID_MAX}), got {group}")
+    if isinstance(group, str) and (not group or "\0" in group or "/" in group or ":" in group):
+        raise bad("socket_group", f"must be a group name or id, got {group!r}")
     if config.socket_mode is not None and not _MODE.fullmatch(config.socket_mode):
         raise bad(
             "socket_mode", f'must be an octal mode such as "0660", got {config.socket_mode!r}'

@@ -14,8 +14,8 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
+from watcher.contract import utc_timestamp
 from watcher.core.devices import NVIDIA, Family
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, PathFilter, parse_mountinfo
@@ -30,6 +30,8 @@ from watcher.core.scan import (
     candidates_for,
     cuda_checkpoint_candidates,
 )
+
+__all__ = ["MountCache", "list_dev_root", "open_dir_nofollow", "read_host", "read_text", "scan"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -133,8 +135,8 @@ def list_dev_root(view: HostView, dev_root: str, family: Family = NVIDIA) -> Dev
     return DevRootListing(dev_root, exists=True, entries=tuple(entries))
 
 
-def _gpu_information(view: HostView) -> list[GpuInformation]:
-    gpus_dir = posixpath.join(view.proc, "driver/nvidia/gpus")
+def _gpu_information(view: HostView, family: Family) -> list[GpuInformation]:
+    gpus_dir = posixpath.join(view.proc, family.proc_gpus)
     try:
         bus_dirs = sorted(os.listdir(gpus_dir))
     except OSError:
@@ -181,9 +183,9 @@ def read_host(
     view: HostView, family: Family = NVIDIA, *, mount_cache: MountCache | None = None
 ) -> HostSnapshot:
     proc_devices, proc_devices_error = read_text(posixpath.join(view.proc, "devices"))
-    version_text, _ = read_text(posixpath.join(view.proc, "driver/nvidia/version"))
+    version_text, _ = read_text(posixpath.join(view.proc, family.proc_version))
     driver_ready, _ = read_text(view.fs_path(posixpath.join(view.validations_dir, "driver-ready")))
-    candidates = candidates_for(view, driver_ready)
+    candidates = candidates_for(view, driver_ready, family)
     dev_roots = [candidate.dev_root for candidate in candidates]
     if "/dev" not in dev_roots:
         dev_roots.append("/dev")  # always looked at: `not-in-dev` is about /dev
@@ -211,7 +213,7 @@ def read_host(
         proc_devices=proc_devices,
         proc_devices_error=proc_devices_error,
         driver_version_text=version_text,
-        gpu_information=_gpu_information(view),
+        gpu_information=_gpu_information(view, family),
         mounts=mounts,
         mounts_error=mounts_error,
         driver_ready=driver_ready,
@@ -230,10 +232,8 @@ def _is_executable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def scan(view: HostView, *, generation: int = 0) -> DeviceMap:
+def scan(view: HostView, *, generation: int = 0, family: Family = NVIDIA) -> DeviceMap:
     """One consistent scan of the host."""
-    return build_map(view, read_host(view), generation=generation, updated=utc_now())
+    return build_map(
+        view, read_host(view, family), generation=generation, updated=utc_timestamp(), family=family
+    )

@@ -6,10 +6,14 @@ import json
 import re
 import shlex
 
+from watcher.contract import CHANGE_WORDS, summary_line
+
 # Not `from typing import Any`: importing typing costs milliseconds at every client start.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+__all__ = ["as_env", "as_json", "as_json_line", "as_table", "describe_update", "env_name", "render"]
 
 _NOT_NAME = re.compile(r"[^A-Z0-9]")
 
@@ -129,19 +133,19 @@ def as_json_line(value: Any) -> str:
 def _summary(device_map: dict[str, Any]) -> str:
     driver = device_map.get("driver") or {}
     devices = device_map.get("devices", [])
-    valid = sum(1 for device in devices if device.get("valid"))
-    problems = device_map.get("problems", [])
-    version = driver.get("version") or "?"
-    state = "loaded" if driver.get("loaded") else "not loaded"
-    return (
-        f"driver {version} ({state}), {valid}/{len(devices)} devices valid in "
-        f"{driver.get('dev_root') or '(no dev root)'}, {len(problems)} problem(s)"
+    return summary_line(
+        loaded=bool(driver.get("loaded")),
+        version=driver.get("version"),
+        dev_root=driver.get("dev_root"),
+        devices=len(devices),
+        invalid=sum(1 for device in devices if not device.get("valid")),
+        severities=(problem.get("severity", "") for problem in device_map.get("problems", [])),
     )
 
 
 def _device_line(change: dict[str, Any], device: dict[str, Any] | None) -> str:
-    verb = {"added": "appeared at", "removed": "disappeared from", "changed": "changed at"}
-    line = f"{change['name']} {verb.get(change['change'], change['change'])} {change['path']}"
+    verb = CHANGE_WORDS.get(change["change"], change["change"])
+    line = f"{change['name']} {verb} {change['path']}"
     if device is not None and change["change"] != "removed":
         line += f" ({device['major']}:{device['minor']}, mode {device['mode']}"
         line += ")" if device.get("valid") else ", NOT valid)"

@@ -19,6 +19,8 @@ import msgspec
 from watcher.core.diff import Change, diff_maps
 from watcher.core.model import DeviceMap
 
+__all__ = ["Counters", "Listener", "MapReply", "MapState", "Publication"]
+
 
 class MapReply(msgspec.Struct, kw_only=True):
     ok: bool = True

@@ -436,6 +436,21 @@ def test_a_config_others_can_write_does_not_relax_the_check(
     assert "is writable by others (mode 0666); ignoring it" in done.stderr
 
 
+def test_a_config_another_user_owns_does_not_relax_the_check(
+    host: SimHost, recorded: dict[str, Any], images: Path, tmp_path: Path
+) -> None:
+    """Mode 0644 is not enough: its owner (not root) could write "major" into it."""
+    config = tmp_path / "config.toml"
+    config.write_text('restore_version_match = "major"\n')
+    os.chown(config, 65534, 65534)
+    config.chmod(0o644)
+    host.set_driver_version("580.105.08")
+    host.rescan()
+    done = run_action("pre-restore", host.env(GPU_DEVICE_WATCHER_CONFIG=str(config)), images)
+    assert done.returncode == 1
+    assert "is owned by another user (uid 65534); ignoring it" in done.stderr
+
+
 # ---------------------------------------------------------------------------- other actions
 
 

@@ -31,7 +31,34 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.support.hostfiles import proc_devices_text
+from tests.support.maps import Map, device, names, problem_codes
 from watcher import client
+
+# device, names, problem_codes and proc_devices_text live in tests/support (shared by every
+# suite and the benchmarks) and are still importable from here.
+__all__ = [
+    "BUS_ID",
+    "DEV_ROOT",
+    "DRIVER_ROOT",
+    "NSHOST",
+    "REPO",
+    "TIMEOUT",
+    "UVM_MAJOR",
+    "VALIDATIONS",
+    "VERSION",
+    "Daemon",
+    "HarnessError",
+    "Map",
+    "Namespace",
+    "Subscription",
+    "cli_command",
+    "device",
+    "mounts_under",
+    "names",
+    "problem_codes",
+    "proc_devices_text",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 NSHOST = Path(__file__).resolve().with_name("nshost.py")
@@ -52,8 +79,6 @@ NODES: dict[str, tuple[int, int]] = {
     "nvidia-uvm-tools": (UVM_MAJOR, 1),
 }
 
-Map = dict[str, Any]
-
 
 class HarnessError(RuntimeError):
     pass
@@ -63,25 +88,6 @@ def cli_command() -> list[str]:
     """The installed console script, as a user runs it (or `python -m watcher`)."""
     script = Path(sys.executable).with_name("gpu-device-watcher")
     return [str(script)] if script.exists() else [sys.executable, "-m", "watcher"]
-
-
-def device(device_map: Map, name: str) -> dict[str, Any] | None:
-    return next((d for d in device_map["devices"] if d["name"] == name), None)
-
-
-def names(device_map: Map) -> list[str]:
-    return [d["name"] for d in device_map["devices"]]
-
-
-def problem_codes(device_map: Map) -> list[tuple[str, str | None]]:
-    return [(p["code"], p.get("path")) for p in device_map["problems"]]
-
-
-def proc_devices_text(majors: Mapping[str, int]) -> str:
-    lines = ["Character devices:", "  1 mem", "  5 /dev/tty", " 10 misc"]
-    lines += [f"{major:3d} {name}" for name, major in majors.items()]
-    lines += ["", "Block devices:", "  8 sd", "259 blkext", ""]
-    return "\n".join(lines)
 
 
 class _Lines:

@@ -15,7 +15,6 @@ import random
 import select
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import msgspec
+
+from tests.support.hostfiles import mknod, proc_devices_text
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
@@ -87,13 +88,6 @@ def umount(target: str | Path, flags: int = MNT_DETACH) -> None:
 # --- a host tree ---------------------------------------------------------------------------
 
 
-def proc_devices_text(majors: Mapping[str, int]) -> str:
-    lines = ["Character devices:", "  1 mem", "  5 /dev/tty", " 10 misc"]
-    lines += [f"{major:3d} {name}" for name, major in majors.items()]
-    lines += ["", "Block devices:", "  8 sd", "259 blkext", ""]
-    return "\n".join(lines)
-
-
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Replace a file in one step, as the kernel's /proc files change: never half written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,12 +97,6 @@ def write_atomic(path: Path, text: str | bytes) -> None:
     else:
         temporary.write_text(text)
     os.replace(temporary, path)
-
-
-def mknod(path: Path, major: int, minor: int, mode: int = 0o666) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mknod(path, stat.S_IFCHR | mode, os.makedev(major, minor))
-    os.chmod(path, mode)
 
 
 @dataclass

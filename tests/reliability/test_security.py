@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from watcher.config import ConfigError, check_file_safety, load_config_file
+from watcher.contract import config_file_problem
 from watcher.core.scan import HostView
 from watcher.probe import scan
 
@@ -302,30 +303,47 @@ def test_a_node_swapped_for_a_symlink_is_never_valid(
 # --- the config file -----------------------------------------------------------------------
 
 
+_WRITABLE = "is writable by others .mode 0[0-7]+.: only its owner and root may write it"
+_FOREIGN = "is owned by another user .uid 65534.: only root or uid 0 may own it"
+
+
 @pytest.mark.parametrize(
-    ("mode", "owner", "group", "refused"),
+    ("mode", "owner", "group", "refusal"),
     [
-        (0o644, 0, 0, False),
-        (0o600, 0, 0, False),
-        (0o664, 0, 0, False),  # group root may write: root anyway
-        (0o644, NOBODY, NOBODY, False),  # its owner may write it
-        (0o646, 0, 0, True),
-        (0o666, 0, 0, True),
-        (0o664, 0, NOBODY, True),
-        (0o620, NOBODY, NOBODY, True),
+        (0o644, 0, 0, None),
+        (0o600, 0, 0, None),
+        (0o664, 0, 0, None),  # group root may write: root anyway
+        (0o646, 0, 0, _WRITABLE),
+        (0o666, 0, 0, _WRITABLE),
+        (0o664, 0, NOBODY, _WRITABLE),
+        # Another user's file, even one only it can write: that user could loosen the
+        # daemon's access lists or the CRIU action's version check (run as root).
+        (0o644, NOBODY, NOBODY, _FOREIGN),
+        (0o620, NOBODY, NOBODY, _FOREIGN),
     ],
 )
-def test_config_file_safety(base: Path, mode: int, owner: int, group: int, refused: bool) -> None:
+def test_config_file_safety(
+    base: Path, mode: int, owner: int, group: int, refusal: str | None
+) -> None:
     config = write_config(base / "config.toml", log_level="debug")
     os.chown(config, owner, group)
     config.chmod(mode)
-    if refused:
-        with pytest.raises(ConfigError, match="writable by others than its owner and root"):
+    if refusal is not None:
+        with pytest.raises(ConfigError, match=refusal):
             load_config_file(str(config), required=True)
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=refusal):
             check_file_safety(str(config))
     else:
         assert load_config_file(str(config), required=True).log_level == "debug"
+
+
+def test_a_config_owned_by_the_daemons_own_user_is_trusted(base: Path) -> None:
+    """The daemon run as an unprivileged user may read the config that user owns."""
+    config = write_config(base / "config.toml", log_level="debug")
+    os.chown(config, NOBODY, NOBODY)
+    config.chmod(0o600)
+    assert config_file_problem(str(config), os.stat(config), own_uid=NOBODY) is None
+    assert config_file_problem(str(config), os.stat(config), own_uid=0) is not None
 
 
 def test_an_unsafe_config_is_refused_at_start_and_on_reload(

@@ -223,6 +223,10 @@ def test_fuzzed_lines_against_the_live_daemon(
                 reply = check_reply_shape(client.line())
                 check_answer(kind, reply)
                 del line
+            # Done talking: the daemon closes its end, and the fd count below cannot race
+            # a close still on its way.
+            client.sock.shutdown(socket.SHUT_WR)
+            assert client.reader.read() == b""
         sent += len(batch)
         # Another client is served in between.
         assert bystander.ask({"op": "get"})["ok"]

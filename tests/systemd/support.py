@@ -11,7 +11,6 @@ import re
 import select
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -23,6 +22,9 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+
+from tests.support import hostfiles
+from tests.support.hostfiles import proc_devices_text
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
@@ -57,12 +59,6 @@ def child_env(**extra: str) -> dict[str, str]:
 # --- a simulated host ------------------------------------------------------------------
 
 
-def proc_devices_text(char: dict[str, int]) -> str:
-    lines = ["Character devices:", "  1 mem", "  5 /dev/tty", " 10 misc"]
-    lines += [f"{major:3d} {name}" for name, major in char.items()]
-    return "\n".join([*lines, "", "Block devices:", "  8 sd", "259 blkext", ""])
-
-
 def write_proc(proc: Path) -> None:
     """A fake <proc>: the driver loaded, one H200 at minor 0."""
     (proc / "driver/nvidia/gpus" / BUS_ID).mkdir(parents=True)
@@ -79,7 +75,7 @@ def write_proc(proc: Path) -> None:
 
 def mknod(path: Path, major: int, minor: int) -> None:
     # 0600: nothing but root could open these even if a driver answered on the numbers.
-    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+    hostfiles.mknod(path, major, minor, 0o600)
 
 
 @dataclass(frozen=True)

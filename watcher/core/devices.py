@@ -1,14 +1,19 @@
 """The NVIDIA device family, as data, and the `/proc/devices` parser.
 
-Adding a node type means adding a `NodeSpec`; the scanner only walks this table.
+Adding a node type means adding a `NodeSpec`; adding a family means adding a `Family`: the
+scanner (`core/scan.py`), the probe (`probe.py`) and the daemon's event filter only walk
+these tables.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from watcher.core.model import Kind
+
+__all__ = ["NVIDIA", "Expected", "Family", "NodeSpec", "ProcDevicesError", "parse_proc_devices"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +36,61 @@ class NodeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Expected:
+    """A node the driver should have made: `missing-node` at `severity` when it is absent.
+
+    `when_major`: expected only while that name is registered in /proc/devices (None: always,
+    once the driver is loaded). `why` ends the message "<path> is missing although <why>".
+    """
+
+    name: str
+    severity: Literal["error", "warning"]
+    why: str
+    when_major: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Family:
-    """A driver's node family: its specs and the subdirectories of the dev root it uses."""
+    """A driver's node family, as data: the scanner, the probe and the daemon's event filter
+    walk this and name nothing of their own. Adding a family is adding one of these.
+    """
 
     specs: tuple[NodeSpec, ...]
     subdirs: tuple[str, ...]
     # Names in /proc/devices that prove the driver is loaded.
     core_majors: tuple[str, ...]
+    # How people call the driver in messages ("the NVIDIA kernel driver is not loaded").
+    display: str = "NVIDIA"
+    # The node whose validity picks the dev root (a valid one proves the root is live).
+    control: str = "nvidiactl"
+    # The node of GPU minor N, named from the driver's per-GPU /proc information.
+    gpu_node: str = "nvidia{minor}"
+    # Always expected once loaded, and expected while a module's major is registered.
+    expected: tuple[Expected, ...] = ()
+    # What re-creates missing or stale nodes, for messages.
+    recreate: str = "nvidia-modprobe"
+    # How to load the driver, for the driver-not-loaded message.
+    load_hint: str = "modprobe nvidia"
+    # The driver's files under --proc: its version line, and one directory per GPU.
+    proc_version: str = "driver/nvidia/version"
+    proc_gpus: str = "driver/nvidia/gpus"
+    # driver-ready (GPU Operator) keys naming the driver root and the dev root's base.
+    ready_root_key: str = "NVIDIA_DRIVER_ROOT"
+    ready_dev_key: str = "NVIDIA_DEV_ROOT"
+    # The tool that opens the control node and misses it outside /dev, for `not-in-dev`.
+    opened_by: str = "CRIU's CUDA plugin"
+
+    def gpu_node_name(self, minor: int) -> str:
+        return self.gpu_node.format(minor=minor)
+
+    def names_entry(self, name: str) -> bool:
+        """Whether a directory entry called `name` (in a dev root or one of the family's
+        subdirectories) can be one of the family's nodes or subdirectories."""
+        return (
+            name in self.subdirs
+            or self.match(name) is not None
+            or any(self.match(f"{subdir}/{name}") is not None for subdir in self.subdirs)
+        )
 
     def match(self, name: str) -> tuple[NodeSpec, int] | None:
         """The spec a name belongs to and the minor it should carry, or None."""
@@ -79,6 +132,11 @@ NVIDIA = Family(
     ),
     subdirs=("nvidia-caps", "nvidia-caps-imex-channels"),
     core_majors=_CORE,
+    expected=(
+        Expected("nvidiactl", "error", "every CUDA process opens it"),
+        Expected("nvidia-uvm", "error", "the nvidia-uvm module is loaded", "nvidia-uvm"),
+        Expected("nvidia-uvm-tools", "warning", "the nvidia-uvm module is loaded", "nvidia-uvm"),
+    ),
 )
 
 

@@ -6,7 +6,10 @@ from typing import Literal
 
 import msgspec
 
+from watcher.contract import CHANGE_WORDS
 from watcher.core.model import Device, DeviceMap
+
+__all__ = ["Change", "ChangeKind", "describe", "diff_maps"]
 
 ChangeKind = Literal["added", "removed", "changed"]
 
@@ -51,12 +54,15 @@ def describe(change: Change) -> str:
     if change.change == "added" and change.after is not None:
         device = change.after
         state = "" if device.valid else " (not valid)"
-        return f"{change.name} appeared at {device.path} ({device.major}:{device.minor}){state}"
+        return (
+            f"{change.name} {CHANGE_WORDS['added']} {device.path}"
+            f" ({device.major}:{device.minor}){state}"
+        )
     if change.change == "removed":
-        return f"{change.name} disappeared from {change.path}"
+        return f"{change.name} {CHANGE_WORDS['removed']} {change.path}"
     before, after = change.before, change.after
     if before is None or after is None:
-        return f"{change.name} changed at {change.path}"
+        return f"{change.name} {CHANGE_WORDS['changed']} {change.path}"
     parts = []
     if before.path != after.path:
         parts.append(f"moved {before.path} -> {after.path}")
@@ -68,4 +74,5 @@ def describe(change: Change) -> str:
         parts.append("now valid" if after.valid else "no longer valid")
     if before.mount != after.mount:
         parts.append("mount changed")
-    return f"{change.name} changed at {change.path}: {', '.join(parts) or 'details changed'}"
+    details = ", ".join(parts) or "details changed"
+    return f"{change.name} {CHANGE_WORDS['changed']} {change.path}: {details}"

@@ -10,6 +10,19 @@ from typing import Literal
 
 import msgspec
 
+__all__ = [
+    "Device",
+    "DeviceMap",
+    "Driver",
+    "DriverSource",
+    "Gpu",
+    "Kind",
+    "Mount",
+    "Problem",
+    "ProblemCode",
+    "Severity",
+]
+
 Severity = Literal["error", "warning", "info"]
 Kind = Literal[
     "control",

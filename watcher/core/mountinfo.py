@@ -15,6 +15,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+__all__ = [
+    "MountEntry",
+    "MountTable",
+    "MountinfoError",
+    "PathFilter",
+    "escape",
+    "parse_line",
+    "parse_mountinfo",
+    "unescape",
+]
+
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 # The kernel escapes exactly these; anything else reaching us unescaped is taken literally.
 _NEEDS_ESCAPE = {" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}

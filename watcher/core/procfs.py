@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+__all__ = ["GpuInformation", "parse_driver_version", "parse_gpu_information", "parse_key_values"]
+
 # "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build ..."
 # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023"
 _VERSION = re.compile(r"\b(\d+\.\d+(?:\.\d+)*)\b")

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from watcher.contract import RECORD_NAME, RECORD_VERSION
 from watcher.core.model import DeviceMap, Kind
 
 __all__ = [
@@ -28,9 +29,6 @@ __all__ = [
     "schema",
     "schema_text",
 ]
-
-RECORD_NAME = "gpu-device-watcher.json"
-RECORD_VERSION = 2
 
 Via = Literal["fd", "maps"]
 CheckCode = Literal["mig-in-use", "cuda-checkpoint-missing"]

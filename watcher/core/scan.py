@@ -29,6 +29,21 @@ from watcher.core.model import (
 from watcher.core.mountinfo import MountEntry, MountTable
 from watcher.core.procfs import GpuInformation, parse_driver_version, parse_key_values
 
+__all__ = [
+    "DEFAULT_DRIVER_ROOTS",
+    "DEFAULT_VALIDATIONS_DIR",
+    "Candidate",
+    "DevRootListing",
+    "FileType",
+    "HostSnapshot",
+    "HostView",
+    "NodeEntry",
+    "build_map",
+    "candidates_for",
+    "dev_root_of",
+    "printable",
+]
+
 DEFAULT_DRIVER_ROOTS = ("/", "/run/nvidia/driver")
 DEFAULT_VALIDATIONS_DIR = "/run/nvidia/validations"
 
@@ -154,15 +169,17 @@ def _usable_path(path: str) -> bool:
     return path.startswith("/") and "\0" not in path
 
 
-def candidates_for(view: HostView, driver_ready: str | None) -> list[Candidate]:
+def candidates_for(
+    view: HostView, driver_ready: str | None, family: Family = NVIDIA
+) -> list[Candidate]:
     """Candidate roots in order: the one named by driver-ready first, then `driver_roots`."""
     found: list[Candidate] = []
     if driver_ready is not None:
         values = parse_key_values(driver_ready)
-        driver_root = values.get("NVIDIA_DRIVER_ROOT", "")
+        driver_root = values.get(family.ready_root_key, "")
         # A NUL cannot be in a path: passed on, it raised ValueError in every scan.
         if _usable_path(driver_root):
-            dev_base = values.get("NVIDIA_DEV_ROOT", "")
+            dev_base = values.get(family.ready_dev_key, "")
             if not _usable_path(dev_base):  # absent, empty or relative: the driver root
                 dev_base = driver_root
             found.append(
@@ -243,7 +260,7 @@ class _Judge:
                 (
                     "not-char-device",
                     f"{path} is a block device; the driver only makes character devices: remove "
-                    "it and let the driver (or nvidia-modprobe) recreate it",
+                    f"it and let the driver (or {self.family.recreate}) recreate it",
                 )
             )
         registered = self.family.registered_major(spec, self.majors)
@@ -298,7 +315,7 @@ class _Judge:
                 yield verdict
 
     def has_valid_control(self, listing: DevRootListing) -> bool:
-        control = listing.entry("nvidiactl")
+        control = listing.entry(self.family.control)
         if control is None:
             return False
         verdict = self.judge(listing.dev_root, control)
@@ -313,8 +330,53 @@ def build_map(
     updated: str,
     family: Family = NVIDIA,
 ) -> DeviceMap:
+    """The map of one snapshot: each step below adds its devices or problems."""
     problems = _Problems()
+    majors, loaded = _driver(view, snapshot, family, problems)
+    _mount_table_problems(view, snapshot, problems)
+    judge = _Judge(view, family, majors, loaded, snapshot.mounts)
+    chosen = _choose_dev_root(snapshot, judge)
+    chosen_listing = snapshot.listings.get(chosen.dev_root) if chosen else None
+    devices = _devices(chosen_listing, judge, problems) if chosen_listing is not None else []
+    if chosen is None:
+        _no_device_root(snapshot, family, problems)
+    _driver_root_problems(snapshot, chosen, family, problems)
+    if chosen is not None and chosen.dev_root != "/dev":
+        _not_in_dev(snapshot, chosen, judge, problems)
+    if snapshot.driver_ready is not None:
+        _check_validations(view, snapshot, chosen, problems, family)
+    gpus = _gpus(snapshot, devices, family)
+    if loaded and chosen is not None:
+        _missing_nodes(
+            family, chosen, chosen_listing, majors=majors, snapshot=snapshot, problems=problems
+        )
+    return printable(
+        DeviceMap(
+            generation=generation,
+            updated=updated,
+            driver=Driver(
+                loaded=loaded,
+                version=(
+                    parse_driver_version(snapshot.driver_version_text)
+                    if snapshot.driver_version_text is not None
+                    else None
+                ),
+                root=chosen.driver_root if chosen else None,
+                dev_root=chosen.dev_root if chosen else None,
+                source=_source(view, chosen),
+                cuda_checkpoint=_cuda_checkpoint(chosen, snapshot.cuda_checkpoints),
+            ),
+            devices=tuple(devices),
+            gpus=tuple(gpus),
+            problems=problems.sorted(),
+        )
+    )
 
+
+def _driver(
+    view: HostView, snapshot: HostSnapshot, family: Family, problems: _Problems
+) -> tuple[dict[str, int], bool]:
+    """The registered majors and whether the family's driver is loaded."""
     majors: dict[str, int] = {}
     if snapshot.proc_devices is not None:
         try:
@@ -331,15 +393,18 @@ def build_map(
         why = (
             f"cannot read {view.proc}/devices ({snapshot.proc_devices_error})"
             if snapshot.proc_devices_error
-            else f"{view.proc}/devices lists neither 'nvidia' nor 'nvidia-frontend'"
+            else f"{view.proc}/devices lists {_neither(family.core_majors)}"
         )
         problems.add(
             "driver-not-loaded",
             "error",
-            f"the NVIDIA kernel driver is not loaded: {why}; load it (modprobe nvidia) or wait "
-            "for the driver container to finish starting",
+            f"the {family.display} kernel driver is not loaded: {why}; load it "
+            f"({family.load_hint}) or wait for the driver container to finish starting",
         )
+    return majors, loaded
 
+
+def _mount_table_problems(view: HostView, snapshot: HostSnapshot, problems: _Problems) -> None:
     if snapshot.mounts_error is not None:
         problems.add(
             "nodev-mount",
@@ -358,62 +423,67 @@ def build_map(
             "node on a skipped mount is attributed to the mount below it, nodev unnoticed",
         )
 
-    judge = _Judge(view, family, majors, loaded, snapshot.mounts)
 
-    # Pick the dev root: first valid nvidiactl, else first with any node, else none.
-    chosen: Candidate | None = None
+def _choose_dev_root(snapshot: HostSnapshot, judge: _Judge) -> Candidate | None:
+    """The first candidate with a valid control node, else the first with any node."""
     for candidate in snapshot.candidates:
         listing = snapshot.listings.get(candidate.dev_root)
         if listing is not None and judge.has_valid_control(listing):
-            chosen = candidate
-            break
-    if chosen is None:
-        for candidate in snapshot.candidates:
-            listing = snapshot.listings.get(candidate.dev_root)
-            if listing is not None and listing.has_nodes:
-                chosen = candidate
-                break
+            return candidate
+    for candidate in snapshot.candidates:
+        listing = snapshot.listings.get(candidate.dev_root)
+        if listing is not None and listing.has_nodes:
+            return candidate
+    return None
 
+
+def _devices(listing: DevRootListing, judge: _Judge, problems: _Problems) -> list[Device]:
+    """Every node of the chosen dev root, sorted by name, with what is wrong with each."""
     devices: list[Device] = []
-    chosen_listing = snapshot.listings.get(chosen.dev_root) if chosen else None
-    if chosen_listing is not None:
-        for verdict in judge.verdicts(chosen_listing):
-            devices.append(verdict.device)
-            if loaded:
-                for code, message in verdict.problems:
-                    problems.add(code, "error", message, verdict.device.path)
-        for entry in chosen_listing.entries:
-            if entry.file_type not in ("char", "block"):
-                path = posixpath.join(chosen_listing.dev_root, entry.name)
-                what = (
-                    f"a symlink to {entry.link_target!r} (not followed)"
-                    if entry.file_type == "symlink"
-                    else f"a {'directory' if entry.file_type == 'dir' else entry.file_type}"
-                )
-                problems.add(
-                    "not-char-device",
-                    "error",
-                    f"{path} is {what}, not a character device: remove it so the driver's own "
-                    "node can be created",
-                    path,
-                )
+    for verdict in judge.verdicts(listing):
+        devices.append(verdict.device)
+        if judge.loaded:
+            for code, message in verdict.problems:
+                problems.add(code, "error", message, verdict.device.path)
+    for entry in listing.entries:
+        if entry.file_type not in ("char", "block"):
+            path = posixpath.join(listing.dev_root, entry.name)
+            what = (
+                f"a symlink to {entry.link_target!r} (not followed)"
+                if entry.file_type == "symlink"
+                else f"a {'directory' if entry.file_type == 'dir' else entry.file_type}"
+            )
+            problems.add(
+                "not-char-device",
+                "error",
+                f"{path} is {what}, not a character device: remove it so the driver's own "
+                "node can be created",
+                path,
+            )
     devices.sort(key=lambda device: device.name)
+    return devices
 
-    if chosen is None:
-        unreadable = "".join(
-            f"; cannot read {listing.dev_root} ({listing.error})"
-            for candidate in snapshot.candidates
-            if (listing := snapshot.listings.get(candidate.dev_root)) is not None
-            and listing.error is not None
-        )
-        problems.add(
-            "no-device-root",
-            "error",
-            "no NVIDIA device nodes in any driver root ("
-            + ", ".join(candidate.dev_root for candidate in snapshot.candidates)
-            + f"){unreadable}; if the driver runs in a container, set driver_roots to its root",
-        )
 
+def _no_device_root(snapshot: HostSnapshot, family: Family, problems: _Problems) -> None:
+    unreadable = "".join(
+        f"; cannot read {listing.dev_root} ({listing.error})"
+        for candidate in snapshot.candidates
+        if (listing := snapshot.listings.get(candidate.dev_root)) is not None
+        and listing.error is not None
+    )
+    problems.add(
+        "no-device-root",
+        "error",
+        f"no {family.display} device nodes in any driver root ("
+        + ", ".join(candidate.dev_root for candidate in snapshot.candidates)
+        + f"){unreadable}; if the driver runs in a container, set driver_roots to its root",
+    )
+
+
+def _driver_root_problems(
+    snapshot: HostSnapshot, chosen: Candidate | None, family: Family, problems: _Problems
+) -> None:
+    """Driver roots that exist but hold no readable nodes."""
     for candidate in snapshot.candidates:
         if (
             candidate.driver_root == "/"
@@ -439,33 +509,37 @@ def build_map(
                 "driver-root-empty",
                 "warning" if chosen else "error",
                 f"driver root {candidate.driver_root} exists but {candidate.dev_root} holds no "
-                "NVIDIA device nodes: the driver container may still be starting, or its root "
-                "was left behind by an earlier driver pod (check the driver pod)",
+                f"{family.display} device nodes: the driver container may still be starting, or "
+                "its root was left behind by an earlier driver pod (check the driver pod)",
                 candidate.driver_root,
             )
 
-    if chosen is not None and chosen.dev_root != "/dev":
-        in_dev = snapshot.listings.get("/dev")
-        # A stale or planted /dev/nvidiactl does not help a tool that opens it.
-        if in_dev is None or not judge.has_valid_control(in_dev):
-            problems.add(
-                "not-in-dev",
-                "warning",
-                f"NVIDIA device nodes are in {chosen.dev_root}, not /dev: tools that open "
-                "/dev/nvidiactl (CRIU's CUDA plugin among them) will not find them; ask "
-                "gpu-device-watcher for the paths (`gpu-device-watcher path nvidiactl`)",
-                chosen.dev_root,
-            )
 
-    if snapshot.driver_ready is not None:
-        _check_validations(view, snapshot, chosen, problems)
+def _not_in_dev(
+    snapshot: HostSnapshot, chosen: Candidate, judge: _Judge, problems: _Problems
+) -> None:
+    family = judge.family
+    in_dev = snapshot.listings.get("/dev")
+    # A stale or planted control node in /dev does not help a tool that opens it.
+    if in_dev is None or not judge.has_valid_control(in_dev):
+        problems.add(
+            "not-in-dev",
+            "warning",
+            f"{family.display} device nodes are in {chosen.dev_root}, not /dev: tools that "
+            f"open /dev/{family.control} ({family.opened_by} among them) will not find them;"
+            " ask gpu-device-watcher for the paths (`gpu-device-watcher path "
+            f"{family.control}`)",
+            chosen.dev_root,
+        )
 
-    gpus: list[Gpu] = []
+
+def _gpus(snapshot: HostSnapshot, devices: list[Device], family: Family) -> list[Gpu]:
     listed = {device.name: device for device in devices}
+    gpus: list[Gpu] = []
     for info in sorted(
         snapshot.gpu_information, key=lambda gpu: (gpu.minor is None, gpu.minor, gpu.bus_id)
     ):
-        node = listed.get(f"nvidia{info.minor}") if info.minor is not None else None
+        node = listed.get(family.gpu_node_name(info.minor)) if info.minor is not None else None
         gpus.append(
             Gpu(
                 minor=info.minor,
@@ -475,37 +549,23 @@ def build_map(
                 device=node.path if node is not None else None,
             )
         )
+    return gpus
 
-    if loaded and chosen is not None:
-        _missing_nodes(chosen, chosen_listing, majors, snapshot, problems)
 
-    source: DriverSource = "detected"
+def _source(view: HostView, chosen: Candidate | None) -> DriverSource:
     if chosen is not None and chosen.from_validations:
-        source = "validations"
-    elif view.driver_roots_configured:
-        source = "config"
-    version = (
-        parse_driver_version(snapshot.driver_version_text)
-        if snapshot.driver_version_text is not None
-        else None
-    )
-    return printable(
-        DeviceMap(
-            generation=generation,
-            updated=updated,
-            driver=Driver(
-                loaded=loaded,
-                version=version,
-                root=chosen.driver_root if chosen else None,
-                dev_root=chosen.dev_root if chosen else None,
-                source=source,
-                cuda_checkpoint=_cuda_checkpoint(chosen, snapshot.cuda_checkpoints),
-            ),
-            devices=tuple(devices),
-            gpus=tuple(gpus),
-            problems=problems.sorted(),
-        )
-    )
+        return "validations"
+    if view.driver_roots_configured:
+        return "config"
+    return "detected"
+
+
+def _neither(names: tuple[str, ...]) -> str:
+    """ "neither 'a' nor 'b'" (or "no 'a'" for one name)."""
+    quoted = [f"'{name}'" for name in names]
+    if len(quoted) == 1:
+        return f"no {quoted[0]}"
+    return "neither " + " nor ".join(quoted)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -546,37 +606,42 @@ def printable(device_map: DeviceMap) -> DeviceMap:
 
 
 def _missing_nodes(
+    family: Family,
     chosen: Candidate,
     listing: DevRootListing | None,
+    *,
     majors: Mapping[str, int],
     snapshot: HostSnapshot,
     problems: _Problems,
 ) -> None:
     expected: list[tuple[str, Severity, str]] = [
-        ("nvidiactl", "error", "every CUDA process opens it"),
+        (node.name, node.severity, node.why)
+        for node in family.expected
+        if node.when_major is None or node.when_major in majors
     ]
     for info in snapshot.gpu_information:
         if info.minor is not None:
             expected.append(
-                (f"nvidia{info.minor}", "error", f"GPU {info.bus_id} is listed in /proc")
+                (family.gpu_node_name(info.minor), "error", f"GPU {info.bus_id} is listed in /proc")
             )
-    if "nvidia-uvm" in majors:
-        expected.append(("nvidia-uvm", "error", "the nvidia-uvm module is loaded"))
-        expected.append(("nvidia-uvm-tools", "warning", "the nvidia-uvm module is loaded"))
     for name, severity, why in expected:
         if listing is None or listing.entry(name) is None:
             path = posixpath.join(chosen.dev_root, name)
             problems.add(
                 "missing-node",
                 severity,
-                f"{path} is missing although {why}: run nvidia-modprobe (or restart the driver "
+                f"{path} is missing although {why}: run {family.recreate} (or restart the driver "
                 "container) to create it",
                 path,
             )
 
 
 def _check_validations(
-    view: HostView, snapshot: HostSnapshot, chosen: Candidate | None, problems: _Problems
+    view: HostView,
+    snapshot: HostSnapshot,
+    chosen: Candidate | None,
+    problems: _Problems,
+    family: Family,
 ) -> None:
     ready_path = posixpath.join(view.validations_dir, "driver-ready")
     named = next((c for c in snapshot.candidates if c.from_validations), None)
@@ -584,7 +649,7 @@ def _check_validations(
         problems.add(
             "validations-mismatch",
             "warning",
-            f"{ready_path} has no absolute NVIDIA_DRIVER_ROOT; it was ignored (is the GPU "
+            f"{ready_path} has no absolute {family.ready_root_key}; it was ignored (is the GPU "
             "Operator's driver validation healthy?)",
             ready_path,
         )
@@ -592,7 +657,7 @@ def _check_validations(
         problems.add(
             "validations-mismatch",
             "warning",
-            f"{ready_path} names {named.dev_root}, but it holds no valid nvidiactl; using "
+            f"{ready_path} names {named.dev_root}, but it holds no valid {family.control}; using "
             f"{chosen.dev_root} instead (the driver-ready file may be stale after a driver pod "
             "restart)",
             ready_path,

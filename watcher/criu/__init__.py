@@ -25,6 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
+from watcher.contract import CONFIG_ENV, RECORD_NAME, RECORD_VERSION
+
 # Not `from typing import TYPE_CHECKING`: typing costs milliseconds at every one of CRIU's
 # stages, and mypy honours any constant of this name.
 TYPE_CHECKING = False
@@ -39,11 +41,8 @@ __all__ = [
     "main",
 ]
 
-RECORD_NAME = "gpu-device-watcher.json"
-RECORD_VERSION = 2
-# CRIU starts the action with no arguments, so a config at another path than the default can
-# only be named through the environment CRIU passes on (the caller's).
-CONFIG_ENV = "GPU_DEVICE_WATCHER_CONFIG"
+# CONFIG_ENV: CRIU starts the action with no arguments, so a config at another path than the
+# default can only be named through the environment CRIU passes on (the caller's).
 
 EXIT_OK, EXIT_REFUSE, EXIT_USAGE = 0, 1, 2
 

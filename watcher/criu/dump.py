@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from watcher.contract import utc_timestamp as _utc_now
 from watcher.criu import EXIT_OK, EXIT_REFUSE, EXIT_USAGE, RECORD_NAME, RECORD_VERSION
 from watcher.criu.text import image_dir_name, say, shown, tell
 
@@ -27,13 +28,6 @@ ENVIRONMENT = (
 )
 CUDA_CHECKPOINT = "cuda-checkpoint"
 _MIG_DEPTH = 3  # gpuN/mig/giN/ciN/access
-
-
-def _utc_now() -> str:
-    import time  # noqa: PLC0415 (builtin module: no file to read)
-
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
 
 
 def write_atomically(directory: str, name: str, data: bytes) -> None:

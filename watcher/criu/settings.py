@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 
-from watcher.criu import CONFIG_ENV
+from watcher.contract import CONFIG_ENV, DEFAULT_CONFIG, config_file_problem
 from watcher.criu.text import say, shown
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
 VERSION_POLICIES = ("exact", "major")
 DUMP_CHECKS = ("warn", "refuse")
 
@@ -41,11 +40,10 @@ def _load(environ: Mapping[str, str]) -> dict[str, object]:
     try:
         with open(path, "rb") as file:
             info = os.fstat(file.fileno())
-            # The daemon's rule (watcher.config.check_file_safety, not importable here without
-            # msgspec): a file others can write must not relax a safety check run as root.
-            mode = info.st_mode & 0o777
-            if mode & 0o002 or (mode & 0o020 and info.st_gid != 0):
-                say(f"config {shown(path)} is writable by others (mode {mode:04o}); ignoring it")
+            # The daemon's rule: a file another user owns or can write must not relax a
+            # safety check run as root.
+            if (unsafe := config_file_problem(shown(path), info)) is not None:
+                say(f"{unsafe[0]}; ignoring it")
             else:
                 config = tomllib.load(file)
     except FileNotFoundError:

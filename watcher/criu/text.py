@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-PREFIX = "gpu-device-watcher:"
+from watcher.contract import PREFIX
 
 # Long enough for a path or a UUID, short enough that a crafted value cannot flood the log.
 DEFAULT_LIMIT = 160

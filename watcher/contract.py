@@ -1,0 +1,140 @@
+"""The names and rules every entry point shares, in one stdlib-only module.
+
+The lean entry points (the socket client, the CRIU action) must not import msgspec, anyio or
+asyncio, so they could not take these from the heavy modules; before this module each kept
+its own copy. Everything here imports only `os` and `stat` (both loaded by the interpreter
+at start-up), so importing it costs the lean paths nothing measurable.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+# Not `from typing import ...`: typing costs milliseconds at every start of the CRIU action.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "CHANGE_WORDS",
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG",
+    "DEFAULT_SOCKET",
+    "MOUNT_EVENTS_ENV",
+    "PREFIX",
+    "RECORD_NAME",
+    "RECORD_VERSION",
+    "SOCKET_ENV",
+    "config_file_problem",
+    "socket_path",
+    "summary_line",
+    "utc_timestamp",
+]
+
+# --- names -----------------------------------------------------------------------------------
+
+DEFAULT_SOCKET = "/run/gpu-device-watcher/gpu-device-watcher.sock"
+"""Where `serve` listens and clients connect unless told otherwise."""
+SOCKET_ENV = "GPU_DEVICE_WATCHER_SOCKET"
+"""Overrides the default socket, for the server and every client (the CRIU action included)."""
+DEFAULT_CONFIG = "/etc/gpu-device-watcher/config.toml"
+"""The config file; absent means defaults."""
+CONFIG_ENV = "GPU_DEVICE_WATCHER_CONFIG"
+"""Names another config for the CRIU action, which CRIU starts with no arguments."""
+MOUNT_EVENTS_ENV = "GPU_DEVICE_WATCHER_MOUNT_EVENTS"
+"""How the daemon judges mount changes: `auto`, `fanotify` or `mountinfo` (docs/map.md)."""
+
+RECORD_NAME = "gpu-device-watcher.json"
+"""The record `pre-dump` writes into CRIU's image directory."""
+RECORD_VERSION = 2
+"""The record format version written (and read) by this version."""
+
+PREFIX = "gpu-device-watcher:"
+"""Every line printed for a person (stderr, CRIU's log) starts with this."""
+
+
+def socket_path(explicit: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
+    """The socket to use: the one named explicitly, else the environment's, else the default."""
+    return explicit or environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+# --- the config file safety rule ---------------------------------------------------------------
+
+
+def config_file_problem(
+    path: str, info: os.stat_result, own_uid: int | None = None
+) -> tuple[str, str] | None:
+    """(why a config file must not be trusted, the command that fixes it), or None.
+
+    The daemon and the CRIU action run as root and a config can relax what they check
+    (`restore_version_match`, `allowed_uids`), so only root and the reader's own user may be
+    able to write it: the owner is root or `own_uid` (default: the effective uid), and
+    nobody else can write it (no write for others, nor for a group other than root's).
+    Pass the fstat() of the file that was read: the path looked up again could name another
+    file by then (swapped in a directory others can write).
+    """
+    owner = os.geteuid() if own_uid is None else own_uid
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (0, owner):
+        return (
+            f"config {path} is owned by another user (uid {info.st_uid})",
+            f"only root or uid {owner} may own it; run: chown root {path}",
+        )
+    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and info.st_gid != 0):
+        return (
+            f"config {path} is writable by others (mode {mode:04o})",
+            f"only its owner and root may write it; run: chmod go-w {path}",
+        )
+    return None
+
+
+# --- wording -----------------------------------------------------------------------------------
+
+CHANGE_WORDS = {"added": "appeared at", "removed": "disappeared from", "changed": "changed at"}
+"""How a change of the map reads in logs and `watch`: "nvidia0 appeared at /dev/nvidia0"."""
+
+
+def utc_timestamp(now: float | None = None) -> str:
+    """`2026-11-28T20:40:00.123456Z`: the map's `updated` and the record's `created`.
+
+    With `time` alone (a builtin module): `datetime` costs the CRIU action milliseconds.
+    """
+    import time  # noqa: PLC0415 (builtin: nothing to read from disk)
+
+    if now is None:
+        now = time.time()
+    seconds = int(now)
+    micros = int((now - seconds) * 1e6)  # truncated, as datetime.isoformat() does
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+
+
+def summary_line(
+    *,
+    loaded: bool,
+    version: str | None,
+    dev_root: str | None,
+    devices: int,
+    invalid: int,
+    severities: Iterable[str],
+) -> str:
+    """The one-line summary of a map (systemd STATUS=, the daemon's log, `watch`).
+
+    "driver 580.95.05, 4 devices in /run/nvidia/driver/dev, 1 warning"
+    """
+    head = f"driver {version or '(unknown version)'}" if loaded else "driver not loaded"
+    if dev_root:
+        where = f"{devices} devices in {dev_root}"
+        if invalid:
+            where += f" ({invalid} not valid)"
+    else:
+        where = "no device root"
+    counts: dict[str, int] = {}
+    for severity in severities:
+        counts[severity] = counts.get(severity, 0) + 1
+    troubles = ", ".join(
+        f"{count} {severity}{'s' if count > 1 else ''}"
+        for severity in ("error", "warning")
+        if (count := counts.get(severity, 0))
+    )
+    return ", ".join(part for part in (head, where, troubles) if part)

@@ -1,0 +1,104 @@
+"""One scan of the host as the daemon runs it, and what the daemon derives from a scan:
+the directories to watch, the mounts that matter, which entry names are worth a rescan.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from watcher.contract import summary_line, utc_timestamp
+from watcher.core.devices import NVIDIA, Family
+from watcher.core.model import DeviceMap
+from watcher.core.mountinfo import PathFilter
+from watcher.core.scan import HostView, build_map
+from watcher.probe import MountCache, read_host
+
+__all__ = [
+    "Scanned",
+    "event_filter",
+    "matters",
+    "mount_filter",
+    "scan_host",
+    "summary",
+    "watch_targets",
+    "watched_subdirs",
+]
+
+
+def summary(device_map: DeviceMap) -> str:
+    """The one-line STATUS= text: driver version, where the nodes are, what is wrong."""
+    driver = device_map.driver
+    return summary_line(
+        loaded=driver.loaded,
+        version=driver.version,
+        dev_root=driver.dev_root,
+        devices=len(device_map.devices),
+        invalid=sum(1 for device in device_map.devices if not device.valid),
+        severities=(problem.severity for problem in device_map.problems),
+    )
+
+
+def watch_targets(view: HostView, dev_roots: list[str]) -> list[str]:
+    host_paths = [*dev_roots, "/dev", view.validations_dir]
+    return [view.fs_path(path) for path in dict.fromkeys(host_paths)]
+
+
+def mount_filter(view: HostView, dev_roots: list[str], driver_roots: list[str]) -> PathFilter:
+    """Which mount points (as this process sees them) can change the map: on, above or below
+    what a scan lists, watches or reads, and on or above the driver roots (a scan only asks
+    whether those exist). A superset only costs rescans."""
+    paths = {view.fs_path(path) for path in [*dev_roots, "/dev", view.validations_dir]}
+    paths.add(os.path.abspath(view.proc))
+    return PathFilter(sorted(paths), sorted({view.fs_path(path) for path in driver_roots}))
+
+
+# What the GPU Operator writes into the validations directory; the rest of it is noise.
+_VALIDATION_FILES = frozenset({"driver-ready", ".driver-ctr-ready"})
+
+
+def event_filter(families: tuple[Family, ...] = (NVIDIA,)) -> Callable[[str], bool]:
+    """Whether an entry with a given name, in a dev root or a family subdirectory or the
+    validations directory, can change the map (the families' tables decide)."""
+
+    def matters(name: str) -> bool:
+        return name in _VALIDATION_FILES or any(family.names_entry(name) for family in families)
+
+    return matters
+
+
+def watched_subdirs(families: tuple[Family, ...] = (NVIDIA,)) -> tuple[str, ...]:
+    """The subdirectories of a dev root that are watched too."""
+    return tuple(dict.fromkeys(subdir for family in families for subdir in family.subdirs))
+
+
+matters = event_filter()
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    map: DeviceMap
+    dev_roots: list[str]
+    milliseconds: float
+    driver_roots: list[str]
+
+
+def scan_host(
+    view: HostView,
+    generation: int,
+    mount_cache: MountCache | None = None,
+    family: Family = NVIDIA,
+) -> Scanned:
+    started = time.perf_counter()
+    snapshot = read_host(view, family, mount_cache=mount_cache)
+    device_map = build_map(
+        view, snapshot, generation=generation, updated=utc_timestamp(), family=family
+    )
+    return Scanned(
+        map=device_map,
+        dev_roots=[candidate.dev_root for candidate in snapshot.candidates],
+        milliseconds=round((time.perf_counter() - started) * 1000, 3),
+        driver_roots=[candidate.driver_root for candidate in snapshot.candidates],
+    )
