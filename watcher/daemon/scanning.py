@@ -30,14 +30,20 @@ __all__ = [
 
 def summary(device_map: DeviceMap) -> str:
     """The one-line STATUS= text: driver version, where the nodes are, what is wrong."""
-    driver = device_map.driver
+    driver, amd = device_map.driver, device_map.amd
+    nvidia = [device for device in device_map.devices if device.family == "nvidia"]
+    others = [device for device in device_map.devices if device.family == "amd"]
     return summary_line(
         loaded=driver.loaded,
         version=driver.version,
         dev_root=driver.dev_root,
-        devices=len(device_map.devices),
-        invalid=sum(1 for device in device_map.devices if not device.valid),
+        devices=len(nvidia),
+        invalid=sum(1 for device in nvidia if not device.valid),
         severities=(problem.severity for problem in device_map.problems),
+        amd_loaded=amd.loaded,
+        amd_dev_root=amd.dev_root,
+        amd_devices=len(others),
+        amd_invalid=sum(1 for device in others if not device.valid),
     )
 
 
