@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.hostfiles import drm_render, mknod, proc_devices_text
+from watcher.contract import CHANGE_WORDS, summary_line
+from watcher.render import describe_update
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mknod of character devices needs root")
 TIMEOUT = 30.0
@@ -103,3 +105,56 @@ def test_sys_that_is_not_a_directory_is_a_usage_error(tmp_path: Path) -> None:
     done = scan("--sys", str(tmp_path / "missing"))
     assert done.returncode == 2
     assert done.stderr == f"gpu-device-watcher: --sys {tmp_path / 'missing'}: not a directory\n"
+
+
+def test_watch_lines_and_the_summary_name_amd_only_where_it_is() -> None:
+    amd_only = {
+        "driver": {"loaded": False, "version": None, "dev_root": None},
+        "amd": {"loaded": True, "dev_root": "/dev"},
+        "devices": [
+            {
+                "name": "kfd",
+                "path": "/dev/kfd",
+                "major": 235,
+                "minor": 0,
+                "mode": "0666",
+                "valid": True,
+                "family": "amd",
+            },
+        ],
+        "problems": [],
+    }
+    first = describe_update(None, {"generation": 1, "map": amd_only})
+    assert first == ["generation 1: AMD kfd loaded, 1 AMD devices in /dev"]
+    render_node = {
+        "name": "dri/renderD128",
+        "path": "/dev/dri/renderD128",
+        "major": 226,
+        "minor": 128,
+        "mode": "0666",
+        "valid": True,
+        "family": "amd",
+    }
+    later = {**amd_only, "devices": [render_node, *amd_only["devices"]]}
+    change = {"change": "added", "name": "dri/renderD128", "path": "/dev/dri/renderD128"}
+    lines = describe_update(amd_only, {"generation": 2, "map": later, "changes": [change]})
+    assert lines == [
+        f"generation 2: dri/renderD128 {CHANGE_WORDS['added']} /dev/dri/renderD128 "
+        "(226:128, mode 0666)"
+    ]
+    nvidia_only = summary_line(
+        loaded=True, version="580.95.05", dev_root="/dev", devices=2, invalid=0, severities=()
+    )
+    assert nvidia_only == "driver 580.95.05, 2 devices in /dev"
+    both = summary_line(
+        loaded=True,
+        version="580.95.05",
+        dev_root="/dev",
+        devices=2,
+        invalid=0,
+        severities=(),
+        amd_loaded=False,
+        amd_dev_root="/dev",
+        amd_devices=1,
+    )
+    assert both == "driver 580.95.05, 2 devices in /dev, AMD kfd not loaded, 1 AMD devices in /dev"
