@@ -99,3 +99,24 @@ def test_client_commands_name_amd_nodes(amd_daemon: Daemon) -> None:
     assert ["kfd", "/dev/kfd", "kfd", "235:0", "0666", "yes"] in [row[:6] for row in rows]
     assert any(row[:1] == ["dri/renderD128"] and row[-1] == "amd" for row in rows)
     assert any(row[:2] == ["128", "0000:83:00.0"] and row[-1] == "amd" for row in rows)
+
+
+def test_amdgpu_loaded_after_the_daemon_started(
+    host: Namespace, start_daemon: Callable[..., Daemon]
+) -> None:
+    # No AMD at start; then amdgpu loads: kfd is registered, udev makes /dev/dri and the nodes.
+    daemon = start_daemon()
+    assert daemon.get()["map"]["amd"] == {"loaded": False, "dev_root": None}
+    with daemon.subscribe() as subscription:
+        host.proc_devices(MAJORS)
+        host.drm_render(128, "0000:83:00.0", unique_id="592c190172fd5d40")
+        host.mkdir("/dev/dri")
+        host.mknod("/dev/dri/renderD128", DRM, 128)
+        # One generation or two (the new directory is a change of its own: kfd missing).
+        lines = subscription.until(lambda found: device(found, "dri/renderD128") is not None)
+        assert lines[-1]["map"]["amd"] == {"loaded": True, "dev_root": "/dev"}
+        assert len(lines) <= 2
+        host.mknod("/dev/kfd", KFD, 0)
+        line = subscription.next()
+        assert line["changes"] == [{"change": "added", "name": "kfd", "path": "/dev/kfd"}]
+        assert [p["code"] for p in line["map"]["problems"] if p["family"] == "amd"] == []

@@ -31,8 +31,10 @@ __all__ = [
 def summary(device_map: DeviceMap) -> str:
     """The one-line STATUS= text: driver version, where the nodes are, what is wrong."""
     driver, amd = device_map.driver, device_map.amd
-    nvidia = [device for device in device_map.devices if device.family == "nvidia"]
-    others = [device for device in device_map.devices if device.family == "amd"]
+    # Each device counts with the family whose map object (`driver`, `amd`) describes it.
+    section = {family.name: family.section for family in FAMILIES}
+    nvidia = [device for device in device_map.devices if section[device.family] == "driver"]
+    others = [device for device in device_map.devices if section[device.family] == "amd"]
     return summary_line(
         loaded=driver.loaded,
         version=driver.version,
