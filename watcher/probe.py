@@ -289,17 +289,19 @@ _MAX_LINKS = 40  # as the kernel's own limit on links followed in one lookup
 _SYS_TEXT_LIMIT = 256
 
 
-def resolve_in(base: str, relative: str) -> str | None:
+def resolve_in(base: str, relative: str, known: str = "") -> str | None:
     """The real path (relative to `base`) that `relative` names, its symlinks resolved one
     component at a time, or None when it does not exist, loops, or any link leads outside
     `base`: nothing outside the sysfs view is ever looked at.
 
     sysfs links are relative (`class/drm/renderD128 -> ../../devices/pci.../drm/renderD128`);
-    an absolute one counts only if it points into `base`.
+    an absolute one counts only if it points into `base`. `known` is a path below `base` that
+    this function already returned (no link in it): `relative` is then taken from there, and
+    the components of `known` are not looked at again.
     """
     base = base.rstrip("/") or "/"
     pending = [part for part in reversed(relative.split("/")) if part not in ("", ".")]
-    done: list[str] = []
+    done: list[str] = [part for part in known.split("/") if part]
     links = 0
     while pending:
         part = pending.pop()
@@ -361,8 +363,8 @@ def read_sys_drm(sys: str) -> tuple[DrmNode, ...]:
         node = resolve_in(sys, f"class/drm/{name}") if number else None
         if number is None or node is None:
             continue
-        device = resolve_in(sys, f"{node}/device")
-        driver = resolve_in(sys, f"{device}/driver") if device is not None else None
+        device = resolve_in(sys, "device", known=node)
+        driver = resolve_in(sys, "driver", known=device) if device is not None else None
         unique_id = _sys_value(sys, device, "unique_id") if device is not None else None
         found.append(
             DrmNode(
