@@ -257,3 +257,11 @@ def test_a_symlink_in_place_of_kfd_is_reported(layout: HostLayout) -> None:
     assert [(p.code, p.family, p.path) for p in device_map.problems] == [
         ("not-char-device", "amd", "/dev/kfd"),
     ]
+
+
+def test_a_problem_of_no_family_goes_with_the_family_the_host_has(layout: HostLayout) -> None:
+    amd_host(layout)
+    layout.proc_text("devices", "Character devices:\n  1 mem\n235 kfd\n226 drm\nnot a line\n")
+    device_map = layout.scan().map
+    [problem] = [p for p in device_map.problems if p.code == "driver-not-loaded"]
+    assert problem.family == "amd"  # /proc/devices is unreadable on an AMD host

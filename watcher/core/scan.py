@@ -381,6 +381,10 @@ def build_map(
     majors, unparsed = _majors(view, snapshot, problems)
     _mount_table_problems(view, snapshot, problems)
     present = [family for family in families if _present(snapshot, family, majors)]
+    # What is about no family (the mount table, /proc/devices) goes with the first family the
+    # host has: an AMD host's unreadable mount table is not an NVIDIA problem.
+    owner = (present or [families[0]])[0].name
+    problems.items = [msgspec.structs.replace(item, family=owner) for item in problems.items]
     scans: dict[str, _FamilyScan] = {}
     for family in families:
         problems.family = family.name
