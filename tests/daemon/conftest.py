@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.processes import namespace_problem
 
 from .harness import Daemon, Namespace, mounts_under
 
@@ -18,23 +18,8 @@ NEEDS = "needs root, unshare -m and nsenter (private mount namespaces, tmpfs, mk
 
 @pytest.fixture(scope="session")
 def namespaces_available() -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"{NEEDS}: not running as root")
-    missing = [tool for tool in ("unshare", "nsenter") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{NEEDS}: {', '.join(missing)} not found")
-    try:
-        probe = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "true"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        pytest.skip(f"{NEEDS}: probe failed: {error}")
-    if probe.returncode != 0:
-        pytest.skip(f"{NEEDS}: unshare --mount failed: {probe.stderr.strip()}")
+    if (problem := namespace_problem(("unshare", "nsenter"))) is not None:
+        pytest.skip(f"{NEEDS}: {problem}")
 
 
 @pytest.fixture
