@@ -5,8 +5,9 @@
   and applies every later change on request, answering once the change is done.
 - `Daemon` (a `tests.support.daemonproc.DaemonProcess`) runs `python -m watcher serve --root R
   --proc P --socket S` inside that same namespace through `nsenter -t <nshost pid> -m`, so
-  the daemon's own /proc/self/mountinfo is the namespace's mount table. Its stderr (the log) and its sd_notify datagrams are collected
-  by a reader thread; readiness is the `READY=1` datagram.
+  the daemon's own /proc/self/mountinfo is the namespace's mount table. Its stderr (the log)
+  and its sd_notify datagrams are collected by a reader thread; readiness is the `READY=1`
+  datagram.
 - The socket and the notify socket live outside the namespace's private tmpfs, on the file
   system both sides share, so the test process reaches them by path.
 
