@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import pytest
 
 from tests.support.processes import namespace_problem
 
-from .harness import Daemon, Namespace, mounts_under
+from .harness import Daemon, Namespace, operator_namespace, scratch_base
 
 NEEDS = "needs root, unshare -m and nsenter (private mount namespaces, tmpfs, mknod)"
 
@@ -24,26 +22,14 @@ def namespaces_available() -> None:
 
 @pytest.fixture
 def base(namespaces_available: None) -> Iterator[Path]:
-    # Short, under /tmp: socket paths must fit the 107 bytes of sun_path.
-    directory = Path(tempfile.mkdtemp(prefix="gdw-d-", dir="/tmp"))
-    config = directory / "config.toml"
-    config.write_text("")
-    config.chmod(0o600)
-    yield directory
-    leaked = mounts_under(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    # The namespace died with its processes: nothing of it may show up here.
-    assert leaked == [], f"mounts leaked into the test's namespace: {leaked}"
+    with scratch_base("gdw-d-") as directory:
+        yield directory
 
 
 @pytest.fixture
 def host(base: Path) -> Iterator[Namespace]:
-    namespace = Namespace(base)
-    try:
-        namespace.build_operator_host()
+    with operator_namespace(base) as namespace:
         yield namespace
-    finally:
-        namespace.close()
 
 
 @pytest.fixture

@@ -21,10 +21,12 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,10 @@ __all__ = [
     "device",
     "mounts_under",
     "names",
+    "operator_namespace",
     "problem_codes",
     "proc_devices_text",
+    "scratch_base",
 ]
 
 NSHOST = Path(__file__).resolve().with_name("nshost.py")
@@ -285,3 +289,31 @@ def mounts_under(path: Path) -> list[str]:
         if mount_point == prefix or mount_point.startswith(prefix + "/"):
             found.append(mount_point)
     return found
+
+
+@contextlib.contextmanager
+def scratch_base(prefix: str) -> Iterator[Path]:
+    """A fresh directory for one test's namespace, sockets and an empty config.
+
+    Short, under /tmp: socket paths must fit the 107 bytes of sun_path. Removed afterwards;
+    the namespace dies with its processes, so no mount of it may show up here then.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    config = directory / "config.toml"
+    config.write_text("")
+    config.chmod(0o600)
+    yield directory
+    leaked = mounts_under(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    assert leaked == [], f"mounts leaked into the test's namespace: {leaked}"
+
+
+@contextlib.contextmanager
+def operator_namespace(base: Path) -> Iterator[Namespace]:
+    """A `Namespace` holding a GPU-Operator-shaped host, closed afterwards."""
+    namespace = Namespace(base)
+    try:
+        namespace.build_operator_host()
+        yield namespace
+    finally:
+        namespace.close()
