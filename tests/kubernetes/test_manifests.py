@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -332,8 +333,12 @@ def scratch() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _simulate(scratch: Path, uid: int, capabilities: list[str]) -> dict[str, Any]:
-    spec = json.dumps({"uid": uid, "capabilities": capabilities})
+def _simulate(
+    scratch: Path, uid: int, capabilities: list[str], config: str = "", config_mode: int = 0o644
+) -> dict[str, Any]:
+    spec = json.dumps(
+        {"uid": uid, "capabilities": capabilities, "config": config, "config_mode": config_mode}
+    )
     done = run_scenario_module("tests.kubernetes.podsim", spec, scratch, timeout=120)
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -366,6 +371,32 @@ def test_the_pod_s_privileges_are_enough(scratch: Path) -> None:
     limit = _container("gpu-device-watcher")["resources"]["limits"]["memory"]
     assert limit.endswith("Mi")
     assert result["usage"]["rss_mib"] * 2 < int(limit[:-2]), result["usage"]
+
+
+@pytest.mark.realfs
+def test_the_pod_s_config_turns_on_labels_and_metrics(scratch: Path) -> None:
+    """The base's config.toml, as the kubelet writes it (root-owned, defaultMode), read by the
+    daemon with the pod's uid and capabilities: the feature file lands in a root-owned
+    directory and the metrics are served. Only the address and the directory are moved (to
+    loopback and a free port; to the simulated node's features.d)."""
+    daemon = _container("gpu-device-watcher")
+    mode = _volume(_mount(daemon, os.path.dirname(DEFAULT_CONFIG))["name"])["configMap"][
+        "defaultMode"
+    ]
+    text = _generated_config()[1].read_text()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = text.replace('"0.0.0.0:9402"', f'"127.0.0.1:{port}"')
+    text = text.replace("/etc/kubernetes/node-feature-discovery/features.d", "{features}")
+    assert f"127.0.0.1:{port}" in text and "{features}/gpu-device-watcher" in text
+    uid = _pod()["securityContext"]["runAsUser"]
+    result = _simulate(scratch, uid, capabilities_added(daemon), text, mode)
+    assert result.get("ready"), result
+    assert "Traceback" not in result["log"], result["log"]
+    assert result["features"] == ["gpu-device-watcher"], result
+    assert "gpu_device_watcher_checkpoint_ready" in result["metrics"], result
+    assert result["exit"] == 0
 
 
 @pytest.mark.realfs
