@@ -111,6 +111,17 @@ def run_bare(
     )
 
 
+def installed(tmp_path: Path) -> tuple[Path, Path]:
+    """(the action file installed into tmp_path/bin, an empty image directory)."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    done = install(directory)
+    assert done.returncode == 0, done.stderr
+    images = tmp_path / "images"
+    images.mkdir()
+    return directory / NAME, images
+
+
 def test_install_action_writes_one_executable_zipapp(tmp_path: Path) -> None:
     done = install(tmp_path)
     assert done.returncode == 0, done.stderr
@@ -172,12 +183,7 @@ def test_the_file_runs_on_the_bare_host_python(
     trees: Callable[..., Tree],
     tmp_path: Path,
 ) -> None:
-    directory = tmp_path / "bin"
-    directory.mkdir()
-    assert install(directory).returncode == 0
-    action = directory / NAME
-    images = tmp_path / "images"
-    images.mkdir()
+    action, images = installed(tmp_path)
     tree = trees("/dev/zero")
     socket = str(host.socket)
 
@@ -222,12 +228,7 @@ def test_without_the_daemon_a_dump_goes_on_only_for_a_tree_without_a_gpu(
     """The file cannot scan, but it can tell from /proc/devices and the tree's fds whether a
     GPU is in use. The simulated NVIDIA node: /dev/ptmx, whose major the host's
     /proc/devices (a file the config's `proc` names) calls `nvidia-frontend`."""
-    directory = tmp_path / "bin"
-    directory.mkdir()
-    assert install(directory).returncode == 0
-    action = directory / NAME
-    images = tmp_path / "images"
-    images.mkdir()
+    action, images = installed(tmp_path)
     rdev = os.stat("/dev/ptmx").st_rdev
     major, minor = os.major(rdev), os.minor(rdev)
     proc = tmp_path / "proc"
