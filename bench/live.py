@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +43,7 @@ from bench.hostmounts import (
     reexec_unshared,
     scratch_tmpfs,
 )
+from tests.support.daemonproc import DaemonProcess
 from watcher.core.scan import HostView
 from watcher.probe import scan
 
@@ -89,7 +90,9 @@ class LineSocket:
         self.sock.close()
 
 
-class Daemon:
+class Daemon(DaemonProcess):
+    """The real daemon on the benchmark's host (in this unshared namespace), ready."""
+
     def __init__(
         self,
         root: Path,
@@ -98,56 +101,27 @@ class Daemon:
         *,
         env: dict[str, str] | None = None,
         name: str = "gdw",
+        config_text: str = "",
+        config_name: str = "config.toml",
     ) -> None:
-        self.socket = str(base / f"{name}.sock")
-        config = base / "config.toml"
-        config.write_text("")
+        config = base / config_name
+        config.write_text(config_text)
         config.chmod(0o600)
-        notify_path = base / f"{name}.notify"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(notify_path))
-        self.ready = threading.Event()
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_", "JOURNAL_"))
-        }
-        environment["NOTIFY_SOCKET"] = str(notify_path)
-        environment.update(env or {})
-        self.log = open(base / f"{name}.log", "w+b")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
+        socket_path = base / f"{name}.sock"
+        super().__init__(
             [
                 *(sys.executable, "-m", "watcher", "serve", "--root", str(root)),
-                *("--proc", str(proc), "--socket", self.socket, "--config", str(config)),
+                *("--proc", str(proc), "--socket", str(socket_path), "--config", str(config)),
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
-            env=environment,
+            socket_path=socket_path,
+            notify_path=base / f"{name}.notify",
+            env=env,
         )
-        self.pid = self.process.pid
-        # Drains STATUS= datagrams for the daemon's whole life, so that none is refused.
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self.ready.wait(TIMEOUT):
-            raise RuntimeError(f"the daemon did not get ready:\n{self.log_text()}")
-
-    def _drain(self) -> None:
         try:
-            while True:
-                if b"READY=1" in self.notify.recv(4096):
-                    self.ready.set()
-        except OSError:
-            return
-
-    def request(self, payload: dict[str, Any]) -> dict[str, Any]:
-        connection = LineSocket(self.socket)
-        try:
-            reply: dict[str, Any] = json.loads(
-                connection.request(json.dumps(payload).encode() + b"\n")
-            )
-        finally:
-            connection.close()
-        return reply
+            self.wait_ready(TIMEOUT)
+        except AssertionError as error:
+            self.close()
+            raise RuntimeError(f"the daemon did not get ready: {error}") from None
 
     def settle(self) -> None:
         """Let the events of a mount storm play out: rescan, then once more after a pause."""
@@ -155,16 +129,18 @@ class Daemon:
         time.sleep(0.5)
         self.request({"op": "rescan"})
 
-    def log_text(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def stop(self) -> int:
-        self.process.terminate()
-        returncode = self.process.wait(TIMEOUT)
-        self.notify.close()
-        self.log.close()
+    def stop(self, number: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
+        returncode = super().stop(number, timeout)
+        self.close()
         return returncode
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as file:
+        for line in file:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 # --- 1. get versus scan ------------------------------------------------------------------
@@ -389,7 +365,7 @@ def run(quick: bool) -> dict[str, Any]:
                     }
                 )
         finally:
-            log = daemon.log_text()
+            log = daemon.log_text
             results["daemon_exit"] = daemon.stop()
             results["daemon_warnings"] = [
                 line for line in log.splitlines() if " WARNING " in line or " ERROR " in line

@@ -23,14 +23,12 @@ import json
 import os
 import socket
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.hostmounts import build_operator_host, reexec_unshared, scratch_tmpfs
+from bench.live import Daemon, cpu_and_switches, rss_kib
 
 RESULTS = Path(__file__).with_name("results-metrics.json")
 TIMEOUT = 30.0
@@ -44,64 +42,9 @@ def free_port() -> int:
         return port
 
 
-class Daemon:
-    def __init__(self, root: Path, proc: Path, base: Path, name: str, config: str) -> None:
-        self.config = base / f"{name}.toml"
-        self.config.write_text(config)
-        self.config.chmod(0o600)
-        notify_path = base / f"{name}.notify"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(notify_path))
-        self.ready = threading.Event()
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_", "JOURNAL_"))
-        }
-        environment["NOTIFY_SOCKET"] = str(notify_path)
-        self.log = open(base / f"{name}.log", "w+b")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "watcher", "serve", "--root", str(root)),
-                *("--proc", str(proc), "--socket", str(base / f"{name}.sock")),
-                *("--config", str(self.config)),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
-            env=environment,
-        )
-        self.pid = self.process.pid
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self.ready.wait(TIMEOUT):
-            self.log.seek(0)
-            raise RuntimeError(f"the daemon did not get ready:\n{self.log.read().decode()}")
-
-    def _drain(self) -> None:
-        try:
-            while True:
-                if b"READY=1" in self.notify.recv(4096):
-                    self.ready.set()
-        except OSError:
-            return
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as file:
-            fields = file.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.pid}/status") as file:
-            for line in file:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(TIMEOUT)
-        self.notify.close()
-        self.log.close()
+def cpu_seconds(daemon: Daemon) -> float:
+    """utime + stime of the daemon, all threads."""
+    return cpu_and_switches(daemon.pid)[0] / TICK
 
 
 def scrape(port: int) -> float:
@@ -121,14 +64,14 @@ def scrape(port: int) -> float:
 
 def cpu_over(daemon: Daemon, seconds: float, port: int | None) -> float:
     """CPU seconds the daemon used over `seconds`, scraping once a second when `port`."""
-    before = daemon.cpu_seconds()
+    before = cpu_seconds(daemon)
     start = time.monotonic()
     for second in range(int(seconds)):
         if port is not None:
             scrape(port)
         # Paced on the clock, not on the scrape: one per second however long each takes.
         time.sleep(max(0.0, start + second + 1 - time.monotonic()))
-    return daemon.cpu_seconds() - before
+    return cpu_seconds(daemon) - before
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -141,21 +84,22 @@ def run(quick: bool) -> dict[str, Any]:
         cuda.chmod(0o755)
         (base / "features.d").mkdir()
         port = free_port()
-        plain = Daemon(root, proc, base, "plain", "")
+        plain = Daemon(root, proc, base, name="plain", config_name="plain.toml")
         published = Daemon(
             root,
             proc,
             base,
-            "metrics",
-            f'metrics_listen = "127.0.0.1:{port}"\n'
+            name="metrics",
+            config_name="metrics.toml",
+            config_text=f'metrics_listen = "127.0.0.1:{port}"\n'
             f'nfd_features_file = "{base}/features.d/gpu-device-watcher"\n',
         )
         try:
-            rss_start = {"plain": plain.rss_kib(), "metrics": published.rss_kib()}
+            rss_start = {"plain": rss_kib(plain.pid), "metrics": rss_kib(published.pid)}
             for _ in range(20):  # warm up: imports done, buffers grown
                 scrape(port)
             latencies = [scrape(port) for _ in range(300)]
-            rss_scraped = {"plain": plain.rss_kib(), "metrics": published.rss_kib()}
+            rss_scraped = {"plain": rss_kib(plain.pid), "metrics": rss_kib(published.pid)}
             idle = cpu_over(published, seconds, None)
             scraped = cpu_over(published, seconds, port)
             plain_idle = cpu_over(plain, seconds, None)

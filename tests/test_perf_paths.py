@@ -17,11 +17,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -38,7 +36,9 @@ from tests.daemon.harness import (
     device,
     mounts_under,
     names,
+    operator_namespace,
     problem_codes,
+    scratch_base,
 )
 from tests.nsrun import run_scenario_module
 from watcher.core.mountinfo import PathFilter, parse_mountinfo
@@ -530,26 +530,16 @@ def start_daemon(host: Namespace, base: Path) -> Iterator[Callable[..., Daemon]]
 
 @pytest.fixture
 def host(base: Path) -> Iterator[Namespace]:
-    namespace = Namespace(base)
-    try:
-        namespace.build_operator_host()
+    with operator_namespace(base) as namespace:
         yield namespace
-    finally:
-        namespace.close()
 
 
 @pytest.fixture
 def base() -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("needs root: private mount namespaces, tmpfs, mknod")
-    directory = Path(tempfile.mkdtemp(prefix="gdw-p-", dir="/tmp"))
-    config = directory / "config.toml"
-    config.write_text("")
-    config.chmod(0o600)
-    yield directory
-    leaked = mounts_under(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    assert leaked == [], f"mounts leaked into the test's namespace: {leaked}"
+    with scratch_base("gdw-p-") as directory:
+        yield directory
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ which nothing may be reported.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import pytest
 from anyio.abc import TaskStatus
 
 from tests.nsrun import run_scenario_module
+from tests.support.processes import namespace_problem
 from watcher.sources.inotify import (
     IN_CREATE,
     IN_ISDIR,
@@ -341,20 +341,8 @@ async def test_close_ends_a_waiting_mount_table_run() -> None:
 
 @pytest.fixture(scope="module")
 def private_mount_namespace() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: mounts tmpfs in a private mount namespace")
-    for tool in ("unshare", "mount", "umount"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
-    probe = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "true"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"unshare --mount is not permitted here: {probe.stderr.strip()}")
+    if (problem := namespace_problem(("unshare", "mount", "umount"))) is not None:
+        pytest.skip(f"needs root and a private mount namespace with tmpfs mounts: {problem}")
 
 
 def run_in_private_mount_namespace(scenario: str, scratch: Path) -> None:

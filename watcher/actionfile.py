@@ -10,10 +10,11 @@ followed through every module found, as read from their source (the action impor
 its modules lazily, so importing `watcher.criu` alone would show too few). A function of
 `watcher.criu` or of one of its modules that imports a third-party package is the direct-scan
 fallback (it needs the daemon's dependencies): its imports are left out, and the file instead
-refuses a restore it cannot check when the daemon is unreachable. Then every chosen module is
-imported in a fresh `python3 -I` that blocks all but the standard library: a module that needs
-anything else stops the install, loudly, rather than shipping an action that breaks inside
-CRIU.
+refuses a restore it cannot check when the daemon is unreachable, and lets a dump go on only
+when the tree holds no NVIDIA device (`watcher.criu.hostmap.without_scanner`). Then every
+chosen module is imported in a fresh `python3 -I` that blocks all but the standard library: a
+module that needs anything else stops the install, loudly, rather than shipping an action
+that breaks inside CRIU.
 
 Standard library only, and imported only by `install-action`.
 """

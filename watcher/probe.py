@@ -255,16 +255,35 @@ def read_host(
         listings={dev_root: list_dev_root(view, dev_root, families) for dev_root in dev_roots},
         driver_roots_existing=existing,
         cuda_checkpoints=frozenset(
-            path
-            for path in cuda_checkpoint_candidates(candidates)
-            if _is_executable(view.fs_path(path))
+            path for path in cuda_checkpoint_candidates(candidates) if _is_executable(view, path)
         ),
         sys_drm=read_sys_drm(view.sys) if any(f.gpus_from == "sys" for f in families) else (),
     )
 
 
-def _is_executable(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
+# As the kernel's limit on symlinks followed in one lookup.
+_MAX_LINKS = 40
+
+
+def _is_executable(view: HostView, host_path: str) -> bool:
+    """A regular file with an execute bit, a symlink in the last component followed inside
+    the host view: under `--root /host` an absolute link such as `/usr/bin/cuda-checkpoint ->
+    /opt/cuda/bin/cuda-checkpoint` means the host's /opt, not this container's (which
+    os.path.isfile would look at)."""
+    path = host_path
+    for _ in range(_MAX_LINKS):
+        try:
+            info = os.lstat(view.fs_path(path))
+        except (OSError, ValueError):
+            return False
+        if not stat.S_ISLNK(info.st_mode):
+            return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
+        try:
+            target = os.readlink(view.fs_path(path))
+        except OSError:
+            return False
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    return False
 
 
 def scan(

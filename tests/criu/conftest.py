@@ -3,13 +3,12 @@ trees, and a real CRIU (skipped, with the reason, where it cannot be had)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.processes import namespace_problem
 
 from .harness import Criu, CriuUnavailable, Tree, prepare_criu, spawn_tree, subreaper
 from .simhost import HostSpec, SimHost
@@ -19,31 +18,13 @@ NEEDS = "needs root, unshare -m, nsenter, tmpfs mounts and mknod"
 
 @pytest.fixture(scope="session")
 def namespaces_available(tmp_path_factory: pytest.TempPathFactory) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"{NEEDS}: not running as root")
-    missing = [tool for tool in ("unshare", "nsenter", "mount") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{NEEDS}: {', '.join(missing)} not found")
-    probe = tmp_path_factory.mktemp("criu-probe")
-    done = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            'mount -t tmpfs probe "$1" && mknod "$1/c" c 1 5 && head -c 1 "$1/c" >/dev/null',
-            "sh",
-            str(probe),
-        ],
-        capture_output=True,
-        timeout=15,
-        check=False,
+    problem = namespace_problem(
+        ("unshare", "nsenter", "mount"),
+        'mount -t tmpfs probe "$1" && mknod "$1/c" c 1 5 && head -c 1 "$1/c" >/dev/null',
+        tmp_path_factory.mktemp("criu-probe"),
     )
-    if done.returncode != 0:
-        pytest.skip(f"{NEEDS}: probe failed: {done.stderr.decode(errors='replace').strip()}")
+    if problem is not None:
+        pytest.skip(f"{NEEDS}: {problem}")
 
 
 @pytest.fixture(scope="package", autouse=True)

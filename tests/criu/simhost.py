@@ -33,9 +33,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.support.processes import PRIVATE_MOUNTS, child_env
 from watcher import client
 
-REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -182,10 +182,7 @@ class SimHost:
         self.write_proc()
         self.write_sys()
         self.write_config()
-        env = dict(os.environ)
-        env.pop(client.SOCKET_ENV, None)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env["NOTIFY_SOCKET"] = str(self._notify_path)
+        env = child_env({"NOTIFY_SOCKET": str(self._notify_path)}, drop=(client.SOCKET_ENV,))
         child = {
             "root": str(self.root),
             "proc": str(self.proc),
@@ -198,11 +195,7 @@ class SimHost:
             with self.log.open("wb") as log:
                 self.process = subprocess.Popen(
                     [
-                        "unshare",
-                        "--mount",
-                        "--propagation",
-                        "private",
-                        "--",
+                        *PRIVATE_MOUNTS,
                         sys.executable,
                         str(Path(__file__).resolve()),
                         json.dumps(child),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hostfiles import proc_devices_text
 from watcher import actionfile
 
 from .harness import Tree
@@ -79,7 +80,14 @@ def install(directory: Path) -> subprocess.CompletedProcess[str]:
 
 
 def run_bare(
-    python: Path, action: Path, stage: str, socket: str, images: Path, *, pid: int | None = None
+    python: Path,
+    action: Path,
+    stage: str,
+    socket: str,
+    images: Path,
+    *,
+    pid: int | None = None,
+    config: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The file as CRIU runs it: no arguments, CRTOOLS_* and nothing else but PATH."""
     environment = [
@@ -87,8 +95,9 @@ def run_bare(
         f"CRTOOLS_SCRIPT_ACTION={stage}",
         f"CRTOOLS_IMAGE_DIR={images}",
         f"GPU_DEVICE_WATCHER_SOCKET={socket}",
-        # An absent config: the host's /etc/gpu-device-watcher must not steer the test.
-        f"GPU_DEVICE_WATCHER_CONFIG={images}/no-config.toml",
+        # By default an absent config: the host's /etc/gpu-device-watcher must not steer the
+        # test.
+        f"GPU_DEVICE_WATCHER_CONFIG={config or images / 'no-config.toml'}",
     ]
     if pid is not None:
         environment.append(f"CRTOOLS_INIT_PID={pid}")
@@ -100,6 +109,17 @@ def run_bare(
         timeout=TIMEOUT,
         check=False,
     )
+
+
+def installed(tmp_path: Path) -> tuple[Path, Path]:
+    """(the action file installed into tmp_path/bin, an empty image directory)."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    done = install(directory)
+    assert done.returncode == 0, done.stderr
+    images = tmp_path / "images"
+    images.mkdir()
+    return directory / NAME, images
 
 
 def test_install_action_writes_one_executable_zipapp(tmp_path: Path) -> None:
@@ -163,12 +183,7 @@ def test_the_file_runs_on_the_bare_host_python(
     trees: Callable[..., Tree],
     tmp_path: Path,
 ) -> None:
-    directory = tmp_path / "bin"
-    directory.mkdir()
-    assert install(directory).returncode == 0
-    action = directory / NAME
-    images = tmp_path / "images"
-    images.mkdir()
+    action, images = installed(tmp_path)
     tree = trees("/dev/zero")
     socket = str(host.socket)
 
@@ -205,3 +220,58 @@ def test_the_file_runs_on_the_bare_host_python(
     quiet = run_bare(bare_python, action, "post-dump", gone, images, pid=tree.root)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout == quiet.stderr == ""
+
+
+def test_without_the_daemon_a_dump_goes_on_only_for_a_tree_without_a_gpu(
+    bare_python: Path, trees: Callable[..., Tree], tmp_path: Path
+) -> None:
+    """The file cannot scan, but it can tell from /proc/devices and the tree's fds whether a
+    GPU is in use. The simulated NVIDIA node: /dev/ptmx, whose major the host's
+    /proc/devices (a file the config's `proc` names) calls `nvidia-frontend`."""
+    action, images = installed(tmp_path)
+    rdev = os.stat("/dev/ptmx").st_rdev
+    major, minor = os.major(rdev), os.minor(rdev)
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "devices").write_text(proc_devices_text({"nvidia-frontend": major, "nvidia-uvm": 509}))
+    config = tmp_path / "config.toml"
+    config.write_text(f'proc = "{proc}"\n')
+    config.chmod(0o600)
+    gone = str(tmp_path / "no-daemon.sock")
+
+    # No NVIDIA device in the tree (it holds /dev/null and pipes): one line, exit 0, no
+    # record, so CRIU dumps it while the daemon is down.
+    plain = trees(None)
+    done = run_bare(bare_python, action, "pre-dump", gone, images, pid=plain.root, config=config)
+    assert done.returncode == 0, done.stderr
+    assert "cannot reach the daemon" in done.stderr
+    assert done.stdout == (
+        f"gpu-device-watcher: no GPU device in use by the tree of pid {plain.root}; "
+        "no record written\n"
+    )
+    assert "Traceback" not in done.stderr
+    assert not (images / RECORD).exists()
+
+    # A child holds the simulated node: refused, naming it, nothing written.
+    gpu = trees("/dev/ptmx")
+    refused = run_bare(bare_python, action, "pre-dump", gone, images, pid=gpu.root, config=config)
+    assert refused.returncode == 1, refused.stderr
+    assert f"holds NVIDIA device(s) {major}:{minor}" in refused.stderr
+    assert "dump stopped" in refused.stderr
+    assert "no record written" not in refused.stdout
+    assert not (images / RECORD).exists()
+
+    # The same tree where /proc/devices names no NVIDIA major (no driver loaded): nothing to
+    # record, whatever it holds.
+    (proc / "devices").write_text(proc_devices_text({"other": major}))
+    unloaded = run_bare(bare_python, action, "pre-dump", gone, images, pid=gpu.root, config=config)
+    assert unloaded.returncode == 0, unloaded.stderr
+    assert "no GPU device in use" in unloaded.stdout
+
+    # /proc/devices unreadable: it cannot tell, so closed.
+    (proc / "devices").unlink()
+    blind = run_bare(bare_python, action, "pre-dump", gone, images, pid=plain.root, config=config)
+    assert blind.returncode == 1, blind.stderr
+    assert "cannot read" in blind.stderr
+    assert "dump stopped" in blind.stderr
+    assert not (images / RECORD).exists()

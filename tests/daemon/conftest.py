@@ -2,63 +2,34 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from .harness import Daemon, Namespace, mounts_under
+from tests.support.processes import namespace_problem
+
+from .harness import Daemon, Namespace, operator_namespace, scratch_base
 
 NEEDS = "needs root, unshare -m and nsenter (private mount namespaces, tmpfs, mknod)"
 
 
 @pytest.fixture(scope="session")
 def namespaces_available() -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"{NEEDS}: not running as root")
-    missing = [tool for tool in ("unshare", "nsenter") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{NEEDS}: {', '.join(missing)} not found")
-    try:
-        probe = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "true"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        pytest.skip(f"{NEEDS}: probe failed: {error}")
-    if probe.returncode != 0:
-        pytest.skip(f"{NEEDS}: unshare --mount failed: {probe.stderr.strip()}")
+    if (problem := namespace_problem(("unshare", "nsenter"))) is not None:
+        pytest.skip(f"{NEEDS}: {problem}")
 
 
 @pytest.fixture
 def base(namespaces_available: None) -> Iterator[Path]:
-    # Short, under /tmp: socket paths must fit the 107 bytes of sun_path.
-    directory = Path(tempfile.mkdtemp(prefix="gdw-d-", dir="/tmp"))
-    config = directory / "config.toml"
-    config.write_text("")
-    config.chmod(0o600)
-    yield directory
-    leaked = mounts_under(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    # The namespace died with its processes: nothing of it may show up here.
-    assert leaked == [], f"mounts leaked into the test's namespace: {leaked}"
+    with scratch_base("gdw-d-") as directory:
+        yield directory
 
 
 @pytest.fixture
 def host(base: Path) -> Iterator[Namespace]:
-    namespace = Namespace(base)
-    try:
-        namespace.build_operator_host()
+    with operator_namespace(base) as namespace:
         yield namespace
-    finally:
-        namespace.close()
 
 
 @pytest.fixture

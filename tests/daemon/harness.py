@@ -3,10 +3,11 @@
 - `Namespace` starts `nshost.py` under `unshare --mount --propagation private`. That process
   owns the namespace, builds the host (a tmpfs root R with mknod'ed nodes, a fake proc dir P)
   and applies every later change on request, answering once the change is done.
-- `Daemon` runs `python -m watcher serve --root R --proc P --socket S` inside that same
-  namespace through `nsenter -t <nshost pid> -m`, so the daemon's own /proc/self/mountinfo is
-  the namespace's mount table. Its stderr (the log) and its sd_notify datagrams are collected
-  by a reader thread; readiness is the `READY=1` datagram.
+- `Daemon` (a `tests.support.daemonproc.DaemonProcess`) runs `python -m watcher serve --root R
+  --proc P --socket S` inside that same namespace through `nsenter -t <nshost pid> -m`, so
+  the daemon's own /proc/self/mountinfo is the namespace's mount table. Its stderr (the log)
+  and its sd_notify datagrams are collected by a reader thread; readiness is the `READY=1`
+  datagram.
 - The socket and the notify socket live outside the namespace's private tmpfs, on the file
   system both sides share, so the test process reaches them by path.
 
@@ -19,21 +20,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import selectors
-import signal
-import socket
+import shutil
 import subprocess
 import sys
-import threading
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.support.daemonproc import TIMEOUT, DaemonProcess, HarnessError, Subscription
 from tests.support.hostfiles import proc_devices_text
 from tests.support.maps import Map, device, names, problem_codes
-from watcher import client
+from tests.support.processes import PRIVATE_MOUNTS, REPO
 
 # device, names, problem_codes and proc_devices_text live in tests/support (shared by every
 # suite and the benchmarks) and are still importable from here.
@@ -56,13 +56,13 @@ __all__ = [
     "device",
     "mounts_under",
     "names",
+    "operator_namespace",
     "problem_codes",
     "proc_devices_text",
+    "scratch_base",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
 NSHOST = Path(__file__).resolve().with_name("nshost.py")
-TIMEOUT = 10.0
 
 DRIVER_ROOT = "/run/nvidia/driver"
 DEV_ROOT = "/run/nvidia/driver/dev"
@@ -78,10 +78,6 @@ NODES: dict[str, tuple[int, int]] = {
     "nvidia-uvm": (UVM_MAJOR, 0),
     "nvidia-uvm-tools": (UVM_MAJOR, 1),
 }
-
-
-class HarnessError(RuntimeError):
-    pass
 
 
 def cli_command() -> list[str]:
@@ -132,7 +128,7 @@ class Namespace:
         with open(self._stderr, "wb") as errors:
             self._process = subprocess.Popen(
                 [
-                    *("unshare", "--mount", "--propagation", "private", "--"),
+                    *PRIVATE_MOUNTS,
                     *(sys.executable, str(NSHOST), str(self.workdir)),
                 ],
                 stdin=subprocess.PIPE,
@@ -210,7 +206,7 @@ class Namespace:
         self, minor: int, bus_id: str, *, driver: str = "amdgpu", unique_id: str | None = None
     ) -> None:
         """A render node in the fake sysfs, linked as the kernel links it (see
-        tests/realfs/hostlayout.py `drm_render`)."""
+        tests/support/hostfiles.py `drm_render`)."""
         device = self.sys / f"devices/pci0000:80/{bus_id}"
         self.mkdir(device / f"drm/renderD{minor}")
         self.mkdir(self.sys / f"bus/pci/drivers/{driver}")
@@ -282,7 +278,7 @@ class Namespace:
             self._process.stdout.close()
 
 
-class Daemon:
+class Daemon(DaemonProcess):
     """One `gpu-device-watcher serve` process in the namespace."""
 
     _count = 0
@@ -296,214 +292,17 @@ class Daemon:
         extra: tuple[str, ...] = (),
     ) -> None:
         Daemon._count += 1
-        self.socket = str(socket_path)
-        self.logs: list[str] = []
-        self.notifications: list[str] = []
-        self.exited = False
-        self._reader_error: BaseException | None = None
-        self._changed = threading.Condition()
-        notify_path = namespace.base / f"notify-{Daemon._count}"
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify.bind(str(notify_path))
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("LISTEN_", "WATCHDOG_", "NOTIFY_", "JOURNAL_"))
-            and key != client.SOCKET_ENV
-        }
-        environment["NOTIFY_SOCKET"] = str(notify_path)
-        environment["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+        super().__init__(
+            [
+                *("nsenter", "-t", str(namespace.pid), "-m", "--"),
+                *(sys.executable, "-m", "watcher", "serve"),
+                *("--root", str(namespace.root), "--proc", str(namespace.proc)),
+                *("--sys", str(namespace.sys)),
+                *("--socket", str(socket_path), "--config", str(config), *extra),
+            ],
+            socket_path=socket_path,
+            notify_path=namespace.base / f"notify-{Daemon._count}",
         )
-        self.command = [
-            *("nsenter", "-t", str(namespace.pid), "-m", "--"),
-            *(sys.executable, "-m", "watcher", "serve"),
-            *("--root", str(namespace.root), "--proc", str(namespace.proc)),
-            *("--sys", str(namespace.sys)),
-            *("--socket", self.socket, "--config", str(config), *extra),
-        ]
-        # nsenter joins the namespace and execs: this pid is the daemon's own.
-        self.process = subprocess.Popen(
-            self.command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=environment,
-        )
-        self.pid = self.process.pid
-        self._reader = threading.Thread(target=self._read, name=f"daemon-{self.pid}", daemon=True)
-        self._reader.start()
-
-    # -- the reader thread -----------------------------------------------------------------
-
-    def _read(self) -> None:
-        stderr = self.process.stderr
-        assert stderr is not None
-        partial = b""
-        try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(stderr.fileno(), selectors.EVENT_READ, "log")
-                selector.register(self._notify, selectors.EVENT_READ, "notify")
-                while True:
-                    for key, _ in selector.select():
-                        if key.data == "notify":
-                            datagram = self._notify.recv(4096).decode(errors="replace")
-                            with self._changed:
-                                self.notifications.extend(datagram.splitlines())
-                                self._changed.notify_all()
-                            continue
-                        chunk = os.read(stderr.fileno(), 65536)
-                        if not chunk:
-                            return
-                        partial += chunk
-                        *complete, partial = partial.split(b"\n")
-                        with self._changed:
-                            self.logs.extend(line.decode(errors="replace") for line in complete)
-                            self._changed.notify_all()
-        except BaseException as error:  # noqa: BLE001 (handed to the test thread)
-            self._reader_error = error
-        finally:
-            with self._changed:
-                if partial:
-                    self.logs.append(partial.decode(errors="replace"))
-                self.exited = True
-                self._changed.notify_all()
-
-    def _wait_for(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
-        with self._changed:
-            if not self._changed.wait_for(lambda: condition() or self.exited, timeout):
-                raise AssertionError(f"no {what} within {timeout:g} s; log:\n{self.log_text}")
-            if not condition():
-                raise AssertionError(
-                    f"the daemon exited (rc {self.process.wait(TIMEOUT)}) before {what};"
-                    f" log:\n{self.log_text}"
-                )
-
-    @property
-    def log_text(self) -> str:
-        return "\n".join(self.logs)
-
-    def wait_ready(self, timeout: float = TIMEOUT) -> None:
-        self._wait_for(lambda: "READY=1" in self.notifications, "READY=1", timeout)
-
-    def wait_log(self, pattern: str, timeout: float = TIMEOUT) -> str:
-        """The first log line that `pattern` (a regex) matches, waiting for it if need be."""
-        compiled = re.compile(pattern)
-        self._wait_for(
-            lambda: any(compiled.search(line) for line in self.logs),
-            f"log line {pattern!r}",
-            timeout,
-        )
-        return next(line for line in self.logs if compiled.search(line))
-
-    # -- the socket ------------------------------------------------------------------------
-
-    def request(self, payload: dict[str, Any], timeout: float = TIMEOUT) -> dict[str, Any]:
-        return client.request(self.socket, payload, timeout)
-
-    def get(self) -> dict[str, Any]:
-        return self.request({"op": "get"})
-
-    def wait_map(self, predicate: Callable[[Map], bool], timeout: float = TIMEOUT) -> Map:
-        """The first map (from now on) that satisfies `predicate`, woken by `wait` replies."""
-        deadline = time.monotonic() + timeout
-        reply = self.get()
-        while not predicate(reply["map"]):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no such map within {timeout:g} s; last: {reply['map']}")
-            try:
-                reply = self.request(
-                    {"op": "wait", "after": reply["generation"], "timeout": remaining},
-                    timeout=remaining + TIMEOUT,
-                )
-            except client.ServerError as error:
-                if error.code != "timeout":
-                    raise
-        result: Map = reply["map"]
-        return result
-
-    def subscribe(self) -> Subscription:
-        return Subscription(self.socket)
-
-    # -- stopping --------------------------------------------------------------------------
-
-    def send_signal(self, number: int) -> None:
-        if self.process.poll() is None:
-            os.kill(self.pid, number)
-
-    def wait_exit(self, timeout: float = TIMEOUT) -> int:
-        returncode = self.process.wait(timeout)
-        self._reader.join(timeout)
-        return returncode
-
-    def stop(self, number: int = signal.SIGTERM, timeout: float = TIMEOUT) -> int:
-        self.send_signal(signal.SIGCONT)
-        self.send_signal(number)
-        try:
-            return self.wait_exit(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.wait_exit(timeout)
-            raise AssertionError(
-                f"the daemon ignored signal {number}; log:\n{self.log_text}"
-            ) from None
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.stop()
-        self._reader.join(TIMEOUT)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        self._notify.close()
-        if self._reader_error is not None:
-            raise HarnessError("the log reader failed") from self._reader_error
-
-
-class Subscription:
-    """A `subscribe` stream; each line is checked to be the next generation, none skipped."""
-
-    def __init__(self, socket_path: str, timeout: float = TIMEOUT) -> None:
-        self.timeout = timeout
-        self.connection = client.Connection(socket_path, timeout=timeout)
-        self.connection.send({"op": "subscribe"})
-        self.first = self.connection.receive()
-        self.generation: int = self.first["generation"]
-        self.map: Map = self.first["map"]
-
-    def next(self) -> dict[str, Any]:
-        """The next change line (bounded by the connection's timeout)."""
-        try:
-            reply = self.connection.receive()
-        except client.Unreachable as error:
-            raise AssertionError(
-                f"no change line after generation {self.generation}: {error}"
-            ) from None
-        assert reply["generation"] == self.generation + 1, (self.generation, reply)
-        self.generation = reply["generation"]
-        self.map = reply["map"]
-        return reply
-
-    def until(
-        self, predicate: Callable[[Map], bool], timeout: float = TIMEOUT
-    ) -> list[dict[str, Any]]:
-        """Change lines up to the first whose map satisfies `predicate`."""
-        deadline = time.monotonic() + timeout
-        seen: list[dict[str, Any]] = []
-        while not seen or not predicate(seen[-1]["map"]):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no such map within {timeout:g} s; got {seen}")
-            seen.append(self.next())
-        return seen
-
-    def close(self) -> None:
-        self.connection.close()
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -514,3 +313,31 @@ def mounts_under(path: Path) -> list[str]:
         if mount_point == prefix or mount_point.startswith(prefix + "/"):
             found.append(mount_point)
     return found
+
+
+@contextlib.contextmanager
+def scratch_base(prefix: str) -> Iterator[Path]:
+    """A fresh directory for one test's namespace, sockets and an empty config.
+
+    Short, under /tmp: socket paths must fit the 107 bytes of sun_path. Removed afterwards;
+    the namespace dies with its processes, so no mount of it may show up here then.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    config = directory / "config.toml"
+    config.write_text("")
+    config.chmod(0o600)
+    yield directory
+    leaked = mounts_under(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    assert leaked == [], f"mounts leaked into the test's namespace: {leaked}"
+
+
+@contextlib.contextmanager
+def operator_namespace(base: Path) -> Iterator[Namespace]:
+    """A `Namespace` holding a GPU-Operator-shaped host, closed afterwards."""
+    namespace = Namespace(base)
+    try:
+        namespace.build_operator_host()
+        yield namespace
+    finally:
+        namespace.close()

@@ -21,7 +21,7 @@ import pyinotify
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import DEV_ROOT, DRIVER_ROOT, NODES, VERSION, Daemon, Namespace
+from .harness import DRIVER_ROOT, NODES, VERSION, Daemon, Namespace
 
 pytestmark = pytest.mark.realfs
 
@@ -191,18 +191,24 @@ def test_without_cuda_checkpoint_the_host_is_not_ready(
     host: Namespace, base: Path, features: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     configure(base, f'nfd_features_file = "{features}"\n')
-    start_daemon()
+    daemon = start_daemon()
     labels = read_labels(features)
     assert labels is not None
     assert (labels["checkpoint-ready"], labels["cuda-checkpoint"]) == ("false", "false")
     assert labels["dev-root"] == "run-nvidia-driver-dev"
-    # Installed on the host later and found with the next generation (a new node appears).
+    assert daemon.get()["map"]["driver"]["cuda_checkpoint"] is None
+    # Installed on the host later (a directory nothing watches) and found by the next scan,
+    # here one asked for: the map names it, a new generation, the labels follow.
     host.write("/usr/local/bin/cuda-checkpoint", "#!/bin/sh\n")
     host.chmod("/usr/local/bin/cuda-checkpoint", 0o755)
-    host.mknod(f"{DEV_ROOT}/nvidia-modeset", 195, 254)
+    reply = daemon.request({"op": "rescan"})
+    assert reply["map"]["driver"]["cuda_checkpoint"] == "/usr/local/bin/cuda-checkpoint"
     labels = wait_labels(
         features, lambda got: got is not None and got["checkpoint-ready"] == "true", 10
     )
+    assert labels is not None
+    assert labels["cuda-checkpoint"] == "true"
+    daemon.wait_log("cuda-checkpoint: /usr/local/bin/cuda-checkpoint")
 
 
 def test_metrics_equal_the_map_and_counters_only_grow(published: Daemon, port: int) -> None:

@@ -13,7 +13,11 @@ second mount namespace made from this one, as a container runtime makes it:
 - `/run/gpu-device-watcher` shared with the host (here: the same tmpfs).
 
 Then the host changes (a `nodev` remount, a new mount on the dev root) and the map must
-follow; the readiness probe (`gpu-device-watcher status`) runs with the same privileges. One
+follow; the readiness probe (`gpu-device-watcher status`) runs with the same privileges.
+With SPEC.config (the text of a config.toml, written root-owned with SPEC.config_mode as the
+kubelet writes a ConfigMap's file), the daemon reads it; its `nfd_features_file` may name
+`{features}`, a root-owned directory of the node (mode 0755, as the kubelet's
+`DirectoryOrCreate` makes it), and with `metrics_listen` the endpoint is scraped once. One
 JSON line on stdout says what was seen, with the daemon's RSS and CPU time.
 """
 
@@ -145,6 +149,26 @@ def _usage(pid: int) -> dict[str, float]:
     return {"rss_mib": round(rss_kib / 1024, 1), "cpu_s": ticks / os.sysconf("SC_CLK_TCK")}
 
 
+def _scrape(config_text: str) -> list[str]:
+    """The names of the metric families the endpoint in `config_text` serves."""
+    import http.client
+    import tomllib
+
+    host, _, port = str(tomllib.loads(config_text)["metrics_listen"]).rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        text = response.read().decode()
+    finally:
+        connection.close()
+    return sorted(
+        {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+        if response.status == 200
+        else set()
+    )
+
+
 def main(spec_text: str, scratch_text: str) -> int:
     spec = json.loads(spec_text)
     uid, capabilities = int(spec["uid"]), list(spec["capabilities"])
@@ -167,13 +191,16 @@ def main(spec_text: str, scratch_text: str) -> int:
         "NOTIFY_SOCKET": str(notify_path),
         "GPU_DEVICE_WATCHER_MOUNT_EVENTS": "auto",
     }
+    features = scratch / "features.d"
+    features.mkdir(mode=0o755)
+    config = scratch / "config.toml"
+    config.write_text(str(spec.get("config", "")).replace("{features}", str(features)))
+    config.chmod(int(spec.get("config_mode", 0o644)))
     serve = [
         *(sys.executable, "-m", "watcher", "serve", "--root", str(scratch / "host")),
         *("--proc", str(scratch / "proc"), "--mountinfo", f"/proc/{os.getpid()}/mountinfo"),
-        *("--config", str(scratch / "absent.toml")),
+        *("--config", str(config)),
     ]
-    (scratch / "absent.toml").write_text("")
-    (scratch / "absent.toml").chmod(0o644)
     log_path = scratch / "daemon.log"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, log_path.open("wb") as log:
         notify.bind(str(notify_path))
@@ -204,6 +231,11 @@ def main(spec_text: str, scratch_text: str) -> int:
                 check=False,
             )
             result["probe"] = probe.returncode
+            # What the config turned on: the feature file in the root-owned directory, and
+            # one scrape of the endpoint.
+            result["features"] = sorted(os.listdir(features))
+            if "metrics_listen" in str(spec.get("config", "")):
+                result["metrics"] = _scrape(str(spec["config"]))
             # The host remounts the driver root nodev: only the host's table shows it.
             _run("mount", "-o", "remount,nodev", DRIVER_ROOT)
             seen = _wait_map(lambda m: _control(m)["mount"]["nodev"], "nodev remount")

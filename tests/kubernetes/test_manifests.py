@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,8 @@ import pytest
 import yaml
 
 from tests.nsrun import run_scenario_module
+from watcher.config import load_config_file, parse_listen
+from watcher.contract import DEFAULT_CONFIG, config_file_problem
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed (the test extra has it)"
@@ -28,6 +32,7 @@ kubernetes_validate = pytest.importorskip(
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "deploy" / "kubernetes"
+MONITORING = BASE / "monitoring"
 BUILD_SCRIPT = REPO / "deploy" / "container" / "build.sh"
 # The oldest Kubernetes the base is meant for, and the newest schemas the package has.
 VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
@@ -98,7 +103,12 @@ def test_the_kustomization_renders_to_valid_manifests() -> None:
         [kubectl, "kustomize", str(BASE)], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     documents = [doc for doc in yaml.safe_load_all(rendered) if doc is not None]
-    assert sorted(doc["kind"] for doc in documents) == ["DaemonSet", "Namespace", "ServiceAccount"]
+    assert sorted(doc["kind"] for doc in documents) == [
+        "ConfigMap",
+        "DaemonSet",
+        "Namespace",
+        "ServiceAccount",
+    ]
     for document in documents:
         assert document["metadata"].get("namespace", "gpu-device-watcher") == "gpu-device-watcher"
         kubernetes_validate.validate(document, VERSIONS[-1], strict=True)
@@ -106,6 +116,14 @@ def test_the_kustomization_renders_to_valid_manifests() -> None:
     images = {c["image"] for c in daemonset["spec"]["template"]["spec"]["containers"]}
     images |= {c["image"] for c in daemonset["spec"]["template"]["spec"]["initContainers"]}
     assert images == {f"{_built_image()}"}
+    # The generated ConfigMap (name with a hash suffix) is the one the pod mounts, holding
+    # config.toml as it is in the base.
+    config_map = next(doc for doc in documents if doc["kind"] == "ConfigMap")
+    volumes = daemonset["spec"]["template"]["spec"]["volumes"]
+    mounted = next(v for v in volumes if v["name"] == "config")["configMap"]["name"]
+    assert mounted == config_map["metadata"]["name"]
+    assert mounted.startswith("gpu-device-watcher-config-")
+    assert config_map["data"] == {"config.toml": (BASE / "config.toml").read_text()}
 
 
 def _built_image() -> str:
@@ -186,6 +204,120 @@ def test_the_init_container_installs_the_action_on_the_host() -> None:
     assert not target.get("readOnly", False)
 
 
+# -- labels and metrics -----------------------------------------------------------------
+
+
+def _generated_config() -> tuple[str, Path]:
+    """(the ConfigMap's name, its one file) from the base's configMapGenerator."""
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    (name,) = generator["files"]
+    return generator["name"], BASE / name
+
+
+def test_the_config_map_is_the_daemon_s_config_at_the_default_path(tmp_path: Path) -> None:
+    name, source = _generated_config()
+    daemon = _container("gpu-device-watcher")
+    mount = _mount(daemon, os.path.dirname(DEFAULT_CONFIG))
+    assert mount["readOnly"] is True
+    assert os.path.basename(DEFAULT_CONFIG) == source.name  # the key is the file name
+    volume = _volume(mount["name"])["configMap"]
+    assert volume["name"] == name
+    # The kubelet writes ConfigMap files owned by root with defaultMode: the daemon and the
+    # CRIU action (both root) must accept them under the config safety rule.
+    mode = volume["defaultMode"]
+    kubelet_file = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, 0, 0, 0, 0, 0, 0))
+    assert config_file_problem(DEFAULT_CONFIG, kubelet_file, own_uid=0) is None
+    # ...and the daemon loads it: every key known and of the right type.
+    copy = tmp_path / "config.toml"
+    shutil.copyfile(source, copy)
+    copy.chmod(mode)
+    config = load_config_file(str(copy), required=True)
+    assert config.metrics_listen is not None and config.nfd_features_file is not None
+
+
+def test_metrics_are_served_on_the_declared_port() -> None:
+    config = load_config_file(str(_generated_config()[1]), required=True)
+    assert config.metrics_listen is not None
+    host, port = parse_listen(config.metrics_listen)
+    assert host == "0.0.0.0", "the pod IP, where Prometheus scrapes"  # noqa: S104
+    daemon = _container("gpu-device-watcher")
+    assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in daemon["ports"]
+    annotations = _one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def test_the_feature_file_lands_in_the_host_s_features_d() -> None:
+    config = load_config_file(str(_generated_config()[1]), required=True)
+    assert config.nfd_features_file is not None
+    directory = os.path.dirname(config.nfd_features_file)
+    assert directory == "/etc/kubernetes/node-feature-discovery/features.d"
+    mount = _mount(_container("gpu-device-watcher"), directory)
+    assert not mount.get("readOnly", False)
+    assert _volume(mount["name"])["hostPath"] == {"path": directory, "type": "DirectoryOrCreate"}
+
+
+def test_monitoring_is_not_in_the_base() -> None:
+    """ServiceMonitor and PrometheusRule need the Prometheus Operator's CRDs."""
+    kinds = {doc["kind"] for doc in _resources()}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "PodMonitor"}
+    assert not any(
+        name.startswith("monitoring")
+        for name in yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"]
+    )
+
+
+def _monitoring() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == "gpu-device-watcher"
+    return [doc for name in kustomization["resources"] for doc in _documents(MONITORING / name)]
+
+
+def test_the_service_monitor_reaches_the_pods() -> None:
+    documents = _monitoring()
+    service = next(doc for doc in documents if doc["kind"] == "Service")
+    monitor = next(doc for doc in documents if doc["kind"] == "ServiceMonitor")
+    kubernetes_validate.validate(service, VERSIONS[-1], strict=True)
+    # The Service selects the pods by a label their template carries...
+    pod_labels = _one("DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "gpu-device-watcher"}
+    # ...its port is the container's `metrics` port, by name...
+    (port,) = service["spec"]["ports"]
+    names = {p["name"] for p in _container("gpu-device-watcher")["ports"]}
+    assert port["targetPort"] in names
+    # ...and the ServiceMonitor selects the Service and scrapes that port.
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == ["gpu-device-watcher"]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [port["name"]]
+
+
+def test_the_monitoring_kustomization_renders() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(MONITORING)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    documents = [doc for doc in yaml.safe_load_all(rendered) if doc is not None]
+    assert sorted(doc["kind"] for doc in documents) == [
+        "PrometheusRule",
+        "Service",
+        "ServiceMonitor",
+    ]
+    assert {doc["metadata"]["namespace"] for doc in documents} == {"gpu-device-watcher"}
+
+
 # -- the pod, run for real -----------------------------------------------------------------
 
 
@@ -201,8 +333,12 @@ def scratch() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _simulate(scratch: Path, uid: int, capabilities: list[str]) -> dict[str, Any]:
-    spec = json.dumps({"uid": uid, "capabilities": capabilities})
+def _simulate(
+    scratch: Path, uid: int, capabilities: list[str], config: str = "", config_mode: int = 0o644
+) -> dict[str, Any]:
+    spec = json.dumps(
+        {"uid": uid, "capabilities": capabilities, "config": config, "config_mode": config_mode}
+    )
     done = run_scenario_module("tests.kubernetes.podsim", spec, scratch, timeout=120)
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -235,6 +371,32 @@ def test_the_pod_s_privileges_are_enough(scratch: Path) -> None:
     limit = _container("gpu-device-watcher")["resources"]["limits"]["memory"]
     assert limit.endswith("Mi")
     assert result["usage"]["rss_mib"] * 2 < int(limit[:-2]), result["usage"]
+
+
+@pytest.mark.realfs
+def test_the_pod_s_config_turns_on_labels_and_metrics(scratch: Path) -> None:
+    """The base's config.toml, as the kubelet writes it (root-owned, defaultMode), read by the
+    daemon with the pod's uid and capabilities: the feature file lands in a root-owned
+    directory and the metrics are served. Only the address and the directory are moved (to
+    loopback and a free port; to the simulated node's features.d)."""
+    daemon = _container("gpu-device-watcher")
+    mode = _volume(_mount(daemon, os.path.dirname(DEFAULT_CONFIG))["name"])["configMap"][
+        "defaultMode"
+    ]
+    text = _generated_config()[1].read_text()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = text.replace('"0.0.0.0:9402"', f'"127.0.0.1:{port}"')
+    text = text.replace("/etc/kubernetes/node-feature-discovery/features.d", "{features}")
+    assert f"127.0.0.1:{port}" in text and "{features}/gpu-device-watcher" in text
+    uid = _pod()["securityContext"]["runAsUser"]
+    result = _simulate(scratch, uid, capabilities_added(daemon), text, mode)
+    assert result.get("ready"), result
+    assert "Traceback" not in result["log"], result["log"]
+    assert result["features"] == ["gpu-device-watcher"], result
+    assert "gpu_device_watcher_checkpoint_ready" in result["metrics"], result
+    assert result["exit"] == 0
 
 
 @pytest.mark.realfs

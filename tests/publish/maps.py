@@ -5,6 +5,7 @@ from __future__ import annotations
 from watcher.core.model import Device, DeviceMap, Driver, Gpu, Kind, Mount, Problem
 
 DEV_ROOT = "/run/nvidia/driver/dev"
+CUDA = "/run/nvidia/driver/usr/bin/cuda-checkpoint"
 
 
 def device(name: str, kind: Kind, major: int, minor: int, *, valid: bool = True) -> Device:
@@ -51,6 +52,7 @@ def operator_map(
     loaded: bool = True,
     dev_root: str | None = DEV_ROOT,
     devices: tuple[Device, ...] | None = None,
+    cuda_checkpoint: str | None = CUDA,
 ) -> DeviceMap:
     if devices is None:
         devices = (
@@ -68,6 +70,7 @@ def operator_map(
             root="/run/nvidia/driver" if dev_root else None,
             dev_root=dev_root,
             source="detected",
+            cuda_checkpoint=cuda_checkpoint,
         ),
         devices=devices,
         gpus=gpus,

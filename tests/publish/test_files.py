@@ -1,4 +1,4 @@
-"""The feature file on a real file system, and where cuda-checkpoint is looked for."""
+"""The feature file on a real file system."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.nsrun import run_scenario_module
-from watcher.core.scan import HostView
-from watcher.publish.hostfiles import candidates, find_cuda_checkpoint
 from watcher.publish.nfd import remove_if_ours, write_atomically
 
 # --- the atomic writer ---------------------------------------------------------------------
@@ -129,55 +127,6 @@ def _scenario_full(scratch: Path) -> None:
         raise AssertionError("a 1 MiB write into a 16 KiB tmpfs succeeded")
     assert os.listdir(directory) == ["gpu-device-watcher"], os.listdir(directory)
     assert path.read_bytes() == b"old=1\n"
-
-
-# --- cuda-checkpoint -----------------------------------------------------------------------
-
-
-def _executable(path: Path, mode: int = 0o755) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"#!/bin/sh\n")
-    path.chmod(mode)
-
-
-def test_the_driver_roots_own_comes_first(tmp_path: Path) -> None:
-    view = HostView(root=str(tmp_path))
-    _executable(tmp_path / "usr/bin/cuda-checkpoint")
-    _executable(tmp_path / "run/nvidia/driver/usr/bin/cuda-checkpoint")
-    assert candidates("/run/nvidia/driver") == [
-        "/run/nvidia/driver/usr/bin/cuda-checkpoint",
-        "/usr/local/bin/cuda-checkpoint",
-        "/usr/bin/cuda-checkpoint",
-    ]
-    assert candidates("/") == ["/usr/bin/cuda-checkpoint", "/usr/local/bin/cuda-checkpoint"]
-    found = find_cuda_checkpoint(view, "/run/nvidia/driver")
-    assert found == "/run/nvidia/driver/usr/bin/cuda-checkpoint"
-    (tmp_path / "run/nvidia/driver/usr/bin/cuda-checkpoint").unlink()
-    assert find_cuda_checkpoint(view, "/run/nvidia/driver") == "/usr/bin/cuda-checkpoint"
-    _executable(tmp_path / "usr/local/bin/cuda-checkpoint")
-    assert find_cuda_checkpoint(view, None) == "/usr/local/bin/cuda-checkpoint"
-
-
-def test_only_executable_regular_files_count(tmp_path: Path) -> None:
-    view = HostView(root=str(tmp_path))
-    _executable(tmp_path / "usr/bin/cuda-checkpoint", mode=0o644)
-    (tmp_path / "usr/local/bin/cuda-checkpoint").mkdir(parents=True)
-    assert find_cuda_checkpoint(view, None) is None
-
-
-def test_symlinks_are_followed_inside_the_host_view(tmp_path: Path) -> None:
-    """Under --root /host, an absolute link names a host path, not one of this container."""
-    view = HostView(root=str(tmp_path))
-    (tmp_path / "usr/bin").mkdir(parents=True)
-    link = tmp_path / "usr/bin/cuda-checkpoint"
-    link.symlink_to("/opt/cuda/bin/cuda-checkpoint")
-    assert find_cuda_checkpoint(view, None) is None  # the target is missing under the root
-    _executable(tmp_path / "opt/cuda/bin/cuda-checkpoint")
-    assert find_cuda_checkpoint(view, None) == "/usr/bin/cuda-checkpoint"
-    # A loop is not an executable (and does not hang).
-    link.unlink()
-    link.symlink_to("cuda-checkpoint")
-    assert find_cuda_checkpoint(view, None) is None
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from watcher.publish.labels import (
     render,
 )
 
-from .maps import DEV_ROOT, gpu, operator_map
+from .maps import CUDA, DEV_ROOT, gpu, operator_map
 
-CUDA = "/run/nvidia/driver/usr/bin/cuda-checkpoint"
 # Written out again, independently of the module: at most 63 characters of A-Za-z0-9_.-,
 # alphanumeric at both ends.
 GRAMMAR = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
@@ -32,7 +31,7 @@ def assert_valid(labels: dict[str, str]) -> None:
 
 
 def test_a_ready_operator_host() -> None:
-    labels = compute_labels(operator_map(), CUDA)
+    labels = compute_labels(operator_map())
     assert labels == {
         "gpu-device-watcher.checkpoint-ready": "true",
         "gpu-device-watcher.driver-version": "580.95.05",
@@ -54,16 +53,16 @@ def test_amd_gpus_are_not_counted() -> None:
         device="/dev/dri/renderD128",
         family="amd",
     )
-    labels = compute_labels(operator_map(gpus=(gpu(0), amd, amd)), CUDA)
+    labels = compute_labels(operator_map(gpus=(gpu(0), amd, amd)))
     assert labels["gpu-device-watcher.gpu-count"] == "1"
     assert labels["gpu-device-watcher.gpu-model"] == "NVIDIA-H200"
-    only_amd = compute_labels(operator_map(gpus=(amd,)), CUDA)
+    only_amd = compute_labels(operator_map(gpus=(amd,)))
     assert only_amd["gpu-device-watcher.gpu-count"] == "0"
     assert "gpu-device-watcher.gpu-model" not in only_amd
 
 
 def test_without_cuda_checkpoint_the_node_is_not_ready() -> None:
-    labels = compute_labels(operator_map(), None)
+    labels = compute_labels(operator_map(cuda_checkpoint=None))
     assert labels["gpu-device-watcher.checkpoint-ready"] == "false"
     assert labels["gpu-device-watcher.cuda-checkpoint"] == "false"
 
@@ -81,17 +80,19 @@ def test_without_cuda_checkpoint_the_node_is_not_ready() -> None:
 )
 def test_readiness_needs_every_condition(changes: dict[str, object], why: str) -> None:
     device_map = operator_map(**changes)  # type: ignore[arg-type]
-    assert not checkpoint_ready(device_map, CUDA), why
-    assert compute_labels(device_map, CUDA)["gpu-device-watcher.checkpoint-ready"] == "false"
+    assert not checkpoint_ready(device_map), why
+    assert compute_labels(device_map)["gpu-device-watcher.checkpoint-ready"] == "false"
 
 
 def test_warnings_do_not_spoil_readiness() -> None:
     warning = Problem(code="nodev-mount", severity="warning", message="m", path="/x")
-    assert checkpoint_ready(operator_map(problems=(warning,)), CUDA)
+    assert checkpoint_ready(operator_map(problems=(warning,)))
 
 
 def test_absent_values_are_omitted() -> None:
-    labels = compute_labels(operator_map(version=None, dev_root=None, devices=(), gpus=()), None)
+    labels = compute_labels(
+        operator_map(version=None, dev_root=None, devices=(), gpus=(), cuda_checkpoint=None)
+    )
     assert labels == {
         "gpu-device-watcher.checkpoint-ready": "false",
         "gpu-device-watcher.gpu-count": "0",
@@ -100,17 +101,17 @@ def test_absent_values_are_omitted() -> None:
 
 
 def test_the_host_dev_root_is_dev() -> None:
-    labels = compute_labels(operator_map(dev_root="/dev"), CUDA)
+    labels = compute_labels(operator_map(dev_root="/dev"))
     assert labels["gpu-device-watcher.dev-root"] == "dev"
 
 
 def test_a_model_only_when_all_gpus_are_one_model() -> None:
     mixed = operator_map(gpus=(gpu(0), gpu(1, "NVIDIA A100-SXM4-80GB")))
-    assert "gpu-device-watcher.gpu-model" not in compute_labels(mixed, CUDA)
+    assert "gpu-device-watcher.gpu-model" not in compute_labels(mixed)
     unknown = operator_map(gpus=(gpu(0), gpu(1, None)))
-    assert "gpu-device-watcher.gpu-model" not in compute_labels(unknown, CUDA)
+    assert "gpu-device-watcher.gpu-model" not in compute_labels(unknown)
     same = operator_map(gpus=(gpu(0, "NVIDIA GeForce RTX 4090"), gpu(1, "NVIDIA GeForce RTX 4090")))
-    labels = compute_labels(same, CUDA)
+    labels = compute_labels(same)
     assert labels["gpu-device-watcher.gpu-model"] == "NVIDIA-GeForce-RTX-4090"
     assert labels["gpu-device-watcher.gpu-count"] == "2"
 
@@ -158,12 +159,13 @@ def test_every_label_of_any_map_is_valid(
         version=version,
         dev_root=dev_root,
         gpus=tuple(gpu(minor, model) for minor, model in enumerate(models)),
+        cuda_checkpoint=cuda,
     )
-    assert_valid(compute_labels(device_map, cuda))
+    assert_valid(compute_labels(device_map))
 
 
 def test_render_is_one_name_value_per_line() -> None:
-    text = render(compute_labels(operator_map(), CUDA)).decode()
+    text = render(compute_labels(operator_map())).decode()
     assert text.endswith("\n")
     lines = text.splitlines()
     assert lines[0] == "gpu-device-watcher.checkpoint-ready=true"

@@ -20,7 +20,6 @@ from watcher.state import Counters, MapState
 from .maps import device, operator_map
 
 TIMEOUT = 10.0
-CUDA = "/run/nvidia/driver/usr/bin/cuda-checkpoint"
 
 
 @pytest.fixture
@@ -64,7 +63,7 @@ def test_the_collector_reads_the_map_and_the_counters() -> None:
     counters = Counters(events=12)
     for milliseconds in (0.2, 0.9, 3.0, 40.0, 5000.0):
         counters.book_scan(milliseconds)
-    collector = MapCollector(state, counters, FakeServer(), lambda: CUDA)
+    collector = MapCollector(state, counters, FakeServer())
     from prometheus_client import generate_latest
 
     found = samples(generate_latest(registry_for(collector)).decode())
@@ -108,12 +107,12 @@ def test_the_collector_reads_the_map_and_the_counters() -> None:
 
 def test_ready_when_the_map_is_clean_and_cuda_checkpoint_is_there() -> None:
     state = MapState(operator_map())
-    collector = MapCollector(state, Counters(), FakeServer(), lambda: CUDA)
+    collector = MapCollector(state, Counters(), FakeServer())
     from prometheus_client import generate_latest
 
     found = samples(generate_latest(registry_for(collector)).decode())
     assert value(found, "gpu_device_watcher_checkpoint_ready") == 1
-    missing = MapCollector(state, Counters(), FakeServer(), lambda: None)
+    missing = MapCollector(MapState(operator_map(cuda_checkpoint=None)), Counters(), FakeServer())
     found = samples(generate_latest(registry_for(missing)).decode())
     assert value(found, "gpu_device_watcher_checkpoint_ready") == 0
 
@@ -124,7 +123,7 @@ def test_ready_when_the_map_is_clean_and_cuda_checkpoint_is_there() -> None:
 @asynccontextmanager
 async def endpoint(**limits: float) -> AsyncIterator[tuple[int, MetricsServer]]:
     state = MapState(operator_map())
-    registry = registry_for(MapCollector(state, Counters(), FakeServer(), lambda: CUDA))
+    registry = registry_for(MapCollector(state, Counters(), FakeServer()))
     server = MetricsServer(registry, **limits)  # type: ignore[arg-type]
     listener = await MetricsServer.bind("127.0.0.1", 0)
     port = listener.listeners[0].extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.processes import namespace_problem
 from watcher.core.mountinfo import parse_mountinfo
 
 from .hostlayout import HostLayout
@@ -19,33 +17,13 @@ NEEDS = "needs root and unshare -m (mount namespaces, tmpfs mounts, mknod)"
 
 @pytest.fixture(scope="session")
 def realfs_available(tmp_path_factory: pytest.TempPathFactory) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"{NEEDS}: not running as root")
-    if shutil.which("unshare") is None or shutil.which("mount") is None:
-        pytest.skip(f"{NEEDS}: unshare(1) or mount(8) not found")
-    probe = tmp_path_factory.mktemp("realfs-probe")
-    try:
-        done = subprocess.run(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                'mount -t tmpfs probe "$1" && mknod "$1/c" c 195 255',
-                "sh",
-                str(probe),
-            ],
-            capture_output=True,
-            timeout=15,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        pytest.skip(f"{NEEDS}: probe failed: {error}")
-    if done.returncode != 0:
-        pytest.skip(f"{NEEDS}: probe failed: {done.stderr.decode(errors='replace').strip()}")
+    problem = namespace_problem(
+        ("unshare", "mount"),
+        'mount -t tmpfs probe "$1" && mknod "$1/c" c 195 255',
+        tmp_path_factory.mktemp("realfs-probe"),
+    )
+    if problem is not None:
+        pytest.skip(f"{NEEDS}: {problem}")
 
 
 def _mount_points_under(path: Path) -> list[str]:

@@ -24,10 +24,10 @@ from typing import Any
 
 import msgspec
 
+from tests.support.processes import PRIVATE_MOUNTS, child_env
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, parse_mountinfo
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TIMEOUT = 60.0
 _MOUNT_TIMEOUT = 10.0
 
@@ -226,18 +226,9 @@ class HostLayout:
         }
 
     def scan(self, timeout: float = DEFAULT_TIMEOUT) -> ScanResult:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env = child_env()
         done = subprocess.run(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                sys.executable,
-                str(Path(__file__).resolve()),
-            ],
+            [*PRIVATE_MOUNTS, sys.executable, str(Path(__file__).resolve())],
             input=json.dumps(self.spec()).encode(),
             capture_output=True,
             timeout=timeout,

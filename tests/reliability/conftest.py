@@ -11,13 +11,14 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.processes import namespace_problem
 
 from .harness import Daemon, Host, write_config
 
@@ -48,16 +49,8 @@ def as_root() -> None:
 
 @pytest.fixture(scope="session")
 def namespaces(as_root: None) -> None:
-    if shutil.which("unshare") is None:
-        pytest.skip(f"{NEEDS}: unshare(1) not found")
-    probe = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "true"],
-        capture_output=True,
-        timeout=15,
-        check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{NEEDS}: {probe.stderr.decode(errors='replace').strip()}")
+    if (problem := namespace_problem()) is not None:
+        pytest.skip(f"{NEEDS}: {problem}")
 
 
 def _mount_points_under(path: Path) -> list[str]:

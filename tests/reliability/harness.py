@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 import msgspec
 
 from tests.support.hostfiles import mknod, proc_devices_text
+from tests.support.processes import PRIVATE_MOUNTS, REPO, child_env
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
 NOBODY = 65534
 
@@ -205,14 +205,7 @@ class DaemonError(RuntimeError):
 
 
 def daemon_env(notify: str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(
-            ("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM", "GPU_DEVICE_WATCHER")
-        )
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env = child_env(drop=("GPU_DEVICE_WATCHER",))
     if notify is not None:
         env["NOTIFY_SOCKET"] = notify
     env.update(extra or {})
@@ -427,17 +420,7 @@ def run_scenario(name: str, params: Mapping[str, Any], timeout: float) -> dict[s
     """Run `scenarios.NAME(params)` in a child inside its own private mount namespace."""
     env = daemon_env(None)
     done = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            sys.executable,
-            "-m",
-            "tests.reliability.scenarios",
-            name,
-        ],
+        [*PRIVATE_MOUNTS, sys.executable, "-m", "tests.reliability.scenarios", name],
         input=json.dumps(dict(params)).encode(),
         capture_output=True,
         timeout=timeout,

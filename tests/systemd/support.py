@@ -23,10 +23,11 @@ from typing import IO
 
 import pytest
 
-from tests.support import hostfiles
+from tests.support import hostfiles, processes
 from tests.support.hostfiles import proc_devices_text
+from tests.support.processes import REPO
+from watcher.contract import SOCKET_ENV
 
-REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
 HERE = Path(__file__).resolve().parent
 SYSEXEC = HERE / "sysexec.py"
@@ -45,15 +46,7 @@ def daemon_command() -> list[str]:
 
 def child_env(**extra: str) -> dict[str, str]:
     """The test's environment without anything systemd-ish that would leak into the child."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_", "JOURNAL_"))
-        and key != "GPU_DEVICE_WATCHER_SOCKET"
-    }
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
+    return processes.child_env(extra, drop=(SOCKET_ENV,))
 
 
 # --- a simulated host ------------------------------------------------------------------

@@ -12,7 +12,6 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from .support import (
     Daemon,
     Host,
     NotifyListener,
-    build_host,
     child_env,
     daemon_command,
     passes_fd,
@@ -33,18 +31,6 @@ from .support import (
 )
 
 SOCKET_ACTIVATE = Path("/usr/bin/systemd-socket-activate")
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Host:
-    return build_host(tmp_path)
-
-
-@pytest.fixture
-def listener() -> Iterator[NotifyListener]:
-    notify = NotifyListener()
-    yield notify
-    notify.close()
 
 
 def _wait_for_socket(path: Path, daemon: Daemon) -> None:

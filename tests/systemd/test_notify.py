@@ -18,7 +18,6 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,6 @@ from .support import (
     Daemon,
     Host,
     NotifyListener,
-    build_host,
     child_env,
     daemon_command,
     lines,
@@ -44,18 +42,6 @@ from .support import (
 )
 
 WATCHDOG_USEC = 200_000  # pings every 100 ms
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Host:
-    return build_host(tmp_path)
-
-
-@pytest.fixture
-def listener() -> Iterator[NotifyListener]:
-    notify = NotifyListener()
-    yield notify
-    notify.close()
 
 
 def serve_argv(host: Host, config: Path, sock: Path, *before: str) -> list[str]:

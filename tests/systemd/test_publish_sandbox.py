@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from .support import (
     Daemon,
     Host,
     NotifyListener,
-    build_host,
     child_env,
     daemon_command,
 )
@@ -35,18 +33,6 @@ from .test_sandbox import SERVICE, _unit_filter
 
 # RestrictAddressFamilies= of the unit plus the drop-in.
 FAMILIES = {"AF_UNIX", "AF_INET", "AF_INET6"}
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Host:
-    return build_host(tmp_path)
-
-
-@pytest.fixture
-def listener() -> Iterator[NotifyListener]:
-    notify = NotifyListener()
-    yield notify
-    notify.close()
 
 
 def free_port() -> int:

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from .support import (
     Daemon,
     Host,
     NotifyListener,
-    build_host,
     child_env,
     daemon_command,
     mknod,
@@ -154,18 +152,6 @@ def _unit_filter(unit: Path) -> tuple[set[str], set[str]]:
             target |= _expand(name)
     # systemd always allows @default in an allow list.
     return (allowed | _expand("@default")) - denied, denied
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Host:
-    return build_host(tmp_path)
-
-
-@pytest.fixture
-def listener() -> Iterator[NotifyListener]:
-    notify = NotifyListener()
-    yield notify
-    notify.close()
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from watcher.criu.settings import config_path
-from watcher.criu.text import say, shown
+from watcher.criu.text import say, shown, tell
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,11 +42,8 @@ def direct_scan(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     try:
         import msgspec  # noqa: PLC0415
     except ImportError:
-        # The file `install-action` writes holds the stdlib-only modules alone: fail closed.
-        from watcher.criu import EXIT_REFUSE  # noqa: PLC0415 (the package imports this module)
-
-        say("this action file has no scanner of its own: without the daemon it checks nothing")
-        raise SystemExit(EXIT_REFUSE) from None
+        # The file `install-action` writes holds the stdlib-only modules alone.
+        raise SystemExit(without_scanner(environ)) from None
 
     from watcher.config import ConfigError, resolve_settings  # noqa: PLC0415
     from watcher.core.scan import HostView  # noqa: PLC0415
@@ -61,3 +58,86 @@ def direct_scan(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     # Through JSON, not to_builtins (which keeps tuples): the same shape the daemon sends.
     device_map: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(scan(view, generation=0)))
     return 0, device_map
+
+
+# --------------------------------------------------------------------------------------------
+# The action file without the daemon (stdlib only: install-action packs this)
+
+
+def without_scanner(environ: Mapping[str, str]) -> int:
+    """The exit code of a stage that needs a map this action file cannot make.
+
+    `pre-restore` of a record that lists used devices has nothing to check them against:
+    refused. `pre-dump` still tells, from `/proc/devices` and the tree's fds and maps alone,
+    whether the tree holds any NVIDIA device: with none there is nothing to record (a restore
+    without a record goes anywhere, which is right for a tree without a GPU), and the dump goes
+    on, so that a daemon restarting does not stop every checkpoint on the node; with some it
+    is refused, since a GPU checkpoint without a record would be restored anywhere unchecked.
+    """
+    from watcher.criu import EXIT_OK, EXIT_REFUSE  # noqa: PLC0415 (the package imports this module)
+
+    if environ.get("CRTOOLS_SCRIPT_ACTION") != "pre-dump":
+        say("this action file has no scanner of its own: without the daemon it checks nothing")
+        return EXIT_REFUSE
+    # pre_dump checked it: digits, a running process.
+    pid = int(environ["CRTOOLS_INIT_PID"])
+    from watcher import proctree  # noqa: PLC0415
+    from watcher.criu.settings import proc_dir  # noqa: PLC0415
+
+    devices = f"{proc_dir(environ)}/devices"
+    majors = nvidia_majors(devices)
+    if isinstance(majors, str):
+        say(
+            f"cannot read {shown(devices)} ({shown(majors)}), so cannot tell whether the tree of "
+            f"pid {pid} uses a GPU without the daemon; dump stopped"
+        )
+        return EXIT_REFUSE
+    unreadable: list[int] = []
+    held = proctree.open_char_devices(proctree.process_tree(pid), unreadable=unreadable)
+    gpu = [f"{major}:{minor}" for major, minor in held if major in majors]
+    if gpu:
+        say(
+            f"the tree of pid {pid} holds NVIDIA device(s) {', '.join(gpu)}, and this action "
+            "file cannot record them without the daemon (it has no scanner of its own); dump "
+            "stopped: a GPU checkpoint without a record would be restored on any host "
+            "unchecked. Start the daemon and dump again"
+        )
+        return EXIT_REFUSE
+    if unreadable:
+        say(
+            f"could not read /proc of pids {unreadable}: cannot tell whether they use a GPU "
+            "without the daemon; dump stopped"
+        )
+        return EXIT_REFUSE
+    if not proctree.is_running(pid):
+        # The walk raced the root's exit: "no device" would be a guess.
+        say(f"CRTOOLS_INIT_PID {pid} exited while its tree was read; dump stopped")
+        return EXIT_REFUSE
+    tell(f"no GPU device in use by the tree of pid {pid}; no record written")
+    return EXIT_OK
+
+
+def nvidia_majors(path: str) -> set[int] | str:
+    """The character-device majors of `/proc/devices` whose name starts with `nvidia`
+    (`nvidia`, `nvidia-frontend`, `nvidia-uvm`, `nvidia-caps`, `nvidia-nvswitch`, ...), or
+    why the file could not be read. Wider than the scanner's table on purpose: a major named
+    for NVIDIA that no table knows yet still stops a dump it cannot record."""
+    try:
+        with open(path, "rb") as file:
+            text = file.read(1 << 20)
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    majors: set[int] = set()
+    character = False
+    for line in text.splitlines():
+        fields = line.split()
+        if line.endswith(b":"):
+            character = line.strip().lower() == b"character devices:"
+        elif (
+            character
+            and len(fields) == 2
+            and fields[0].isdigit()
+            and fields[1].startswith(b"nvidia")
+        ):
+            majors.add(int(fields[0]))
+    return majors

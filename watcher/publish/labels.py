@@ -44,14 +44,14 @@ def label_value(text: str) -> str | None:
     return value or None
 
 
-def checkpoint_ready(device_map: DeviceMap, cuda_checkpoint: str | None) -> bool:
+def checkpoint_ready(device_map: DeviceMap) -> bool:
     """The contract's readiness: driver loaded, a dev root found, no problem is an error,
-    and a `cuda-checkpoint` found on the host."""
+    and a `cuda-checkpoint` found on the host (the map's `driver.cuda_checkpoint`)."""
     return (
         device_map.driver.loaded
         and device_map.driver.dev_root is not None
         and not any(problem.severity == "error" for problem in device_map.problems)
-        and cuda_checkpoint is not None
+        and device_map.driver.cuda_checkpoint is not None
     )
 
 
@@ -72,21 +72,17 @@ def _one_model(device_map: DeviceMap) -> str | None:
     return model
 
 
-def compute_labels(device_map: DeviceMap, cuda_checkpoint: str | None) -> dict[str, str]:
-    """The labels of this map, in the order they are written; absent values are omitted.
-
-    `cuda_checkpoint` is the host path of the `cuda-checkpoint` found for this map (see
-    `watcher.publish.hostfiles`), None when there is none.
-    """
+def compute_labels(device_map: DeviceMap) -> dict[str, str]:
+    """The labels of this map, in the order they are written; absent values are omitted."""
     driver = device_map.driver
     values: dict[str, str | None] = {
-        "checkpoint-ready": _bool(checkpoint_ready(device_map, cuda_checkpoint)),
+        "checkpoint-ready": _bool(checkpoint_ready(device_map)),
         "driver-version": label_value(driver.version) if driver.version else None,
         "dev-root": label_value(driver.dev_root) if driver.dev_root else None,
         "gpu-count": str(len(_nvidia_gpus(device_map))),
         # Only when every GPU is known to be of one model; spaces (and the like) become `-`.
         "gpu-model": label_value(model) if (model := _one_model(device_map)) else None,
-        "cuda-checkpoint": _bool(cuda_checkpoint is not None),
+        "cuda-checkpoint": _bool(driver.cuda_checkpoint is not None),
     }
     return {PREFIX + name: value for name, value in values.items() if value is not None}
 

@@ -22,7 +22,7 @@ import logging
 import re
 import socket
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Final, Protocol
 
 import anyio
@@ -92,12 +92,10 @@ class MapCollector:
         state: MapState,
         counters: Counters,
         server: ServerStats,
-        cuda_checkpoint: Callable[[], str | None],
     ) -> None:
         self._state = state
         self._counters = counters
         self._server = server
-        self._cuda_checkpoint = cuda_checkpoint
 
     def collect(self) -> Iterable[Metric]:
         current = self._state.current
@@ -148,7 +146,7 @@ class MapCollector:
         yield GaugeMetricFamily(
             prefix + "checkpoint_ready",
             "1 when the node can take GPU checkpoints (the checkpoint-ready label).",
-            int(checkpoint_ready(current, self._cuda_checkpoint())),
+            int(checkpoint_ready(current)),
         )
         yield CounterMetricFamily(
             prefix + "scans", "Scans of the host view since start.", counters.scans

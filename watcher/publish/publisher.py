@@ -1,9 +1,10 @@
 """Keeps the node labels and the metrics endpoint current with the live map.
 
 One `Publisher` per daemon. It listens to every publication of the map, and on each (and
-once at start, and on reload) looks for `cuda-checkpoint` again and rewrites the feature
-file if its content changed; both blocking steps run in a worker thread, one at a time, so a
-burst of generations costs one refresh for the latest. The metrics are computed at scrape
+once at start, and on reload) rewrites the feature file if its content changed; the write
+runs in a worker thread, one at a time, so a burst of generations costs one refresh for the
+latest. Where `cuda-checkpoint` is comes from the map (`driver.cuda_checkpoint`, found by
+the probe at each scan). The metrics are computed at scrape
 time (see `metrics.py`) and served from the event loop.
 
 On a clean stop the feature file is removed (only if it is still the one this daemon
@@ -23,7 +24,6 @@ import anyio
 import anyio.abc
 
 from watcher.config import Settings, format_listen
-from watcher.publish.hostfiles import find_cuda_checkpoint
 from watcher.publish.labels import PREFIX, compute_labels, render
 from watcher.publish.nfd import remove_if_ours, write_atomically
 from watcher.state import Counters, MapState, Publication
@@ -66,7 +66,7 @@ class Publisher:
         # One refresh or removal of the file at a time: a reload that moves the file must
         # not remove the old one while a write to it is still under way in a thread.
         self._file_lock = anyio.Lock()
-        # The last lookup's result: what the labels and the checkpoint_ready metric use.
+        # The map's cuda-checkpoint at the last refresh, to log only when it changes.
         self._cuda_checkpoint: str | None = None
         self._looked = False
         self._ready: bool | None = None
@@ -79,10 +79,6 @@ class Publisher:
         # Made with the first endpoint: a daemon without metrics_listen never imports
         # prometheus-client (about 3 MiB of memory, 50 ms of start).
         self._registry: CollectorRegistry | None = None
-
-    @property
-    def cuda_checkpoint(self) -> str | None:
-        return self._cuda_checkpoint
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -117,7 +113,8 @@ class Publisher:
                 await self._open_metrics(settings.metrics_listen)
         except Exception:
             log.exception("applying the reloaded config to the labels and metrics failed")
-        # The host view may have changed (another --root): look for cuda-checkpoint again.
+        # The file may have moved: write it at its new place (the daemon's rescan after the
+        # reload publishes the map of another host view, if that changed too).
         self._due.set()
 
     # -- the feature file ----------------------------------------------------------------
@@ -143,13 +140,11 @@ class Publisher:
 
     async def _refresh_locked(self) -> None:
         settings, current = self._settings, self._state.current
-        found = await anyio.to_thread.run_sync(
-            find_cuda_checkpoint, settings.view, current.driver.root
-        )
+        found = current.driver.cuda_checkpoint
         if found != self._cuda_checkpoint or not self._looked:
             log.info("cuda-checkpoint: %s", found or "not found on the host")
         self._cuda_checkpoint, self._looked = found, True
-        labels = compute_labels(current, found)
+        labels = compute_labels(current)
         if settings.nfd_features_file is not None:
             await self._write(settings.nfd_features_file, render(labels))
         # Logged after the file is written: the line tells what the node now advertises.
@@ -234,9 +229,7 @@ class Publisher:
 
         try:
             if self._registry is None:
-                collector = MapCollector(
-                    self._state, self._counters, self._server, lambda: self._cuda_checkpoint
-                )
+                collector = MapCollector(self._state, self._counters, self._server)
                 self._registry = registry_for(collector)
             with endpoint.scope:
                 await MetricsServer(self._registry).serve(listener, task_status=task_status)
