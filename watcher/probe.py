@@ -357,10 +357,16 @@ def resolve_in(base: str, relative: str, known: str = "") -> str | None:
 def _sys_value(base: str, directory: str, name: str) -> str | None:
     """A one-line sysfs attribute, stripped; None when absent, empty or unreadable."""
     try:
-        fd = os.open(posixpath.join(base, directory, name), os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted in a --sys tree must not hang the scan.
+        fd = os.open(
+            posixpath.join(base, directory, name),
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        )
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         data = os.read(fd, _SYS_TEXT_LIMIT)
     except OSError:
         return None

@@ -233,3 +233,14 @@ def test_nvidia_and_amd_gpus_in_one_checkpoint() -> None:
         amd_here([(136, MI210, B)], nvidia=host([(7, H200, U[7])])),
     )
     assert codes(crossed) == ["gpu-model"]
+
+
+def test_two_render_nodes_under_one_unique_id_are_read() -> None:
+    # NVIDIA UUIDs must be unique in a record (--device-map); AMD's unique_id enters no map.
+    verdict = check(
+        amd_record([(128, MI210, A), (129, MI210, A)]),
+        amd_here([(128, MI210, A), (129, MI210, A)]),
+    )
+    assert codes(verdict) == []
+    assert landed(verdict)["dri/renderD128"] == "/dev/dri/renderD128"
+    assert landed(verdict)["dri/renderD129"] == "/dev/dri/renderD129"

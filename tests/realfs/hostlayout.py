@@ -122,6 +122,10 @@ class HostLayout:
         self.sys_steps.append({"op": "file", "path": relative, "text": text})
         return self
 
+    def sys_fifo(self, relative: str) -> HostLayout:
+        self.sys_steps.append({"op": "fifo", "path": relative})
+        return self
+
     def sys_mkdir(self, relative: str) -> HostLayout:
         self.sys_steps.append({"op": "mkdir", "path": relative})
         return self
@@ -293,6 +297,8 @@ def _apply_sys(sys_root: str, step: dict[str, Any]) -> None:
         os.makedirs(path, exist_ok=True)
     elif step["op"] == "file":
         Path(path).write_text(step["text"])
+    elif step["op"] == "fifo":
+        os.mkfifo(path)
     elif step["op"] == "link":
         target = step["target"]
         if not target.startswith("/"):

@@ -265,3 +265,12 @@ def test_a_problem_of_no_family_goes_with_the_family_the_host_has(layout: HostLa
     device_map = layout.scan().map
     [problem] = [p for p in device_map.problems if p.code == "driver-not-loaded"]
     assert problem.family == "amd"  # /proc/devices is unreadable on an AMD host
+
+
+def test_a_fifo_in_the_sys_tree_does_not_hang_the_scan(layout: HostLayout) -> None:
+    layout.tmpfs("/dev").node("/dev/kfd", KFD, 0).node("/dev/dri/renderD128", DRM, 128)
+    layout.drm_render(128, "0000:83:00.0", unique_id=UNIQUE_A)
+    layout.sys_fifo("devices/pci0000:80/0000:80:01.1/0000:83:00.0/product_name")
+    layout.proc_devices({"drm": DRM, "kfd": KFD})
+    [gpu] = layout.scan(timeout=20).map.gpus
+    assert (gpu.model, gpu.uuid) == (None, UNIQUE_A)

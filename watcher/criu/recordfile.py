@@ -319,7 +319,9 @@ def validate(value: object) -> Record:
         family = entry.get("family", "amd" if kind in _AMD_KINDS else "nvidia")
         if family not in ("nvidia", "amd"):
             raise _unreadable(f'{RECORD_NAME}: "family" of {context} is not nvidia or amd')
-        if gpu is not None and gpu.uuid is not None:
+        # Two NVIDIA GPUs under one UUID would make --device-map ambiguous. AMD's unique_id
+        # enters no device map, and nothing promises it is one per render node.
+        if gpu is not None and gpu.uuid is not None and family == "nvidia":
             if gpu.uuid in uuids:
                 raise _unreadable(f"{RECORD_NAME}: two used GPUs carry UUID {shown(gpu.uuid)}")
             uuids.add(gpu.uuid)
