@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 import pytest
 
+from tests.support.hostfiles import drm_render, proc_devices_text
 from tests.support.inprocess import Host, running_daemon
 from tests.test_server import NOBODY, _abstract_listener, _as_user, needs_root
 from watcher.config import RELOAD_LIVE, RELOAD_ON_RESTART, ConfigError, ConfigFile
@@ -178,6 +179,23 @@ async def test_reload_applies_proc(tmp_path: Path) -> None:
         view = replace(run.daemon.settings.view, proc=str(empty))
         await run.reload(replace(run.daemon.settings, view=view))
         assert run.daemon.state.current.driver.loaded is False
+
+
+@needs_mknod
+@pytest.mark.anyio
+async def test_reload_applies_sys(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as run:
+        (run.host.proc / "devices").write_text(proc_devices_text({"nvidia": 195, "drm": 226}))
+        run.host.mknod("/dev/dri/renderD128", 226, 128)
+        await run.reload(run.daemon.settings)
+        assert "dri/renderD128" not in run.names()  # the empty sysfs names no driver
+        other = tmp_path / "sys-amd"
+        drm_render(other, 128, "0000:83:00.0", unique_id="592c190172fd5d40")
+        view = replace(run.daemon.settings.view, sys=str(other))
+        await run.reload(replace(run.daemon.settings, view=view))
+        assert "dri/renderD128" in run.names()
+        [gpu] = [g for g in run.daemon.state.current.gpus if g.family == "amd"]
+        assert (gpu.uuid, gpu.device) == ("592c190172fd5d40", "/dev/dri/renderD128")
 
 
 @needs_mknod

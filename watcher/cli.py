@@ -95,6 +95,7 @@ def _host_view_options() -> _Parser:
     group = shared.add_argument_group("host view")
     group.add_argument("--root", metavar="DIR", help="where the host filesystem is visible (/)")
     group.add_argument("--proc", metavar="DIR", help="where devices and driver/nvidia are read")
+    group.add_argument("--sys", metavar="DIR", help="where class/drm is read (/sys; AMD GPUs)")
     group.add_argument("--mountinfo", metavar="FILE", help="mount table to parse and watch")
     group.add_argument("--config", metavar="FILE", help="TOML config (default %(default)s)")
     return shared
@@ -116,7 +117,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog=PROG,
-        description="Keeps a live, validated map of NVIDIA device nodes for CRIU checkpoints.",
+        description="Keeps a live, validated map of GPU device nodes (NVIDIA, AMD) for CRIU "
+        "checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -172,7 +174,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _option_values(arguments: argparse.Namespace) -> dict[str, Any]:
-    keys = ("root", "proc", "mountinfo", "config", "socket", "log_level")
+    keys = ("root", "proc", "sys", "mountinfo", "config", "socket", "log_level")
     return {key: getattr(arguments, key, None) for key in keys}
 
 
@@ -183,7 +185,7 @@ def _settings(arguments: argparse.Namespace) -> Any:
 
 
 def _check_host_view(arguments: argparse.Namespace) -> None:
-    for key in ("root", "proc"):
+    for key in ("root", "proc", "sys"):
         value = getattr(arguments, key, None)
         if value is not None and not os.path.isdir(value):
             raise UsageError(f"--{key} {value}: not a directory")

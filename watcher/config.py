@@ -45,6 +45,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     socket: str | None = None
     root: str | None = None
     proc: str | None = None
+    sys: str | None = None
     mountinfo: str | None = None
     driver_roots: list[str] | None = None
     validations_dir: str | None = None
@@ -69,6 +70,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 RELOAD_LIVE: Final[Mapping[str, str]] = {
     "root": "the host view: the next scan, the watched directories and the mount filter",
     "proc": "the host view: the next scan and the mount filter",
+    "sys": "the host view: where the next scan reads class/drm, and the mount filter",
     "mountinfo": "the mount table parsed, watched and judged (a new watcher)",
     "driver_roots": "the candidate roots of the next scan and their watches",
     "validations_dir": "the next scan and the watched validations directory",
@@ -200,7 +202,15 @@ def _validate(path: str, config: ConfigFile) -> None:
         return ConfigError(f"config {path}: key {key!r}: {why}")
 
     # TOML can spell a NUL ("\u0000"); no path holds one, and every use of it would raise.
-    for key in ("socket", "root", "proc", "mountinfo", "validations_dir", "nfd_features_file"):
+    for key in (
+        "socket",
+        "root",
+        "proc",
+        "sys",
+        "mountinfo",
+        "validations_dir",
+        "nfd_features_file",
+    ):
         value = getattr(config, key)
         if value is not None and (not value.startswith("/") or "\0" in value):
             raise bad(key, f"must be an absolute path, got {value!r}")
@@ -259,6 +269,7 @@ def resolve_settings(
         # through a symlink would otherwise match no mount at all.
         root=os.path.realpath(pick("root", "/")),
         proc=pick("proc", "/proc"),
+        sys=pick("sys", "/sys"),
         mountinfo=mountinfo,
         foreign_table=foreign_mount_table(mountinfo),
         driver_roots=tuple(driver_roots) if driver_roots is not None else DEFAULT_DRIVER_ROOTS,

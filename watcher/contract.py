@@ -117,10 +117,16 @@ def summary_line(
     devices: int,
     invalid: int,
     severities: Iterable[str],
+    amd_loaded: bool = False,
+    amd_dev_root: str | None = None,
+    amd_devices: int = 0,
+    amd_invalid: int = 0,
 ) -> str:
     """The one-line summary of a map (systemd STATUS=, the daemon's log, `watch`).
 
-    "driver 580.95.05, 4 devices in /run/nvidia/driver/dev, 1 warning"
+    "driver 580.95.05, 4 devices in /run/nvidia/driver/dev, 1 warning"; `devices` and
+    `invalid` count NVIDIA's. AMD is named only on a host that has it ("AMD kfd loaded,
+    2 AMD devices in /dev"), and NVIDIA is left out on a host that has AMD and no NVIDIA.
     """
     head = f"driver {version or '(unknown version)'}" if loaded else "driver not loaded"
     if dev_root:
@@ -129,6 +135,16 @@ def summary_line(
             where += f" ({invalid} not valid)"
     else:
         where = "no device root"
+    parts = [head, where]
+    if amd_loaded or amd_dev_root:
+        if not (loaded or dev_root):
+            parts = []
+        parts.append("AMD kfd loaded" if amd_loaded else "AMD kfd not loaded")
+        if amd_dev_root:
+            amd_where = f"{amd_devices} AMD devices in {amd_dev_root}"
+            parts.append(amd_where + (f" ({amd_invalid} not valid)" if amd_invalid else ""))
+        else:
+            parts.append("no AMD device root")
     counts: dict[str, int] = {}
     for severity in severities:
         counts[severity] = counts.get(severity, 0) + 1
@@ -137,4 +153,4 @@ def summary_line(
         for severity in ("error", "warning")
         if (count := counts.get(severity, 0))
     )
-    return ", ".join(part for part in (head, where, troubles) if part)
+    return ", ".join(part for part in (*parts, troubles) if part)

@@ -10,18 +10,20 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from watcher.contract import utc_timestamp
-from watcher.core.devices import NVIDIA, Family
+from watcher.core.devices import FAMILIES, Family
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, PathFilter, parse_mountinfo
 from watcher.core.procfs import GpuInformation, parse_gpu_information
 from watcher.core.scan import (
     DevRootListing,
+    DrmNode,
     FileType,
     HostSnapshot,
     HostView,
@@ -31,7 +33,16 @@ from watcher.core.scan import (
     cuda_checkpoint_candidates,
 )
 
-__all__ = ["MountCache", "list_dev_root", "open_dir_nofollow", "read_host", "read_text", "scan"]
+__all__ = [
+    "MountCache",
+    "list_dev_root",
+    "open_dir_nofollow",
+    "read_host",
+    "read_sys_drm",
+    "read_text",
+    "resolve_in",
+    "scan",
+]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -85,7 +96,7 @@ def _file_type(mode: int) -> FileType:
     return "other"
 
 
-def _entries(dir_fd: int, prefix: str, family: Family) -> Iterator[NodeEntry]:
+def _entries(dir_fd: int, prefix: str, families: tuple[Family, ...]) -> Iterator[NodeEntry]:
     with os.scandir(dir_fd) as listing:
         for item in listing:
             name = prefix + item.name
@@ -94,17 +105,21 @@ def _entries(dir_fd: int, prefix: str, family: Family) -> Iterator[NodeEntry]:
             except FileNotFoundError:
                 continue  # removed between listing and lstat: it simply is not there
             file_type = _file_type(info.st_mode)
-            if file_type == "dir" and not prefix and item.name in family.subdirs:
+            if (
+                file_type == "dir"
+                and not prefix
+                and any(item.name in family.subdirs for family in families)
+            ):
                 try:
                     sub_fd = os.open(item.name, _DIR_FLAGS, dir_fd=dir_fd)
                 except OSError:
                     continue
                 try:
-                    yield from _entries(sub_fd, item.name + "/", family)
+                    yield from _entries(sub_fd, item.name + "/", families)
                 finally:
                     os.close(sub_fd)
                 continue
-            if family.match(name) is None:
+            if all(family.match(name) is None for family in families):
                 continue
             target = None
             if file_type == "symlink":
@@ -123,10 +138,14 @@ def _entries(dir_fd: int, prefix: str, family: Family) -> Iterator[NodeEntry]:
             )
 
 
-def list_dev_root(view: HostView, dev_root: str, family: Family = NVIDIA) -> DevRootListing:
+def list_dev_root(
+    view: HostView, dev_root: str, families: tuple[Family, ...] = FAMILIES
+) -> DevRootListing:
+    """Every entry of a dev root (and of the families' subdirectories) that one of the
+    families can own; the scanner sorts them out by family."""
     try:
         with open_dir_nofollow(dev_root, base=view.root) as fd:
-            entries = sorted(_entries(fd, "", family), key=lambda entry: entry.name)
+            entries = sorted(_entries(fd, "", families), key=lambda entry: entry.name)
     except FileNotFoundError:
         return DevRootListing(dev_root, exists=False)
     except OSError as error:
@@ -135,7 +154,10 @@ def list_dev_root(view: HostView, dev_root: str, family: Family = NVIDIA) -> Dev
     return DevRootListing(dev_root, exists=True, entries=tuple(entries))
 
 
-def _gpu_information(view: HostView, family: Family) -> list[GpuInformation]:
+def _gpu_information(view: HostView, families: tuple[Family, ...]) -> list[GpuInformation]:
+    family = next((family for family in families if family.gpus_from == "proc"), None)
+    if family is None:
+        return []
     gpus_dir = posixpath.join(view.proc, family.proc_gpus)
     try:
         bus_dirs = sorted(os.listdir(gpus_dir))
@@ -180,15 +202,27 @@ class MountCache:
 
 
 def read_host(
-    view: HostView, family: Family = NVIDIA, *, mount_cache: MountCache | None = None
+    view: HostView,
+    families: tuple[Family, ...] = FAMILIES,
+    *,
+    mount_cache: MountCache | None = None,
 ) -> HostSnapshot:
+    # The driver roots, driver-ready and version are those of the family whose dev root
+    # is chosen among driver roots (NVIDIA); the others have a fixed one (AMD: /dev).
+    rooted = next((family for family in families if family.fixed_dev_root is None), families[0])
     proc_devices, proc_devices_error = read_text(posixpath.join(view.proc, "devices"))
-    version_text, _ = read_text(posixpath.join(view.proc, family.proc_version))
+    version_text = (
+        read_text(posixpath.join(view.proc, rooted.proc_version))[0]
+        if rooted.proc_version is not None
+        else None
+    )
     driver_ready, _ = read_text(view.fs_path(posixpath.join(view.validations_dir, "driver-ready")))
-    candidates = candidates_for(view, driver_ready, family)
+    candidates = candidates_for(view, driver_ready, rooted)
     dev_roots = [candidate.dev_root for candidate in candidates]
-    if "/dev" not in dev_roots:
-        dev_roots.append("/dev")  # always looked at: `not-in-dev` is about /dev
+    # /dev is always looked at: `not-in-dev` is about /dev, and it is AMD's dev root.
+    for fixed in ["/dev", *(family.fixed_dev_root for family in families)]:
+        if fixed is not None and fixed not in dev_roots:
+            dev_roots.append(fixed)
     relevant = PathFilter(view.table_path(dev_root) for dev_root in dev_roots)
     key = (view.mountinfo, relevant.paths)
     mounts = mount_cache.lookup(key) if mount_cache is not None else None
@@ -213,16 +247,17 @@ def read_host(
         proc_devices=proc_devices,
         proc_devices_error=proc_devices_error,
         driver_version_text=version_text,
-        gpu_information=_gpu_information(view, family),
+        gpu_information=_gpu_information(view, families),
         mounts=mounts,
         mounts_error=mounts_error,
         driver_ready=driver_ready,
         candidates=candidates,
-        listings={dev_root: list_dev_root(view, dev_root, family) for dev_root in dev_roots},
+        listings={dev_root: list_dev_root(view, dev_root, families) for dev_root in dev_roots},
         driver_roots_existing=existing,
         cuda_checkpoints=frozenset(
             path for path in cuda_checkpoint_candidates(candidates) if _is_executable(view, path)
         ),
+        sys_drm=read_sys_drm(view.sys) if any(f.gpus_from == "sys" for f in families) else (),
     )
 
 
@@ -251,8 +286,123 @@ def _is_executable(view: HostView, host_path: str) -> bool:
     return False
 
 
-def scan(view: HostView, *, generation: int = 0, family: Family = NVIDIA) -> DeviceMap:
+def scan(
+    view: HostView, *, generation: int = 0, families: tuple[Family, ...] = FAMILIES
+) -> DeviceMap:
     """One consistent scan of the host."""
     return build_map(
-        view, read_host(view, family), generation=generation, updated=utc_timestamp(), family=family
+        view,
+        read_host(view, families),
+        generation=generation,
+        updated=utc_timestamp(),
+        families=families,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# <sys>/class/drm: which driver owns each render node (the AMD family)
+
+_RENDER = re.compile(r"renderD(?P<n>[1-9][0-9]{0,5})")
+_UNIQUE_ID = re.compile(r"[A-Za-z0-9-]{1,128}")
+_MAX_LINKS = 40  # as the kernel's own limit on links followed in one lookup
+_SYS_TEXT_LIMIT = 256
+
+
+def resolve_in(base: str, relative: str, known: str = "") -> str | None:
+    """The real path (relative to `base`) that `relative` names, its symlinks resolved one
+    component at a time, or None when it does not exist, loops, or any link leads outside
+    `base`: nothing outside the sysfs view is ever looked at.
+
+    sysfs links are relative (`class/drm/renderD128 -> ../../devices/pci.../drm/renderD128`);
+    an absolute one counts only if it points into `base`. `known` is a path below `base` that
+    this function already returned (no link in it): `relative` is then taken from there, and
+    the components of `known` are not looked at again.
+    """
+    base = base.rstrip("/") or "/"
+    pending = [part for part in reversed(relative.split("/")) if part not in ("", ".")]
+    done: list[str] = [part for part in known.split("/") if part]
+    links = 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            if not done:
+                return None  # above base
+            done.pop()
+            continue
+        current = posixpath.join(base, *done, part)
+        try:
+            info = os.lstat(current)
+        except OSError:
+            return None
+        if not stat.S_ISLNK(info.st_mode):
+            done.append(part)
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            return None
+        try:
+            target = os.readlink(current)
+        except OSError:
+            return None
+        if target.startswith("/"):
+            inside = "/" if base == "/" else base + "/"
+            if not (target + "/").startswith(inside):
+                return None
+            done = []
+            target = target[len(inside) :]
+        pending.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
+    return "/".join(done)
+
+
+def _sys_value(base: str, directory: str, name: str) -> str | None:
+    """A one-line sysfs attribute, stripped; None when absent, empty or unreadable."""
+    try:
+        # O_NONBLOCK: a FIFO planted in a --sys tree must not hang the scan.
+        fd = os.open(
+            posixpath.join(base, directory, name),
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        )
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _SYS_TEXT_LIMIT)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    text = data.decode("utf-8", "replace").strip()
+    return text if text and text.isprintable() else None
+
+
+def read_sys_drm(sys: str) -> tuple[DrmNode, ...]:
+    """Every render node `<sys>/class/drm` lists, with its driver and device identity."""
+    try:
+        names = sorted(os.listdir(posixpath.join(sys, "class/drm")))
+    except OSError:
+        return ()
+    found: list[DrmNode] = []
+    for name in names:
+        number = _RENDER.fullmatch(name)
+        node = resolve_in(sys, f"class/drm/{name}") if number else None
+        if number is None or node is None:
+            continue
+        device = resolve_in(sys, "device", known=node)
+        driver = resolve_in(sys, "driver", known=device) if device is not None else None
+        unique_id = _sys_value(sys, device, "unique_id") if device is not None else None
+        found.append(
+            DrmNode(
+                name=name,
+                minor=int(number.group("n")),
+                driver=(
+                    posixpath.basename(driver)
+                    if driver and os.path.isdir(posixpath.join(sys, driver))
+                    else None
+                ),
+                bus_id=posixpath.basename(device) if device else None,
+                product_name=_sys_value(sys, device, "product_name") if device else None,
+                unique_id=unique_id if unique_id and _UNIQUE_ID.fullmatch(unique_id) else None,
+            )
+        )
+    return tuple(found)

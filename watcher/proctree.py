@@ -405,7 +405,8 @@ def used_devices(
 
     `devices` is the map's `devices` list (dicts with name, path, kind, major, minor, valid).
     A device matches by (major, minor), whatever path the processes opened it by. Entries are
-    `{"name", "path", "kind", "major", "minor", "valid", "pids", "via"}`, sorted by name,
+    `{"name", "path", "kind", "major", "minor", "valid", "pids", "via"}` and the device's
+    `family` when the map has one, sorted by name,
     with `pids` and `via` sorted lists. Map entries without integer numbers are ignored.
     """
     held = open_char_devices(
@@ -435,6 +436,8 @@ def used_devices(
                 "via": list(use.via),
             }
         )
+        if isinstance(device.get("family"), str):
+            used[-1]["family"] = device["family"]  # maps before the AMD family have none
     used.sort(key=lambda entry: str(entry["name"]))
     return used
 

@@ -64,11 +64,25 @@ def as_table(device_map: dict[str, Any]) -> str:
         f"driver {driver.get('version') or '?'} ({loaded})   "
         f"dev root {driver.get('dev_root') or '-'}   root {driver.get('root') or '-'}   "
         f"source {driver.get('source', '-')}   generation {device_map.get('generation')}",
-        "",
     ]
+    amd = device_map.get("amd") or {}
     devices = device_map.get("devices", [])
+    gpus = device_map.get("gpus", [])
+    # The AMD line and the FAMILY columns only on a host that has AMD: an NVIDIA host's
+    # table is what it always was.
+    mixed = bool(amd.get("loaded") or amd.get("dev_root")) or any(
+        item.get("family", "nvidia") != "nvidia" for item in (*devices, *gpus)
+    )
+    if mixed:
+        lines.append(
+            f"amd kfd ({'loaded' if amd.get('loaded') else 'NOT LOADED'})   "
+            f"dev root {amd.get('dev_root') or '-'}"
+        )
+    lines.append("")
     if devices:
         rows = [["NAME", "PATH", "KIND", "MAJ:MIN", "MODE", "VALID", "MOUNT"]]
+        if mixed:
+            rows[0].append("FAMILY")
         for device in devices:
             mount = device.get("mount")
             where = (
@@ -85,15 +99,15 @@ def as_table(device_map: dict[str, Any]) -> str:
                     device["mode"],
                     "yes" if device["valid"] else "NO",
                     where,
+                    *([device.get("family", "nvidia")] if mixed else []),
                 ]
             )
         lines.extend(_columns(rows))
     else:
-        lines.append("no NVIDIA device nodes found")
-    gpus = device_map.get("gpus", [])
+        lines.append("no GPU device nodes found")
     if gpus:
         lines.append("")
-        rows = [["GPU", "BUS ID", "MODEL", "UUID", "DEVICE"]]
+        rows = [["GPU", "BUS ID", "MODEL", "UUID", "DEVICE", *(["FAMILY"] if mixed else [])]]
         rows.extend(
             [
                 "-" if gpu.get("minor") is None else str(gpu["minor"]),
@@ -101,6 +115,7 @@ def as_table(device_map: dict[str, Any]) -> str:
                 gpu.get("model") or "-",
                 gpu.get("uuid") or "-",
                 gpu.get("device") or "-",
+                *([gpu.get("family", "nvidia")] if mixed else []),
             ]
             for gpu in gpus
         )
@@ -132,14 +147,22 @@ def as_json_line(value: Any) -> str:
 
 def _summary(device_map: dict[str, Any]) -> str:
     driver = device_map.get("driver") or {}
+    amd = device_map.get("amd") or {}
     devices = device_map.get("devices", [])
+    # A map of an older daemon has no `family`: all its devices are NVIDIA's.
+    nvidia = [device for device in devices if device.get("family", "nvidia") == "nvidia"]
+    others = [device for device in devices if device.get("family") == "amd"]
     return summary_line(
         loaded=bool(driver.get("loaded")),
         version=driver.get("version"),
         dev_root=driver.get("dev_root"),
-        devices=len(devices),
-        invalid=sum(1 for device in devices if not device.get("valid")),
+        devices=len(nvidia),
+        invalid=sum(1 for device in nvidia if not device.get("valid")),
         severities=(problem.get("severity", "") for problem in device_map.get("problems", [])),
+        amd_loaded=bool(amd.get("loaded")),
+        amd_dev_root=amd.get("dev_root"),
+        amd_devices=len(others),
+        amd_invalid=sum(1 for device in others if not device.get("valid")),
     )
 
 
@@ -181,6 +204,6 @@ def describe_update(previous: dict[str, Any] | None, reply: dict[str, Any]) -> l
         for key, problem in before.items()
         if key not in after
     )
-    if previous.get("driver") != current.get("driver"):
+    if previous.get("driver") != current.get("driver") or previous.get("amd") != current.get("amd"):
         lines.append(f"generation {generation}: {_summary(current)}")
     return lines or [f"generation {generation}: {_summary(current)}"]

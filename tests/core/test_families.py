@@ -72,7 +72,7 @@ def _host(tmp_path: Path) -> HostView:
 
 @needs_root
 def test_a_new_family_is_scanned_from_its_table_alone(tmp_path: Path) -> None:
-    device_map = scan(_host(tmp_path), family=ACME)
+    device_map = scan(_host(tmp_path), families=(ACME,))
     assert device_map.driver.loaded is True
     assert device_map.driver.version == "1.2.3"
     assert device_map.driver.source == "validations"
@@ -94,12 +94,12 @@ def test_a_new_family_reports_its_own_missing_nodes_and_driver(tmp_path: Path) -
     view = _host(tmp_path)
     os.unlink(Path(view.root) / "run/acme/dev/acmectl")
     os.unlink(Path(view.root) / "run/acme/dev/acme0")
-    device_map = scan(view, family=ACME)
+    device_map = scan(view, families=(ACME,))
     missing = {p.path: p.message for p in device_map.problems if p.code == "missing-node"}
     assert set(missing) == {"/run/acme/dev/acmectl", "/run/acme/dev/acme0"}
     assert "every ACME process opens it: run acme-mknod" in missing["/run/acme/dev/acmectl"]
     Path(view.proc, "devices").write_text("Character devices:\n1 mem\n")
-    unloaded = scan(view, family=ACME)
+    unloaded = scan(view, families=(ACME,))
     (problem,) = [p for p in unloaded.problems if p.code == "driver-not-loaded"]
     assert "the ACME kernel driver is not loaded" in problem.message
     assert "lists no 'acme'" in problem.message and "(modprobe acme)" in problem.message

@@ -75,6 +75,11 @@ class HostSpec:
     )
     # Extra config.toml keys (the daemon validates them; the action reads its own key).
     config: dict[str, str] = field(default_factory=dict)
+    # More character majors for /proc/devices (AMD: `kfd`, `drm`), and render nodes of the
+    # fake sysfs (`--sys`, always set: the machine's own GPUs stay out) as
+    # (minor, bus id, driver, product_name, unique_id).
+    majors: dict[str, int] = field(default_factory=dict)
+    renders: list[tuple[int, str, str, str | None, str | None]] = field(default_factory=list)
 
 
 class HostError(RuntimeError):
@@ -110,6 +115,7 @@ class SimHost:
         self.spec = spec or HostSpec()
         self.root = base / "root"
         self.proc = base / "proc"
+        self.sys = base / "sys"
         self.socket = base / "gdw.sock"
         self.config = base / "config.toml"
         self.log = base / "daemon.log"
@@ -127,6 +133,7 @@ class SimHost:
         shutil.rmtree(self.proc, ignore_errors=True)
         self.proc.mkdir(parents=True)
         majors = "" if not spec.driver_loaded else f"{NVIDIA_MAJOR:3d} nvidia\n"
+        majors += "".join(f"{major:3d} {name}\n" for name, major in spec.majors.items())
         (self.proc / "devices").write_text(
             "Character devices:\n  4 /dev/vc/0\n  5 /dev/tty\n"
             f"{majors} 10 misc\n\nBlock devices:\n  8 sd\n259 blkext\n"
@@ -139,8 +146,30 @@ class SimHost:
             (driver / "gpus" / gpu.bus_id).mkdir()
             (driver / "gpus" / gpu.bus_id / "information").write_text(_gpu_text(gpu))
 
+    def write_sys(self) -> None:
+        """The fake sysfs: each render node linked to its PCI device and driver, as the
+        kernel links them."""
+        shutil.rmtree(self.sys, ignore_errors=True)
+        (self.sys / "class/drm").mkdir(parents=True)
+        for minor, bus_id, driver, product, unique_id in self.spec.renders:
+            device = self.sys / "devices/pci0000:80" / bus_id
+            (device / f"drm/renderD{minor}").mkdir(parents=True)
+            (self.sys / "bus/pci/drivers" / driver).mkdir(parents=True, exist_ok=True)
+            (self.sys / f"class/drm/renderD{minor}").symlink_to(
+                f"../../devices/pci0000:80/{bus_id}/drm/renderD{minor}"
+            )
+            (device / f"drm/renderD{minor}/device").symlink_to(f"../../../{bus_id}")
+            (device / "driver").symlink_to(f"../../../bus/pci/drivers/{driver}")
+            for name, value in (("product_name", product), ("unique_id", unique_id)):
+                if value is not None:
+                    (device / name).write_text(value + "\n")
+
     def write_config(self) -> None:
-        lines = [f"root = {_toml_string(str(self.root))}", f"proc = {_toml_string(str(self.proc))}"]
+        lines = [
+            f"root = {_toml_string(str(self.root))}",
+            f"proc = {_toml_string(str(self.proc))}",
+            f"sys = {_toml_string(str(self.sys))}",
+        ]
         lines += [f"{key} = {_toml_string(value)}" for key, value in self.spec.config.items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.config.chmod(0o644)
@@ -151,6 +180,7 @@ class SimHost:
         self.base.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(exist_ok=True)
         self.write_proc()
+        self.write_sys()
         self.write_config()
         env = child_env({"NOTIFY_SOCKET": str(self._notify_path)}, drop=(client.SOCKET_ENV,))
         child = {

@@ -57,6 +57,7 @@ def test_dump_records_the_used_device_and_restore_goes_on(
             "valid": True,
             "pids": [tree.child],
             "via": ["fd"],
+            "family": "nvidia",
             "gpu": {
                 "uuid": "GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f",
                 "bus_id": "0000:3b:00.0",

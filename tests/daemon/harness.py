@@ -121,6 +121,8 @@ class Namespace:
         self.workdir = base / "w"
         self.root = self.workdir / "root"
         self.proc = self.workdir / "proc"
+        # The daemon's --sys: a fake sysfs, so the machine's own GPUs never enter a test.
+        self.sys = self.workdir / "sys"
         self.workdir.mkdir()
         self._stderr = base / "nshost.err"
         with open(self._stderr, "wb") as errors:
@@ -197,6 +199,26 @@ class Namespace:
     def unlink(self, path: str | Path) -> None:
         self.call("unlink", path=self.fs(path))
 
+    def symlink(self, path: str | Path, target: str) -> None:
+        self.call("symlink", path=self.fs(path), target=target)
+
+    def drm_render(
+        self, minor: int, bus_id: str, *, driver: str = "amdgpu", unique_id: str | None = None
+    ) -> None:
+        """A render node in the fake sysfs, linked as the kernel links it (see
+        tests/support/hostfiles.py `drm_render`)."""
+        device = self.sys / f"devices/pci0000:80/{bus_id}"
+        self.mkdir(device / f"drm/renderD{minor}")
+        self.mkdir(self.sys / f"bus/pci/drivers/{driver}")
+        self.symlink(
+            self.sys / f"class/drm/renderD{minor}",
+            f"../../devices/pci0000:80/{bus_id}/drm/renderD{minor}",
+        )
+        self.symlink(device / f"drm/renderD{minor}/device", f"../../../{bus_id}")
+        self.symlink(device / "driver", f"../../../bus/pci/drivers/{driver}")
+        if unique_id is not None:
+            self.call("write", path=str(device / "unique_id"), text=unique_id + "\n", atomic=True)
+
     def write(self, path: str | Path, text: str) -> None:
         """Write atomically (temporary file, rename): a rescan never reads half a file."""
         self.call("write", path=self.fs(path), text=text, atomic=True)
@@ -220,6 +242,7 @@ class Namespace:
     def build_operator_host(self, uvm_major: int = UVM_MAJOR) -> None:
         """R with an empty /dev and the driver container's root (a tmpfs) at DRIVER_ROOT."""
         self.tmpfs(self.root)
+        self.mkdir(self.sys)
         self.mkdir("/dev")
         self.tmpfs(DRIVER_ROOT, options="mode=755")
         nodes = {
@@ -274,6 +297,7 @@ class Daemon(DaemonProcess):
                 *("nsenter", "-t", str(namespace.pid), "-m", "--"),
                 *(sys.executable, "-m", "watcher", "serve"),
                 *("--root", str(namespace.root), "--proc", str(namespace.proc)),
+                *("--sys", str(namespace.sys)),
                 *("--socket", str(socket_path), "--config", str(config), *extra),
             ],
             socket_path=socket_path,

@@ -101,6 +101,9 @@ def execute(command: dict[str, Any]) -> Any:
         os.rename(command["source"], path)
     elif op == "unlink":
         os.unlink(path)
+    elif op == "symlink":
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.symlink(command["target"], path)
     elif op == "write":
         _write(path, command["text"], command.get("atomic", False))
     elif op == "storm":

@@ -25,6 +25,8 @@ def test_get_and_path(daemon: Daemon) -> None:
     assert reply["ok"] is True
     assert reply["generation"] == reply["map"]["generation"]
     assert set(reply["map"]) >= {"generation", "updated", "driver", "devices", "gpus", "problems"}
+    # An NVIDIA host: the AMD object says nothing is there.
+    assert reply["map"]["amd"] == {"loaded": False, "dev_root": None}
     assert reply["map"]["gpus"] == [
         {
             "minor": 0,
@@ -32,6 +34,7 @@ def test_get_and_path(daemon: Daemon) -> None:
             "model": "NVIDIA H200",
             "uuid": "GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f",
             "device": f"{DEV_ROOT}/nvidia0",
+            "family": "nvidia",
         }
     ]
 

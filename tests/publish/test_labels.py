@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.core.model import Problem
+from watcher.core.model import Gpu, Problem
 from watcher.publish.labels import (
     LABEL_VALUE,
     checkpoint_ready,
@@ -41,6 +41,24 @@ def test_a_ready_operator_host() -> None:
         "gpu-device-watcher.cuda-checkpoint": "true",
     }
     assert_valid(labels)
+
+
+def test_amd_gpus_are_not_counted() -> None:
+    # gpu-count and gpu-model describe what cuda-checkpoint can take: NVIDIA's GPUs.
+    amd = Gpu(
+        minor=128,
+        bus_id="0000:83:00.0",
+        model="AMD Instinct MI210",
+        uuid="592c190172fd5d40",
+        device="/dev/dri/renderD128",
+        family="amd",
+    )
+    labels = compute_labels(operator_map(gpus=(gpu(0), amd, amd)))
+    assert labels["gpu-device-watcher.gpu-count"] == "1"
+    assert labels["gpu-device-watcher.gpu-model"] == "NVIDIA-H200"
+    only_amd = compute_labels(operator_map(gpus=(amd,)))
+    assert only_amd["gpu-device-watcher.gpu-count"] == "0"
+    assert "gpu-device-watcher.gpu-model" not in only_amd
 
 
 def test_without_cuda_checkpoint_the_node_is_not_ready() -> None:

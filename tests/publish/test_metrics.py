@@ -83,6 +83,9 @@ def test_the_collector_reads_the_map_and_the_counters() -> None:
     assert value(found, prefix + "devices", kind="gpu", valid="false") == 1
     assert value(found, prefix + "devices", kind="control", valid="true") == 1
     assert value(found, prefix + "devices", kind="uvm", valid="true") == 0
+    # AMD's kinds are series too (zero on a host without AMD nodes).
+    assert value(found, prefix + "devices", kind="kfd", valid="true") == 0
+    assert value(found, prefix + "devices", kind="render", valid="false") == 0
     assert value(found, prefix + "problems", code="missing-node", severity="error") == 2
     assert value(found, prefix + "problems", code="not-in-dev", severity="warning") == 0
     # An error in the map: not ready, whatever cuda-checkpoint says.

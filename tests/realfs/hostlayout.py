@@ -51,6 +51,9 @@ class HostLayout:
         self.workdir = workdir
         self.root = workdir / root_name
         self.proc = workdir / "proc"
+        # The fake sysfs (--sys), outside the root as /sys is not under --root.
+        self.sys = workdir / "sys"
+        self.sys_steps: list[dict[str, Any]] = []
         self.steps: list[dict[str, Any]] = []
         self.proc_files: dict[str, str] = {}
         self.driver_roots: list[str] | None = None
@@ -113,6 +116,52 @@ class HostLayout:
         self.steps.append({"op": "fs_symlink", "fs_path": str(fs_path), "target": str(target)})
         return self
 
+    # ------------------------------------------------------------ the fake /sys
+
+    def sys_file(self, relative: str, text: str) -> HostLayout:
+        self.sys_steps.append({"op": "file", "path": relative, "text": text})
+        return self
+
+    def sys_fifo(self, relative: str) -> HostLayout:
+        self.sys_steps.append({"op": "fifo", "path": relative})
+        return self
+
+    def sys_mkdir(self, relative: str) -> HostLayout:
+        self.sys_steps.append({"op": "mkdir", "path": relative})
+        return self
+
+    def sys_link(self, relative: str, target: str) -> HostLayout:
+        """A symlink at `relative` written as sysfs writes them: relative to its directory
+        when `target` is a path inside /sys (no leading /), else as given (`/...`)."""
+        self.sys_steps.append({"op": "link", "path": relative, "target": target})
+        return self
+
+    def drm_render(
+        self,
+        minor: int,
+        bus_id: str,
+        *,
+        driver: str = "amdgpu",
+        product_name: str | None = None,
+        unique_id: str | None = None,
+        bridge: str = "pci0000:80/0000:80:01.1",
+    ) -> HostLayout:
+        """A render node's sysfs, shaped as the kernel makes it: class/drm/renderDN is a link
+        to devices/<bridge>/<bus>/drm/renderDN, whose `device` links to the PCI device,
+        whose `driver` links to bus/pci/drivers/<driver>."""
+        device = f"devices/{bridge}/{bus_id}"
+        node = f"{device}/drm/renderD{minor}"
+        self.sys_mkdir(node).sys_file(f"{node}/dev", f"226:{minor}\n")
+        self.sys_mkdir(f"bus/pci/drivers/{driver}")
+        self.sys_link(f"class/drm/renderD{minor}", node)
+        self.sys_link(f"{node}/device", device)
+        self.sys_link(f"{device}/driver", f"bus/pci/drivers/{driver}")
+        if product_name is not None:
+            self.sys_file(f"{device}/product_name", product_name + "\n")
+        if unique_id is not None:
+            self.sys_file(f"{device}/unique_id", unique_id + "\n")
+        return self
+
     # ------------------------------------------------------------ /proc and GPU Operator files
 
     def proc_devices(
@@ -172,6 +221,8 @@ class HostLayout:
             "root": str(self.root),
             "view_root": str(self.view_root or self.root),
             "proc": str(self.proc),
+            "sys": str(self.sys),
+            "sys_steps": self.sys_steps,
             "steps": self.steps,
             "proc_files": self.proc_files,
             "driver_roots": self.driver_roots,
@@ -239,6 +290,24 @@ def _apply(root: str, workdir: str, step: dict[str, Any], number: int) -> None:
         raise ValueError(f"unknown step {op!r}")
 
 
+def _apply_sys(sys_root: str, step: dict[str, Any]) -> None:
+    path = os.path.join(sys_root, step["path"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if step["op"] == "mkdir":
+        os.makedirs(path, exist_ok=True)
+    elif step["op"] == "file":
+        Path(path).write_text(step["text"])
+    elif step["op"] == "fifo":
+        os.mkfifo(path)
+    elif step["op"] == "link":
+        target = step["target"]
+        if not target.startswith("/"):
+            target = os.path.relpath(os.path.join(sys_root, target), os.path.dirname(path))
+        os.symlink(target, path)
+    else:
+        raise ValueError(f"unknown sys step {step['op']!r}")
+
+
 def _child(spec: dict[str, Any]) -> bytes:
     from watcher.core.scan import DEFAULT_DRIVER_ROOTS, HostView
     from watcher.probe import scan
@@ -256,6 +325,9 @@ def _child(spec: dict[str, Any]) -> bytes:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     os.makedirs(proc, exist_ok=True)
+    os.makedirs(spec["sys"], exist_ok=True)
+    for step in spec["sys_steps"]:
+        _apply_sys(spec["sys"], step)
     configured = spec["driver_roots"] is not None
     view = HostView(
         root=spec["view_root"],
@@ -264,6 +336,7 @@ def _child(spec: dict[str, Any]) -> bytes:
         driver_roots=tuple(spec["driver_roots"]) if configured else DEFAULT_DRIVER_ROOTS,
         driver_roots_configured=configured,
         validations_dir=spec["validations_dir"],
+        sys=spec["sys"],
     )
     device_map = scan(view)
     with open("/proc/self/mountinfo", encoding="utf-8", newline="\n") as file:

@@ -29,3 +29,29 @@ def make_nodes(directory: Path, nodes: Mapping[str, tuple[int, int]], mode: int 
     """`name: (major, minor)` nodes in `directory`, as the driver makes them."""
     for name, (major, minor) in nodes.items():
         mknod(directory / name, major, minor, mode)
+
+
+def drm_render(
+    sys_dir: Path,
+    minor: int,
+    bus_id: str,
+    *,
+    driver: str = "amdgpu",
+    product_name: str | None = None,
+    unique_id: str | None = None,
+) -> None:
+    """A render node in a fake sysfs, linked as the kernel links it: class/drm/renderDN ->
+    ../../devices/<bridge>/<bus>/drm/renderDN, whose `device` links to the PCI device, whose
+    `driver` links to bus/pci/drivers/<driver>."""
+    device = sys_dir / "devices/pci0000:80" / bus_id
+    (device / f"drm/renderD{minor}").mkdir(parents=True)
+    (sys_dir / "bus/pci/drivers" / driver).mkdir(parents=True, exist_ok=True)
+    (sys_dir / "class/drm").mkdir(parents=True, exist_ok=True)
+    (sys_dir / f"class/drm/renderD{minor}").symlink_to(
+        f"../../devices/pci0000:80/{bus_id}/drm/renderD{minor}"
+    )
+    (device / f"drm/renderD{minor}/device").symlink_to(f"../../../{bus_id}")
+    (device / "driver").symlink_to(f"../../../bus/pci/drivers/{driver}")
+    for name, value in (("product_name", product_name), ("unique_id", unique_id)):
+        if value is not None:
+            (device / name).write_text(value + "\n")

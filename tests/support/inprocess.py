@@ -103,6 +103,8 @@ class Host:
         self.base = base
         self.root = base / "root"
         self.proc = base / "proc"
+        self.sys = base / "sys"  # a fake sysfs: the machine's own GPUs stay out
+        self.sys.mkdir(parents=True)
         (self.root / "dev").mkdir(parents=True)
         (self.proc / "driver/nvidia").mkdir(parents=True)
         (self.proc / "devices").write_text(proc_devices_text({"nvidia": 195}))
@@ -122,6 +124,7 @@ class Host:
         view = HostView(
             root=str(self.root),
             proc=str(self.proc),
+            sys=str(self.sys),
             mountinfo=str(self.mountinfo),
             driver_roots=("/",),
             driver_roots_configured=True,

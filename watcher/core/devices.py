@@ -1,4 +1,4 @@
-"""The NVIDIA device family, as data, and the `/proc/devices` parser.
+"""The device families (NVIDIA, AMD), as data, and the `/proc/devices` parser.
 
 Adding a node type means adding a `NodeSpec`; adding a family means adding a `Family`: the
 scanner (`core/scan.py`), the probe (`probe.py`) and the daemon's event filter only walk
@@ -11,9 +11,18 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from watcher.core.model import Kind
+from watcher.core.model import FamilyName, Kind, Severity
 
-__all__ = ["NVIDIA", "Expected", "Family", "NodeSpec", "ProcDevicesError", "parse_proc_devices"]
+__all__ = [
+    "AMD",
+    "FAMILIES",
+    "NVIDIA",
+    "Expected",
+    "Family",
+    "NodeSpec",
+    "ProcDevicesError",
+    "parse_proc_devices",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +37,9 @@ class NodeSpec:
     pattern: re.Pattern[str]
     majors: tuple[str, ...]
     minor: int | None = None
+    # Nodes that several drivers make (DRM render nodes): the node is the family's only when
+    # <sys>/class/drm/<its basename>/device/driver is a directory of this name.
+    sys_driver: str | None = None
 
     def expected_minor(self, match: re.Match[str]) -> int:
         if self.minor is not None:
@@ -59,6 +71,21 @@ class Family:
     subdirs: tuple[str, ...]
     # Names in /proc/devices that prove the driver is loaded.
     core_majors: tuple[str, ...]
+    # `family` of its devices, GPUs and problems, and the map's object that describes it
+    # (`driver` for NVIDIA, as the contract has always had it; `amd`).
+    name: FamilyName = "nvidia"
+    section: Literal["driver", "amd"] = "driver"
+    # None: the dev root is chosen among the driver roots and driver-ready (NVIDIA's GPU
+    # Operator); a path: the family's nodes are always there (AMD: /dev, made by udev).
+    fixed_dev_root: str | None = None
+    # Where its GPUs are listed: one directory per GPU under `proc_gpus` ("proc"), or the
+    # render nodes of `<sys>/class/drm` whose driver is `sys_driver` ("sys").
+    gpus_from: Literal["proc", "sys"] = "proc"
+    sys_driver: str | None = None
+    # How loud `driver-not-loaded` is when the family is present but its driver is not.
+    not_loaded_severity: Severity = "error"
+    # The end of the `no-device-root` message: what to do.
+    no_root_hint: str = "if the driver runs in a container, set driver_roots to its root"
     # How people call the driver in messages ("the NVIDIA kernel driver is not loaded").
     display: str = "NVIDIA"
     # The node whose validity picks the dev root (a valid one proves the root is live).
@@ -72,7 +99,7 @@ class Family:
     # How to load the driver, for the driver-not-loaded message.
     load_hint: str = "modprobe nvidia"
     # The driver's files under --proc: its version line, and one directory per GPU.
-    proc_version: str = "driver/nvidia/version"
+    proc_version: str | None = "driver/nvidia/version"
     proc_gpus: str = "driver/nvidia/gpus"
     # driver-ready (GPU Operator) keys naming the driver root and the dev root's base.
     ready_root_key: str = "NVIDIA_DRIVER_ROOT"
@@ -109,6 +136,17 @@ class Family:
     def loaded(self, majors: dict[str, int]) -> bool:
         return any(name in majors for name in self.core_majors)
 
+    def wanted(self, name: str, sys_driver_of: dict[str, str]) -> bool:
+        """Whether a node called `name` is the family's, given the driver of each DRM node
+        by basename (`renderD128` -> `amdgpu`) as `<sys>/class/drm` tells it."""
+        found = self.match(name)
+        if found is None:
+            return False
+        spec = found[0]
+        return spec.sys_driver is None or sys_driver_of.get(name.rpartition("/")[2]) == (
+            spec.sys_driver
+        )
+
 
 # Drivers before 550.40 registered 195 as "nvidia-frontend"; later ones as "nvidia".
 _CORE = ("nvidia", "nvidia-frontend")
@@ -138,6 +176,47 @@ NVIDIA = Family(
         Expected("nvidia-uvm-tools", "warning", "the nvidia-uvm module is loaded", "nvidia-uvm"),
     ),
 )
+
+
+# AMD, for CRIU's amdgpu plugin: it opens /dev/kfd and /dev/dri/renderD<minor> (no driver
+# root: udev makes these in the host's /dev). `drm` is the DRM core's major (226), which
+# every DRM driver's render nodes share: the sysfs driver link tells amdgpu's apart.
+AMD = Family(
+    specs=(
+        NodeSpec("kfd", re.compile(r"kfd"), ("kfd",), 0),
+        NodeSpec(
+            "render", re.compile(r"dri/renderD(?P<n>[1-9][0-9]{0,5})"), ("drm",), None, "amdgpu"
+        ),
+    ),
+    subdirs=("dri",),
+    core_majors=("kfd",),
+    name="amd",
+    section="amd",
+    fixed_dev_root="/dev",
+    gpus_from="sys",
+    sys_driver="amdgpu",
+    # amdgpu without kfd still drives displays; only compute (and CRIU's plugin) needs kfd.
+    not_loaded_severity="warning",
+    no_root_hint=(
+        "udev makes /dev/kfd and /dev/dri/renderD* when amdgpu loads (is --root right? "
+        "run `udevadm trigger` to have them made again)"
+    ),
+    display="AMD",
+    control="kfd",
+    gpu_node="dri/renderD{minor}",
+    expected=(Expected("kfd", "error", "the kfd driver is registered in /proc/devices", "kfd"),),
+    recreate="`udevadm trigger` (or reload amdgpu)",
+    load_hint="modprobe amdgpu, on a kernel built with CONFIG_HSA_AMD",
+    proc_version=None,
+    proc_gpus="",
+    ready_root_key="",
+    ready_dev_key="",
+    opened_by="CRIU's amdgpu plugin",
+)
+
+# Every family the scanner, the probe and the event filter walk, NVIDIA first: it is the
+# one reported when no family shows any sign of life on the host.
+FAMILIES = (NVIDIA, AMD)
 
 
 class ProcDevicesError(ValueError):

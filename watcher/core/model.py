@@ -11,10 +11,12 @@ from typing import Literal
 import msgspec
 
 __all__ = [
+    "Amd",
     "Device",
     "DeviceMap",
     "Driver",
     "DriverSource",
+    "FamilyName",
     "Gpu",
     "Kind",
     "Mount",
@@ -34,7 +36,11 @@ Kind = Literal[
     "imex-channel",
     "nvswitch",
     "nvswitch-control",
+    "kfd",
+    "render",
 ]
+# Which driver family a device, GPU or problem belongs to (watcher.core.devices).
+FamilyName = Literal["nvidia", "amd"]
 DriverSource = Literal["validations", "config", "detected"]
 ProblemCode = Literal[
     "driver-not-loaded",
@@ -62,7 +68,7 @@ class Mount(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True):
-    """One NVIDIA node found in the dev root, valid or not."""
+    """One node of a family found in its dev root, valid or not."""
 
     name: str
     path: str
@@ -72,6 +78,7 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     mode: str
     valid: bool
     mount: Mount | None
+    family: FamilyName = "nvidia"
 
 
 class Gpu(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +87,7 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     model: str | None
     uuid: str | None
     device: str | None
+    family: FamilyName = "nvidia"
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +95,7 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True):
     severity: Severity
     message: str
     path: str | None = None
+    family: FamilyName = "nvidia"
 
 
 class Driver(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,18 +109,29 @@ class Driver(msgspec.Struct, frozen=True, kw_only=True):
     cuda_checkpoint: str | None = None
 
 
+class Amd(msgspec.Struct, frozen=True, kw_only=True):
+    """The AMD family: `loaded` when /proc/devices lists `kfd`; `dev_root` is /dev when it
+    holds AMD nodes (`kfd`, amdgpu render nodes), else None."""
+
+    loaded: bool = False
+    dev_root: str | None = None
+
+
 class DeviceMap(msgspec.Struct, frozen=True, kw_only=True):
     generation: int
     updated: str
+    # NVIDIA's driver (the contract keeps `driver` for NVIDIA; AMD has its own object).
     driver: Driver
     devices: tuple[Device, ...]
     gpus: tuple[Gpu, ...]
     problems: tuple[Problem, ...]
+    amd: Amd = msgspec.field(default_factory=Amd)
 
     def same_content(self, other: DeviceMap) -> bool:
         """True when only the generation and timestamp differ: no new generation is due."""
         return (
             self.driver == other.driver
+            and self.amd == other.amd
             and self.devices == other.devices
             and self.gpus == other.gpus
             and self.problems == other.problems

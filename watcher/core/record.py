@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from watcher.contract import RECORD_NAME, RECORD_VERSION
-from watcher.core.model import DeviceMap, Kind
+from watcher.core.model import DeviceMap, FamilyName, Kind
 
 __all__ = [
     "RECORD_NAME",
@@ -38,7 +38,11 @@ class UsedGpu(msgspec.Struct, frozen=True, kw_only=True):
     """Version 2: which GPU a used GPU node was, from the map's `gpus` at dump."""
 
     uuid: Annotated[
-        str | None, msgspec.Meta(description="GPU UUID (`GPU-...`): what --device-map names")
+        str | None,
+        msgspec.Meta(
+            description="NVIDIA: the GPU UUID (`GPU-...`), what --device-map names; AMD: the "
+            "device's unique_id"
+        ),
     ]
     bus_id: Annotated[str, msgspec.Meta(description="PCI bus id at dump")]
     model: Annotated[str | None, msgspec.Meta(description="model name, e.g. NVIDIA H200")]
@@ -54,7 +58,7 @@ class Check(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class UsedDevice(msgspec.Struct, frozen=True, kw_only=True):
-    """An NVIDIA device of the map that the dumped process tree held open or mapped."""
+    """A device of the map (NVIDIA or AMD) that the dumped process tree held open or mapped."""
 
     name: Annotated[str, msgspec.Meta(description="device name, relative to the dev root")]
     path: Annotated[str, msgspec.Meta(description="its host path in the map at dump time")]
@@ -75,8 +79,15 @@ class UsedDevice(msgspec.Struct, frozen=True, kw_only=True):
     ]
     gpu: Annotated[
         UsedGpu | None,
-        msgspec.Meta(description="version 2, on a used GPU only: its UUID, bus id and model"),
+        msgspec.Meta(
+            description="version 2, on a used GPU's node only (NVIDIA nvidiaN, AMD render "
+            "node): its UUID, bus id and model"
+        ),
     ] = None
+    family: Annotated[
+        FamilyName,
+        msgspec.Meta(description="the device's family; absent in records before AMD: nvidia"),
+    ] = "nvidia"
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,7 +109,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     map: Annotated[DeviceMap, msgspec.Meta(description="the device map at dump time")]
     used: Annotated[
         tuple[UsedDevice, ...],
-        msgspec.Meta(description="NVIDIA devices the tree used, sorted by name"),
+        msgspec.Meta(description="GPU devices the tree used, sorted by name"),
     ]
     environment: Annotated[
         dict[str, str],

@@ -14,12 +14,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from watcher.core.devices import NVIDIA, Family, ProcDevicesError, parse_proc_devices
+from watcher.core.devices import FAMILIES, NVIDIA, Family, ProcDevicesError, parse_proc_devices
 from watcher.core.model import (
+    Amd,
     Device,
     DeviceMap,
     Driver,
     DriverSource,
+    FamilyName,
     Gpu,
     Mount,
     Problem,
@@ -34,6 +36,7 @@ __all__ = [
     "DEFAULT_VALIDATIONS_DIR",
     "Candidate",
     "DevRootListing",
+    "DrmNode",
     "FileType",
     "HostSnapshot",
     "HostView",
@@ -60,6 +63,8 @@ class HostView:
     driver_roots: tuple[str, ...] = DEFAULT_DRIVER_ROOTS
     driver_roots_configured: bool = False
     validations_dir: str = DEFAULT_VALIDATIONS_DIR
+    # Where sysfs is read (`class/drm`, for the AMD family); not under root, as proc is not.
+    sys: str = "/sys"
     # The mount table is another process's (`/proc/PID/mountinfo`, PID not us: see
     # watcher.hostview): its mount points are host paths already, while the files are still
     # reached under root. False: they are this process's paths, translated by removing root.
@@ -128,6 +133,20 @@ class Candidate:
     from_validations: bool
 
 
+@dataclass(frozen=True, slots=True)
+class DrmNode:
+    """One render node of `<sys>/class/drm` (`renderD128`): its driver's name (the
+    directory `device/driver` links to), and its device's PCI address, product name and
+    unique id (None where sysfs does not say)."""
+
+    name: str
+    minor: int
+    driver: str | None
+    bus_id: str | None = None
+    product_name: str | None = None
+    unique_id: str | None = None
+
+
 @dataclass(slots=True)
 class HostSnapshot:
     """Everything one scan read, gathered before any decision is made."""
@@ -145,6 +164,8 @@ class HostSnapshot:
     # Host paths of the cuda-checkpoint candidates (`cuda_checkpoint_candidates`) that are
     # executable files.
     cuda_checkpoints: frozenset[str] = frozenset()
+    # The render nodes <sys>/class/drm lists, whatever their driver.
+    sys_drm: tuple[DrmNode, ...] = ()
 
 
 CUDA_CHECKPOINT_HOST_PATHS = ("/usr/local/bin/cuda-checkpoint", "/usr/bin/cuda-checkpoint")
@@ -197,13 +218,16 @@ def candidates_for(
 
 
 class _Problems:
-    def __init__(self) -> None:
+    def __init__(self, family: FamilyName) -> None:
         self.items: list[Problem] = []
+        self.family: FamilyName = family  # of the problems added next
 
     def add(
         self, code: ProblemCode, severity: Severity, message: str, path: str | None = None
     ) -> None:
-        self.items.append(Problem(code=code, severity=severity, message=message, path=path))
+        self.items.append(
+            Problem(code=code, severity=severity, message=message, path=path, family=self.family)
+        )
 
     def sorted(self) -> tuple[Problem, ...]:
         rank = {"error": 0, "warning": 1, "info": 2}
@@ -234,6 +258,9 @@ def _mount_of(view: HostView, mounts: MountTable, host_path: str) -> Mount | Non
 class _Verdict:
     device: Device
     problems: tuple[tuple[ProblemCode, str], ...]
+    # Whether the node's driver is up, so that its problems are worth reporting (otherwise
+    # driver-not-loaded says it all).
+    live: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +291,10 @@ class _Judge:
                 )
             )
         registered = self.family.registered_major(spec, self.majors)
-        if self.loaded and registered is None:
+        # A node of a major that every DRM driver shares (render nodes) lives and dies with
+        # that major, not with the family's core driver (amdgpu renders without kfd).
+        live = self.loaded or spec.sys_driver is not None
+        if live and registered is None:
             problems.append(
                 (
                     "wrong-major",
@@ -303,10 +333,10 @@ class _Judge:
             major=entry.major,
             minor=entry.minor,
             mode=f"{entry.mode & 0o7777:04o}",
-            valid=self.loaded and not problems,
+            valid=live and registered is not None and not problems,
             mount=mount,
         )
-        return _Verdict(device, tuple(problems))
+        return _Verdict(device, tuple(problems), live)
 
     def verdicts(self, listing: DevRootListing) -> Iterator[_Verdict]:
         for entry in listing.entries:
@@ -322,86 +352,214 @@ class _Judge:
         return verdict is not None and verdict.device.valid
 
 
+@dataclass(frozen=True, slots=True)
+class _FamilyScan:
+    """What one family contributes to the map."""
+
+    loaded: bool
+    chosen: Candidate | None
+    devices: list[Device]
+    gpus: list[Gpu]
+
+
 def build_map(
     view: HostView,
     snapshot: HostSnapshot,
     *,
     generation: int,
     updated: str,
-    family: Family = NVIDIA,
+    families: tuple[Family, ...] = FAMILIES,
 ) -> DeviceMap:
-    """The map of one snapshot: each step below adds its devices or problems."""
-    problems = _Problems()
-    majors, loaded = _driver(view, snapshot, family, problems)
+    """The map of one snapshot: each family adds its devices, GPUs and problems.
+
+    A family that shows no sign of itself on the host (`_present`) adds nothing but its
+    empty section: an AMD host is not told that NVIDIA's driver is missing, nor an NVIDIA
+    host about AMD. When no family shows any sign, the first (NVIDIA) reports what it
+    misses, as it always has: that is the host where something is wrong.
+    """
+    problems = _Problems(families[0].name)
+    majors, unparsed = _majors(view, snapshot, problems)
     _mount_table_problems(view, snapshot, problems)
-    judge = _Judge(view, family, majors, loaded, snapshot.mounts)
-    chosen = _choose_dev_root(snapshot, judge)
-    chosen_listing = snapshot.listings.get(chosen.dev_root) if chosen else None
-    devices = _devices(chosen_listing, judge, problems) if chosen_listing is not None else []
-    if chosen is None:
-        _no_device_root(snapshot, family, problems)
-    _driver_root_problems(snapshot, chosen, family, problems)
-    if chosen is not None and chosen.dev_root != "/dev":
-        _not_in_dev(snapshot, chosen, judge, problems)
-    if snapshot.driver_ready is not None:
-        _check_validations(view, snapshot, chosen, problems, family)
-    gpus = _gpus(snapshot, devices, family)
-    if loaded and chosen is not None:
-        _missing_nodes(
-            family, chosen, chosen_listing, majors=majors, snapshot=snapshot, problems=problems
+    present = [family for family in families if _present(snapshot, family, majors)]
+    # What is about no family (the mount table, /proc/devices) goes with the first family the
+    # host has: an AMD host's unreadable mount table is not an NVIDIA problem.
+    owner = (present or [families[0]])[0].name
+    problems.items = [msgspec.structs.replace(item, family=owner) for item in problems.items]
+    scans: dict[str, _FamilyScan] = {}
+    for family in families:
+        problems.family = family.name
+        scans[family.section] = _scan_family(
+            view,
+            snapshot,
+            family,
+            majors,
+            problems,
+            report=family in present or (not present and family is families[0]),
+            unparsed=unparsed,
         )
+    empty = _FamilyScan(False, None, [], [])
+    nvidia, amd = scans.get("driver", empty), scans.get("amd", empty)
     return printable(
         DeviceMap(
             generation=generation,
             updated=updated,
             driver=Driver(
-                loaded=loaded,
+                loaded=nvidia.loaded,
                 version=(
                     parse_driver_version(snapshot.driver_version_text)
                     if snapshot.driver_version_text is not None
                     else None
                 ),
-                root=chosen.driver_root if chosen else None,
-                dev_root=chosen.dev_root if chosen else None,
-                source=_source(view, chosen),
-                cuda_checkpoint=_cuda_checkpoint(chosen, snapshot.cuda_checkpoints),
+                root=nvidia.chosen.driver_root if nvidia.chosen else None,
+                dev_root=nvidia.chosen.dev_root if nvidia.chosen else None,
+                source=_source(view, nvidia.chosen),
+                cuda_checkpoint=_cuda_checkpoint(nvidia.chosen, snapshot.cuda_checkpoints),
             ),
-            devices=tuple(devices),
-            gpus=tuple(gpus),
+            devices=tuple(
+                sorted(
+                    (device for found in scans.values() for device in found.devices),
+                    key=lambda device: device.name,
+                )
+            ),
+            gpus=tuple(gpu for found in scans.values() for gpu in found.gpus),
             problems=problems.sorted(),
+            amd=Amd(loaded=amd.loaded, dev_root=amd.chosen.dev_root if amd.chosen else None),
         )
     )
 
 
-def _driver(
-    view: HostView, snapshot: HostSnapshot, family: Family, problems: _Problems
-) -> tuple[dict[str, int], bool]:
-    """The registered majors and whether the family's driver is loaded."""
-    majors: dict[str, int] = {}
-    if snapshot.proc_devices is not None:
-        try:
-            majors = parse_proc_devices(snapshot.proc_devices)
-        except ProcDevicesError as error:
-            problems.add(
-                "driver-not-loaded",
-                "error",
-                f"{view.proc}/devices could not be parsed ({error}); is --proc right?",
-                f"{view.proc}/devices",
-            )
+def _scan_family(
+    view: HostView,
+    snapshot: HostSnapshot,
+    family: Family,
+    majors: dict[str, int],
+    problems: _Problems,
+    *,
+    report: bool,
+    unparsed: bool,
+) -> _FamilyScan:
+    """One family's devices and GPUs; its problems when `report` (it is on this host)."""
     loaded = family.loaded(majors)
-    if not loaded and not problems.items:
-        why = (
-            f"cannot read {view.proc}/devices ({snapshot.proc_devices_error})"
-            if snapshot.proc_devices_error
-            else f"{view.proc}/devices lists {_neither(family.core_majors)}"
+    if not report:
+        problems = _Problems(family.name)  # a family that is not here says nothing
+    elif not loaded and not unparsed:
+        _not_loaded(view, snapshot, family, problems)
+    judge = _Judge(view, family, majors, loaded, snapshot.mounts)
+    candidates = _candidates(snapshot, family)
+    listings = {
+        candidate.dev_root: _family_listing(snapshot, family, candidate.dev_root)
+        for candidate in [*candidates, Candidate("/", "/dev", False)]
+    }
+    chosen = _choose_dev_root(candidates, listings, judge)
+    chosen_listing = listings.get(chosen.dev_root) if chosen else None
+    devices = _devices(chosen_listing, judge, problems) if chosen_listing is not None else []
+    devices = [msgspec.structs.replace(device, family=family.name) for device in devices]
+    if chosen is None:
+        _no_device_root(snapshot, candidates, family, problems)
+    if family.fixed_dev_root is None:
+        _driver_root_problems(snapshot, chosen, family, problems)
+        if chosen is not None and chosen.dev_root != "/dev":
+            _not_in_dev(listings.get("/dev"), chosen, judge, problems)
+        if snapshot.driver_ready is not None:
+            _check_validations(view, snapshot, chosen, problems, family)
+    information = _gpu_information(snapshot, family)
+    gpus = _gpus(information, devices, family)
+    if loaded and chosen is not None:
+        _missing_nodes(
+            family,
+            chosen,
+            chosen_listing,
+            majors=majors,
+            information=information,
+            problems=problems,
         )
+    return _FamilyScan(loaded, chosen, devices, gpus)
+
+
+def _candidates(snapshot: HostSnapshot, family: Family) -> list[Candidate]:
+    if family.fixed_dev_root is not None:
+        return [Candidate("/", family.fixed_dev_root, False)]
+    return snapshot.candidates
+
+
+def _sys_drivers(snapshot: HostSnapshot) -> dict[str, str]:
+    return {node.name: node.driver for node in snapshot.sys_drm if node.driver is not None}
+
+
+def _family_listing(snapshot: HostSnapshot, family: Family, dev_root: str) -> DevRootListing:
+    """The dev root's entries that are this family's (the probe lists every family's)."""
+    listing = snapshot.listings.get(dev_root)
+    if listing is None:
+        return DevRootListing(dev_root, exists=False)
+    drivers = _sys_drivers(snapshot)
+    return DevRootListing(
+        listing.dev_root,
+        listing.exists,
+        tuple(entry for entry in listing.entries if family.wanted(entry.name, drivers)),
+        listing.error,
+    )
+
+
+def _gpu_information(snapshot: HostSnapshot, family: Family) -> list[GpuInformation]:
+    if family.gpus_from == "proc":
+        return snapshot.gpu_information
+    return [
+        GpuInformation(
+            bus_id=node.bus_id or "", model=node.product_name, uuid=node.unique_id, minor=node.minor
+        )
+        for node in snapshot.sys_drm
+        if node.driver is not None and node.driver == family.sys_driver
+    ]
+
+
+def _present(snapshot: HostSnapshot, family: Family, majors: dict[str, int]) -> bool:
+    """Whether the host shows any sign of the family: its driver registered, its GPUs
+    listed, its nodes in a dev root, or (driver roots) a driver root or driver-ready file."""
+    if family.loaded(majors) or _gpu_information(snapshot, family):
+        return True
+    if any(
+        _family_listing(snapshot, family, candidate.dev_root).entries
+        for candidate in [*_candidates(snapshot, family), Candidate("/", "/dev", False)]
+    ):
+        return True
+    return family.fixed_dev_root is None and (
+        snapshot.driver_ready is not None
+        or any(root != "/" for root in snapshot.driver_roots_existing)
+    )
+
+
+def _majors(
+    view: HostView, snapshot: HostSnapshot, problems: _Problems
+) -> tuple[dict[str, int], bool]:
+    """The registered majors; True when /proc/devices could not be parsed (said once)."""
+    if snapshot.proc_devices is None:
+        return {}, False
+    try:
+        return parse_proc_devices(snapshot.proc_devices), False
+    except ProcDevicesError as error:
         problems.add(
             "driver-not-loaded",
             "error",
-            f"the {family.display} kernel driver is not loaded: {why}; load it "
-            f"({family.load_hint}) or wait for the driver container to finish starting",
+            f"{view.proc}/devices could not be parsed ({error}); is --proc right?",
+            f"{view.proc}/devices",
         )
-    return majors, loaded
+        return {}, True
+
+
+def _not_loaded(
+    view: HostView, snapshot: HostSnapshot, family: Family, problems: _Problems
+) -> None:
+    why = (
+        f"cannot read {view.proc}/devices ({snapshot.proc_devices_error})"
+        if snapshot.proc_devices_error
+        else f"{view.proc}/devices lists {_neither(family.core_majors)}"
+    )
+    problems.add(
+        "driver-not-loaded",
+        family.not_loaded_severity,
+        f"the {family.display} kernel driver is not loaded: {why}; load it "
+        f"({family.load_hint}) or wait for the driver container to finish starting",
+    )
 
 
 def _mount_table_problems(view: HostView, snapshot: HostSnapshot, problems: _Problems) -> None:
@@ -424,14 +582,16 @@ def _mount_table_problems(view: HostView, snapshot: HostSnapshot, problems: _Pro
         )
 
 
-def _choose_dev_root(snapshot: HostSnapshot, judge: _Judge) -> Candidate | None:
+def _choose_dev_root(
+    candidates: list[Candidate], listings: dict[str, DevRootListing], judge: _Judge
+) -> Candidate | None:
     """The first candidate with a valid control node, else the first with any node."""
-    for candidate in snapshot.candidates:
-        listing = snapshot.listings.get(candidate.dev_root)
+    for candidate in candidates:
+        listing = listings.get(candidate.dev_root)
         if listing is not None and judge.has_valid_control(listing):
             return candidate
-    for candidate in snapshot.candidates:
-        listing = snapshot.listings.get(candidate.dev_root)
+    for candidate in candidates:
+        listing = listings.get(candidate.dev_root)
         if listing is not None and listing.has_nodes:
             return candidate
     return None
@@ -442,7 +602,7 @@ def _devices(listing: DevRootListing, judge: _Judge, problems: _Problems) -> lis
     devices: list[Device] = []
     for verdict in judge.verdicts(listing):
         devices.append(verdict.device)
-        if judge.loaded:
+        if verdict.live:
             for code, message in verdict.problems:
                 problems.add(code, "error", message, verdict.device.path)
     for entry in listing.entries:
@@ -464,19 +624,24 @@ def _devices(listing: DevRootListing, judge: _Judge, problems: _Problems) -> lis
     return devices
 
 
-def _no_device_root(snapshot: HostSnapshot, family: Family, problems: _Problems) -> None:
+def _no_device_root(
+    snapshot: HostSnapshot, candidates: list[Candidate], family: Family, problems: _Problems
+) -> None:
     unreadable = "".join(
         f"; cannot read {listing.dev_root} ({listing.error})"
-        for candidate in snapshot.candidates
+        for candidate in candidates
         if (listing := snapshot.listings.get(candidate.dev_root)) is not None
         and listing.error is not None
+    )
+    where = (
+        family.fixed_dev_root
+        if family.fixed_dev_root is not None
+        else "any driver root (" + ", ".join(candidate.dev_root for candidate in candidates) + ")"
     )
     problems.add(
         "no-device-root",
         "error",
-        f"no {family.display} device nodes in any driver root ("
-        + ", ".join(candidate.dev_root for candidate in snapshot.candidates)
-        + f"){unreadable}; if the driver runs in a container, set driver_roots to its root",
+        f"no {family.display} device nodes in {where}{unreadable}; {family.no_root_hint}",
     )
 
 
@@ -493,8 +658,8 @@ def _driver_root_problems(
             or (chosen is not None and candidate.driver_root == chosen.driver_root)
         ):
             continue
-        listing = snapshot.listings.get(candidate.dev_root)
-        if listing is not None and listing.error is not None:
+        listing = _family_listing(snapshot, family, candidate.dev_root)
+        if listing.error is not None:
             # Unreadable is not empty: say so rather than blame the driver pod.
             problems.add(
                 "driver-root-empty",
@@ -504,7 +669,7 @@ def _driver_root_problems(
                 "on it (and every directory above it)",
                 candidate.driver_root,
             )
-        elif listing is None or not listing.has_nodes:
+        elif not listing.has_nodes:
             problems.add(
                 "driver-root-empty",
                 "warning" if chosen else "error",
@@ -516,10 +681,9 @@ def _driver_root_problems(
 
 
 def _not_in_dev(
-    snapshot: HostSnapshot, chosen: Candidate, judge: _Judge, problems: _Problems
+    in_dev: DevRootListing | None, chosen: Candidate, judge: _Judge, problems: _Problems
 ) -> None:
     family = judge.family
-    in_dev = snapshot.listings.get("/dev")
     # A stale or planted control node in /dev does not help a tool that opens it.
     if in_dev is None or not judge.has_valid_control(in_dev):
         problems.add(
@@ -533,12 +697,10 @@ def _not_in_dev(
         )
 
 
-def _gpus(snapshot: HostSnapshot, devices: list[Device], family: Family) -> list[Gpu]:
+def _gpus(information: list[GpuInformation], devices: list[Device], family: Family) -> list[Gpu]:
     listed = {device.name: device for device in devices}
     gpus: list[Gpu] = []
-    for info in sorted(
-        snapshot.gpu_information, key=lambda gpu: (gpu.minor is None, gpu.minor, gpu.bus_id)
-    ):
+    for info in sorted(information, key=lambda gpu: (gpu.minor is None, gpu.minor, gpu.bus_id)):
         node = listed.get(family.gpu_node_name(info.minor)) if info.minor is not None else None
         gpus.append(
             Gpu(
@@ -547,6 +709,7 @@ def _gpus(snapshot: HostSnapshot, devices: list[Device], family: Family) -> list
                 model=info.model,
                 uuid=info.uuid,
                 device=node.path if node is not None else None,
+                family=family.name,
             )
         )
     return gpus
@@ -611,7 +774,7 @@ def _missing_nodes(
     listing: DevRootListing | None,
     *,
     majors: Mapping[str, int],
-    snapshot: HostSnapshot,
+    information: list[GpuInformation],
     problems: _Problems,
 ) -> None:
     expected: list[tuple[str, Severity, str]] = [
@@ -619,10 +782,15 @@ def _missing_nodes(
         for node in family.expected
         if node.when_major is None or node.when_major in majors
     ]
-    for info in snapshot.gpu_information:
+    listed_in = "/proc" if family.gpus_from == "proc" else "/sys/class/drm"
+    for info in information:
         if info.minor is not None:
             expected.append(
-                (family.gpu_node_name(info.minor), "error", f"GPU {info.bus_id} is listed in /proc")
+                (
+                    family.gpu_node_name(info.minor),
+                    "error",
+                    f"GPU {info.bus_id} is listed in {listed_in}",
+                )
             )
     for name, severity, why in expected:
         if listing is None or listing.entry(name) is None:

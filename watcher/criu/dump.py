@@ -206,7 +206,8 @@ def pre_dump(environ: Mapping[str, str]) -> int:
     identities = _gpu_identities(device_map)
     for entry in used:
         path = entry.get("path")
-        if entry.get("kind") == "gpu" and isinstance(path, str):
+        # A GPU's node: NVIDIA's nvidiaN, AMD's render node (its GPU is in `gpus` as well).
+        if entry.get("kind") in ("gpu", "render") and isinstance(path, str):
             identity = identities.get(path)
             if identity is not None:
                 entry["gpu"] = identity

@@ -8,8 +8,11 @@ for `cuda-checkpoint --device-map` when a used GPU lands on another UUID.
 
 Matching: a used GPU goes to the GPU of this host with the same UUID; failing that, to a GPU
 of the same model that no other used GPU took, the same minor first. Every used GPU needs a
-GPU of its own. Other used nodes (`nvidiactl`, `nvidia-uvm`, caps, ...) must be present and
-valid here by name; so must a used GPU whose identity the record does not know.
+GPU of its own. Other used nodes (`nvidiactl`, `nvidia-uvm`, caps, `kfd`, ...) must be
+present and valid here by name; so must a used GPU whose identity the record does not know.
+AMD GPUs (used render nodes) are matched the same way among this host's AMD GPUs, by
+`unique_id` then model, and each reports the render node it lands on; the device map for
+cuda-checkpoint is NVIDIA's alone (CRIU's amdgpu plugin remaps render nodes itself).
 
 Every value from the record in a message goes through `shown()`: messages are printed into
 CRIU's log.
@@ -17,7 +20,7 @@ CRIU's log.
 
 from __future__ import annotations
 
-from watcher.criu.recordfile import GpuId, Record, Used, uuid_ok
+from watcher.criu.recordfile import GPU_KINDS, GpuId, Record, Used, uuid_ok
 from watcher.criu.text import shown
 
 TYPE_CHECKING = False
@@ -99,9 +102,10 @@ def _dicts(value: object) -> list[dict[str, Any]]:
 
 
 class _HostGpu:
-    __slots__ = ("bus_id", "device", "minor", "model", "uuid")
+    __slots__ = ("bus_id", "device", "family", "minor", "model", "uuid")
 
     def __init__(self, gpu: dict[str, Any]) -> None:
+        self.family = _str(gpu.get("family")) or "nvidia"  # maps before AMD: NVIDIA's
         uuid = _str(gpu.get("uuid"))
         self.uuid = uuid if uuid is not None and uuid_ok(uuid) else None
         self.model = _str(gpu.get("model"))
@@ -145,14 +149,9 @@ def _who(used: Used) -> str:
 # The gate
 
 
-def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Verdict:
-    """Every reason this host cannot take `record`'s process back, and the device map."""
-    verdict = Verdict(record.summary())
-    if not record.used:
-        # The tree touched no GPU device: any host will do.
-        return verdict
-    driver = here.get("driver")
-    driver = driver if isinstance(driver, dict) else {}
+def _nvidia_driver(verdict: Verdict, record: Record, driver: dict[str, Any], policy: str) -> bool:
+    """NVIDIA's driver checks; False when the driver is not loaded (nothing else can be
+    judged then)."""
     version_then, version_here = record.driver_version, _str(driver.get("version"))
 
     if "mig-in-use" in record.checks:
@@ -171,7 +170,7 @@ def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Ver
         )
         # Without a driver no node or GPU can be judged: the other reasons would only blame
         # what loading the driver brings back.
-        return verdict
+        return False
     if version_then and not (version_here and _versions_match(version_then, version_here, policy)):
         verdict.refuse(
             "driver-version",
@@ -187,6 +186,30 @@ def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Ver
             f"host's driver is {shown(version_here or 'unknown')}: the restored process maps "
             "those exact files, whatever restore_version_match says",
         )
+    return True
+
+
+def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Verdict:
+    """Every reason this host cannot take `record`'s process back, and the device map."""
+    verdict = Verdict(record.summary())
+    if not record.used:
+        # The tree touched no GPU device: any host will do.
+        return verdict
+    driver = here.get("driver")
+    driver = driver if isinstance(driver, dict) else {}
+    amd = here.get("amd")
+    amd = amd if isinstance(amd, dict) else {}
+    version_here = _str(driver.get("version"))
+    families = {used.family for used in record.used}
+    if "nvidia" in families and not _nvidia_driver(verdict, record, driver, policy):
+        return verdict
+    if "amd" in families and amd.get("loaded") is not True:
+        verdict.refuse(
+            "driver-not-loaded",
+            "the AMD kfd driver is not loaded on this host (/proc/devices lists no 'kfd'), "
+            "and the checkpoint used AMD GPU nodes",
+        )
+        return verdict
 
     dev_root = shown(_str(driver.get("dev_root")) or "none")
     devices = _dicts(here.get("devices"))
@@ -211,7 +234,7 @@ def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Ver
 
     gpus_used: list[tuple[Used, GpuId]] = []
     for used in record.used:
-        if used.kind == "gpu" and used.gpu is not None and (used.gpu.uuid or used.gpu.model):
+        if used.kind in GPU_KINDS and used.gpu is not None and (used.gpu.uuid or used.gpu.model):
             gpus_used.append((used, used.gpu))
             continue
         device = by_name.get(used.name)
@@ -222,15 +245,21 @@ def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Ver
                 {"name": used.name, "path": used.path, "here": _str(device.get("path"))}
             )
 
-    _match_gpus(
-        verdict,
-        gpus_used=gpus_used,
-        here=here,
-        by_path=by_path,
-        node_reason=node_reason,
-        dev_root=dev_root,
-        version_here=version_here,
-    )
+    host = [_HostGpu(gpu) for gpu in _dicts(here.get("gpus"))]
+    for family, family_root, remaps in (
+        ("nvidia", dev_root, True),
+        ("amd", shown(_str(amd.get("dev_root")) or "none"), False),
+    ):
+        _match_gpus(
+            verdict,
+            gpus_used=[(used, want) for used, want in gpus_used if used.family == family],
+            host=[gpu for gpu in host if gpu.family == family],
+            by_path=by_path,
+            node_reason=node_reason,
+            dev_root=family_root,
+            version_here=version_here if remaps else None,
+            remaps=remaps,
+        )
     verdict.devices.sort(key=lambda device: str(device["name"]))
     return verdict
 
@@ -239,13 +268,15 @@ def _match_gpus(
     verdict: Verdict,
     *,
     gpus_used: list[tuple[Used, GpuId]],
-    here: Mapping[str, Any],
+    host: list[_HostGpu],
     by_path: dict[str, dict[str, Any]],
     node_reason: NodeCheck,
     dev_root: str,
     version_here: str | None,
+    remaps: bool,
 ) -> None:
-    host = [_HostGpu(gpu) for gpu in _dicts(here.get("gpus"))]
+    """Land each used GPU of one family on a GPU of that family here; `remaps`: the family
+    restores through cuda-checkpoint, whose --device-map must name GPUs that moved."""
     taken: set[int] = set()
     landing: dict[int, int] = {}  # index in gpus_used -> index in host
 
@@ -329,6 +360,8 @@ def _match_gpus(
         elif node_reason(who, device):
             verdict.devices.append({"name": used.name, "path": used.path, "here": gpu.device})
 
+    if not remaps:
+        return
     # A GPU whose UUID this host does not know may be another GPU: it needs a map too.
     moved = [(used, gpu) for used, want, gpu in pairs if want.uuid and want.uuid != gpu.uuid]
     if not moved:

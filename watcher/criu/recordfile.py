@@ -149,19 +149,33 @@ class GpuId:
         self.bus_id = bus_id
 
 
+# The kinds of a GPU's own node: NVIDIA's nvidiaN, AMD's render node.
+GPU_KINDS = ("gpu", "render")
+# The kinds of the AMD family, for records that carry no `family` on their used entries.
+_AMD_KINDS = ("kfd", "render")
+
+
 class Used:
     """One entry of the record's `used`."""
 
-    __slots__ = ("gpu", "kind", "name", "path", "pids")
+    __slots__ = ("family", "gpu", "kind", "name", "path", "pids")
 
     def __init__(
-        self, name: str, path: str, kind: str, pids: tuple[int, ...], gpu: GpuId | None
+        self,
+        name: str,
+        path: str,
+        kind: str,
+        pids: tuple[int, ...],
+        gpu: GpuId | None,
+        *,
+        family: str = "nvidia",
     ) -> None:
         self.name = name
         self.path = path
         self.kind = kind
         self.pids = pids
         self.gpu = gpu
+        self.family = family
 
 
 class Record:
@@ -300,13 +314,18 @@ def validate(value: object) -> Record:
         gpu: GpuId | None = None
         if "gpu" in entry and entry["gpu"] is not None:
             gpu = _gpu_id(entry["gpu"], context)
-        elif kind == "gpu":
+        elif kind in GPU_KINDS:
             gpu = by_device.get(path)
-        if gpu is not None and gpu.uuid is not None:
+        family = entry.get("family", "amd" if kind in _AMD_KINDS else "nvidia")
+        if family not in ("nvidia", "amd"):
+            raise _unreadable(f'{RECORD_NAME}: "family" of {context} is not nvidia or amd')
+        # Two NVIDIA GPUs under one UUID would make --device-map ambiguous. AMD's unique_id
+        # enters no device map, and nothing promises it is one per render node.
+        if gpu is not None and gpu.uuid is not None and family == "nvidia":
             if gpu.uuid in uuids:
                 raise _unreadable(f"{RECORD_NAME}: two used GPUs carry UUID {shown(gpu.uuid)}")
             uuids.add(gpu.uuid)
-        used.append(Used(name, path, kind, tuple(pids), gpu))
+        used.append(Used(name, path, kind, tuple(pids), gpu, family=family))
 
     libraries = _list(value, "libraries")
     if not all(isinstance(library, str) for library in libraries):

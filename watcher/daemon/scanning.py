@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from watcher.contract import summary_line, utc_timestamp
-from watcher.core.devices import NVIDIA, Family
+from watcher.core.devices import FAMILIES, Family
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import PathFilter
 from watcher.core.scan import HostView, build_map
@@ -30,14 +30,22 @@ __all__ = [
 
 def summary(device_map: DeviceMap) -> str:
     """The one-line STATUS= text: driver version, where the nodes are, what is wrong."""
-    driver = device_map.driver
+    driver, amd = device_map.driver, device_map.amd
+    # Each device counts with the family whose map object (`driver`, `amd`) describes it.
+    section = {family.name: family.section for family in FAMILIES}
+    nvidia = [device for device in device_map.devices if section[device.family] == "driver"]
+    others = [device for device in device_map.devices if section[device.family] == "amd"]
     return summary_line(
         loaded=driver.loaded,
         version=driver.version,
         dev_root=driver.dev_root,
-        devices=len(device_map.devices),
-        invalid=sum(1 for device in device_map.devices if not device.valid),
+        devices=len(nvidia),
+        invalid=sum(1 for device in nvidia if not device.valid),
         severities=(problem.severity for problem in device_map.problems),
+        amd_loaded=amd.loaded,
+        amd_dev_root=amd.dev_root,
+        amd_devices=len(others),
+        amd_invalid=sum(1 for device in others if not device.valid),
     )
 
 
@@ -52,6 +60,7 @@ def mount_filter(view: HostView, dev_roots: list[str], driver_roots: list[str]) 
     whether those exist). A superset only costs rescans."""
     paths = {view.fs_path(path) for path in [*dev_roots, "/dev", view.validations_dir]}
     paths.add(os.path.abspath(view.proc))
+    paths.add(os.path.abspath(view.sys))  # class/drm is read there (the AMD family)
     return PathFilter(sorted(paths), sorted({view.fs_path(path) for path in driver_roots}))
 
 
@@ -59,7 +68,7 @@ def mount_filter(view: HostView, dev_roots: list[str], driver_roots: list[str]) 
 _VALIDATION_FILES = frozenset({"driver-ready", ".driver-ctr-ready"})
 
 
-def event_filter(families: tuple[Family, ...] = (NVIDIA,)) -> Callable[[str], bool]:
+def event_filter(families: tuple[Family, ...] = FAMILIES) -> Callable[[str], bool]:
     """Whether an entry with a given name, in a dev root or a family subdirectory or the
     validations directory, can change the map (the families' tables decide)."""
 
@@ -69,7 +78,7 @@ def event_filter(families: tuple[Family, ...] = (NVIDIA,)) -> Callable[[str], bo
     return matters
 
 
-def watched_subdirs(families: tuple[Family, ...] = (NVIDIA,)) -> tuple[str, ...]:
+def watched_subdirs(families: tuple[Family, ...] = FAMILIES) -> tuple[str, ...]:
     """The subdirectories of a dev root that are watched too."""
     return tuple(dict.fromkeys(subdir for family in families for subdir in family.subdirs))
 
@@ -89,12 +98,12 @@ def scan_host(
     view: HostView,
     generation: int,
     mount_cache: MountCache | None = None,
-    family: Family = NVIDIA,
+    families: tuple[Family, ...] = FAMILIES,
 ) -> Scanned:
     started = time.perf_counter()
-    snapshot = read_host(view, family, mount_cache=mount_cache)
+    snapshot = read_host(view, families, mount_cache=mount_cache)
     device_map = build_map(
-        view, snapshot, generation=generation, updated=utc_timestamp(), family=family
+        view, snapshot, generation=generation, updated=utc_timestamp(), families=families
     )
     return Scanned(
         map=device_map,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from watcher.core.model import DeviceMap
+from watcher.core.model import DeviceMap, Gpu
 
 __all__ = [
     "LABEL_VALUE",
@@ -59,8 +59,13 @@ def _bool(value: bool) -> str:
     return "true" if value else "false"
 
 
+def _nvidia_gpus(device_map: DeviceMap) -> list[Gpu]:
+    # The labels speak of NVIDIA checkpoints (cuda-checkpoint): AMD GPUs are not counted.
+    return [gpu for gpu in device_map.gpus if gpu.family == "nvidia"]
+
+
 def _one_model(device_map: DeviceMap) -> str | None:
-    models = {gpu.model for gpu in device_map.gpus}
+    models = {gpu.model for gpu in _nvidia_gpus(device_map)}
     if len(models) != 1:
         return None
     (model,) = models
@@ -74,7 +79,7 @@ def compute_labels(device_map: DeviceMap) -> dict[str, str]:
         "checkpoint-ready": _bool(checkpoint_ready(device_map)),
         "driver-version": label_value(driver.version) if driver.version else None,
         "dev-root": label_value(driver.dev_root) if driver.dev_root else None,
-        "gpu-count": str(len(device_map.gpus)),
+        "gpu-count": str(len(_nvidia_gpus(device_map))),
         # Only when every GPU is known to be of one model; spaces (and the like) become `-`.
         "gpu-model": label_value(model) if (model := _one_model(device_map)) else None,
         "cuda-checkpoint": _bool(driver.cuda_checkpoint is not None),
