@@ -12,7 +12,14 @@ import os
 import sys
 
 from watcher import __version__, client, render
-from watcher.contract import DEFAULT_SOCKET, PREFIX, SOCKET_ENV, utc_timestamp
+from watcher.contract import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    DEFAULT_SOCKET,
+    PREFIX,
+    SOCKET_ENV,
+    utc_timestamp,
+)
 from watcher.errors import UsageError
 
 __all__ = [
@@ -77,6 +84,13 @@ class _Formatter(argparse.HelpFormatter):
             width = _terminal_columns() - 2
         super().__init__(prog, indent_increment, max_help_position, width)
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # argparse's own wrapping breaks at hyphens, which cuts paths such as
+        # /etc/gpu-device-watcher/config.toml in two; only --help gets here.
+        import textwrap  # noqa: PLC0415
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, exit 2, as every command of ours reports errors."""
@@ -92,19 +106,38 @@ class _Parser(argparse.ArgumentParser):
 
 def _host_view_options() -> _Parser:
     shared = _Parser(add_help=False)
-    group = shared.add_argument_group("host view")
-    group.add_argument("--root", metavar="DIR", help="where the host filesystem is visible (/)")
-    group.add_argument("--proc", metavar="DIR", help="where devices and driver/nvidia are read")
-    group.add_argument("--mountinfo", metavar="FILE", help="mount table to parse and watch")
-    group.add_argument("--config", metavar="FILE", help="TOML config (default %(default)s)")
+    # The options' own defaults stay None ("not given"), so that the config file can set
+    # them; the help names the real defaults instead of argparse's None.
+    group = shared.add_argument_group(
+        "host view", "command-line options win over the config file's keys of the same name"
+    )
+    group.add_argument(
+        "--root", metavar="DIR", help="where the host filesystem is visible (default /)"
+    )
+    group.add_argument(
+        "--proc", metavar="DIR", help="where devices and driver/nvidia are read (default /proc)"
+    )
+    group.add_argument(
+        "--mountinfo",
+        metavar="FILE",
+        help="mount table to parse and watch (default /proc/self/mountinfo)",
+    )
+    group.add_argument(
+        "--config", metavar="FILE", help=f"TOML config (default {DEFAULT_CONFIG}, if present)"
+    )
     return shared
 
 
-def _socket_option(parser: argparse.ArgumentParser) -> None:
+def _format_option(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
     parser.add_argument(
-        "--socket",
-        metavar="PATH",
-        help=f"daemon socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+        "--format", choices=choices, default=choices[0], help="output format (default %(default)s)"
+    )
+
+
+def _socket_option(parser: argparse.ArgumentParser, *, server: bool = False) -> None:
+    sources = f"${SOCKET_ENV}, the config's socket," if server else f"${SOCKET_ENV}"
+    parser.add_argument(
+        "--socket", metavar="PATH", help=f"daemon socket (default {sources} or {DEFAULT_SOCKET})"
     )
 
 
@@ -125,17 +158,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         host_view = _host_view_options()
     if wanted("serve"):
         serve = commands.add_parser("serve", parents=[host_view], help="run the daemon")
-        _socket_option(serve)
-        serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+        _socket_option(serve, server=True)
+        serve.add_argument(
+            "--log-level",
+            choices=("debug", "info", "warning", "error"),
+            help="log verbosity (default info, or the config's log_level)",
+        )
 
     if wanted("scan"):
         scan = commands.add_parser("scan", parents=[host_view], help="one scan, no daemon")
-        scan.add_argument("--format", choices=("json", "env", "table"), default="json")
+        _format_option(scan, ("json", "env", "table"))
 
     if wanted("get"):
         get = commands.add_parser("get", help="the live map from the daemon")
         _socket_option(get)
-        get.add_argument("--format", choices=("json", "env", "table"), default="json")
+        _format_option(get, ("json", "env", "table"))
 
     if wanted("path"):
         path = commands.add_parser("path", help="the host path of one valid device")
@@ -145,7 +182,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if wanted("watch"):
         watch = commands.add_parser("watch", help="stream changes until interrupted")
         _socket_option(watch)
-        watch.add_argument("--format", choices=("json", "text"), default="text")
+        _format_option(watch, ("text", "json"))
 
     if wanted("status"):
         status = commands.add_parser("status", help="daemon health and counters")
@@ -160,8 +197,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         )
         check.add_argument("image_dir", metavar="IMAGE_DIR", help="the checkpoint's image dir")
         _socket_option(check)
-        check.add_argument("--config", metavar="FILE", help="TOML config (restore_version_match)")
-        check.add_argument("--format", choices=("text", "json"), default="text")
+        check.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"TOML config for restore_version_match (default ${CONFIG_ENV} or "
+            f"{DEFAULT_CONFIG}, if present)",
+        )
+        _format_option(check, ("text", "json"))
     if wanted("install-action"):
         install = commands.add_parser(
             "install-action",
