@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
@@ -35,8 +35,21 @@ __all__ = [
 ]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+VersionMatch = Literal["exact", "major"]
+DumpChecks = Literal["warn", "refuse"]
 _MODE = re.compile(r"0?[0-7]{3,4}")
 _GID_MAX = 2**32 - 2  # (gid_t) -1 means "leave unchanged" to chown
+_ID_MAX = _GID_MAX  # (uid_t) -1 is no user either
+# The keys whose value is one of a few words: an error lists them.
+_CHOICES: Final[Mapping[str, tuple[str, ...]]] = {
+    "log_level": get_args(LogLevel),
+    "restore_version_match": get_args(VersionMatch),
+    "dump_checks": get_args(DumpChecks),
+}
+# What to write instead, for wrong types a person is likely to write.
+_TYPE_HINTS: Final[Mapping[str, str]] = {
+    "socket_mode": 'write the mode as a string of octal digits, e.g. socket_mode = "0660"',
+}
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -56,9 +69,9 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_uids: list[int] | None = None
     allowed_gids: list[int] | None = None
     # Read by the CRIU action at pre-restore: "exact" driver version, or same "major".
-    restore_version_match: Literal["exact", "major"] | None = None
+    restore_version_match: VersionMatch | None = None
     # Read by the CRIU action at pre-dump: whether a failed dump check stops the dump.
-    dump_checks: Literal["warn", "refuse"] | None = None
+    dump_checks: DumpChecks | None = None
     # The Node Feature Discovery feature file, and the Prometheus endpoint (watcher.publish).
     nfd_features_file: str | None = None
     metrics_listen: str | None = None
@@ -153,8 +166,20 @@ def _explain(error: msgspec.ValidationError) -> str:
         return f"unknown key {unknown.group(1)!r} (known keys: {known})"
     where = re.search(r" - at `\$\.?([^`]*)`", text)
     if where:
-        return f"key {where.group(1)!r}: {text[: where.start()]}"
+        key, what = where.group(1), text[: where.start()]
+        choice = re.fullmatch(r"Invalid enum value (.*)", what)
+        if key in _CHOICES and choice:
+            return f"key {key!r}: must be {_one_of(_CHOICES[key])}, got {choice.group(1)}"
+        if key in _TYPE_HINTS:
+            return f"key {key!r}: {what}; {_TYPE_HINTS[key]}"
+        return f"key {key!r}: {what}"
     return text
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    """'"a", "b" or "c"'"""
+    quoted = [f'"{choice}"' for choice in choices]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
 
 
 def check_file_safety(path: str, info: os.stat_result | None = None) -> None:
@@ -209,6 +234,10 @@ def _validate(path: str, config: ConfigFile) -> None:
             raise bad("driver_roots", f"every root must be an absolute path, got {root!r}")
     if config.driver_roots is not None and not config.driver_roots:
         raise bad("driver_roots", "must name at least one root")
+    for key in ("allowed_uids", "allowed_gids"):
+        for number in getattr(config, key) or ():
+            if not 0 <= number <= _ID_MAX:
+                raise bad(key, f"every id must be from 0 to {_ID_MAX}, got {number}")
     if config.debounce_ms is not None and not 0 <= config.debounce_ms <= 10_000:
         raise bad("debounce_ms", "must be between 0 and 10000")
     if config.max_clients is not None and not 1 <= config.max_clients <= 65_536:
