@@ -109,3 +109,54 @@ def test_python_m_watcher_refuses_the_same_way(tmp_path: Path) -> None:
     assert done.returncode == 2
     [line] = done.stderr.splitlines()
     assert line.startswith("gpu-device-watcher: ") and "allowed_uids" in line
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [("root", "not a directory"), ("proc", "not a directory"), ("mountinfo", "no such file")],
+)
+@pytest.mark.parametrize("command", ["scan", "serve"])
+def test_a_host_view_key_naming_nothing_is_refused_like_its_option(
+    tmp_path: Path, key: str, kind: str, command: str
+) -> None:
+    # `--proc /nonexistent` is exit 2; the same value from the config must not scan an empty
+    # host instead (a map saying "driver not loaded" for a typo).
+    missing = tmp_path / "nonexistent"
+    config = write(tmp_path, f'{key} = "{missing}"\n')
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            command,
+            "--config",
+            str(config),
+            *(["--socket", str(tmp_path / "s.sock")] if command == "serve" else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout
+    [line] = done.stderr.splitlines()
+    assert line.startswith("gpu-device-watcher: config ")
+    assert f"key '{key}': {missing}: {kind}" in line
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_host_view_keys_that_exist_are_taken(tmp_path: Path) -> None:
+    from watcher.config import resolve_settings
+
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "mountinfo").write_text("")
+    config = write(
+        tmp_path,
+        f'root = "{tmp_path}"\nproc = "{tmp_path}/proc"\nmountinfo = "{tmp_path}/mountinfo"\n',
+    )
+    view = resolve_settings({"config": str(config)}).view
+    assert (view.root, view.proc, view.mountinfo) == (
+        os.path.realpath(tmp_path),
+        f"{tmp_path}/proc",
+        f"{tmp_path}/mountinfo",
+    )

@@ -265,6 +265,22 @@ def _validate(path: str, config: ConfigFile) -> None:
             raise bad("metrics_listen", str(error)) from None
 
 
+def _check_host_view(path: str, config: ConfigFile, options: Mapping[str, Any]) -> None:
+    """The host view's keys must name what exists, as their options must (`--proc DIR`).
+
+    Otherwise a typo scans an empty host: a map saying "driver not loaded". Only the values
+    the file supplies are checked here; the command line checks its own.
+    """
+    for key, is_kind, kind in (
+        ("root", os.path.isdir, "not a directory"),
+        ("proc", os.path.isdir, "not a directory"),
+        ("mountinfo", os.path.isfile, "no such file"),
+    ):
+        value = getattr(config, key)
+        if options.get(key) is None and value is not None and not is_kind(value):
+            raise ConfigError(f"config {path}: key {key!r}: {value}: {kind}")
+
+
 def resolve_settings(
     options: Mapping[str, Any],
     environ: Mapping[str, str] = os.environ,
@@ -280,6 +296,7 @@ def resolve_settings(
         from_file = getattr(config, key)
         return from_file if from_file is not None else default
 
+    _check_host_view(config_path or DEFAULT_CONFIG, config, options)
     socket = options.get("socket") or environ.get(SOCKET_ENV) or config.socket or DEFAULT_SOCKET
     driver_roots = config.driver_roots
     mountinfo = pick("mountinfo", "/proc/self/mountinfo")
