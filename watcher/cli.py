@@ -313,7 +313,6 @@ def command_restore_check(arguments: argparse.Namespace) -> int:
         raise UsageError(f"IMAGE_DIR {arguments.image_dir}: not a directory")
     if arguments.config is not None and not os.path.isfile(arguments.config):
         raise UsageError(f"--config {arguments.config}: no such file")
-    from watcher.criu import CONFIG_ENV  # noqa: PLC0415
     from watcher.criu.restore import restore_check  # noqa: PLC0415
 
     # The gate reads its socket and config as the CRIU action does, from the environment.
@@ -322,6 +321,13 @@ def command_restore_check(arguments: argparse.Namespace) -> int:
         environ[client.SOCKET_ENV] = arguments.socket
     if arguments.config:
         environ[CONFIG_ENV] = arguments.config
+    if environ.get(CONFIG_ENV):
+        # The action, inside CRIU, can only log a bad config and keep the defaults; a config
+        # this command is told to use is checked as every config is: wrong is exit 2. (The
+        # default file is left to the action's reading, so the common path stays lean.)
+        from watcher.config import load_config_file  # noqa: PLC0415 (msgspec)
+
+        load_config_file(environ[CONFIG_ENV], required=True)
     return restore_check(arguments.image_dir, environ, arguments.format)
 
 
