@@ -160,3 +160,38 @@ def test_host_view_keys_that_exist_are_taken(tmp_path: Path) -> None:
         f"{tmp_path}/proc",
         f"{tmp_path}/mountinfo",
     )
+
+
+def test_a_socket_group_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
+    # Found at start, before anything is bound: exit 2 (systemd does not retry it), naming
+    # the key, like every other wrong value in the file.
+    config = write(tmp_path, 'socket_group = "no-such-group-here"\n')
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "watcher",
+            "serve",
+            "--config",
+            str(config),
+            "--socket",
+            str(tmp_path / "run" / "s.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("gpu-device-watcher: config ")
+    assert "key 'socket_group': no such group 'no-such-group-here'" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_socket_group_by_name_or_number_is_taken(tmp_path: Path) -> None:
+    from watcher.config import resolve_settings
+
+    for value in ('"root"', "4242", '"4242"'):
+        config = write(tmp_path, f"socket_group = {value}\n")
+        assert resolve_settings({"config": str(config)}).socket_group is not None

@@ -6,6 +6,7 @@ wrong type is a `ConfigError` naming the key, which the CLI turns into exit 2.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import re
@@ -281,6 +282,20 @@ def _check_host_view(path: str, config: ConfigFile, options: Mapping[str, Any]) 
             raise ConfigError(f"config {path}: key {key!r}: {value}: {kind}")
 
 
+def _check_socket_group(path: str, group: str | int | None) -> None:
+    """A group name must exist here: found now, not when the socket is bound (exit 1 then,
+    which systemd retries in vain). A number is taken as it is, as chown(1) takes it."""
+    if not isinstance(group, str) or (group.isascii() and group.isdigit()):
+        return
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        raise ConfigError(
+            f"config {path}: key 'socket_group': no such group {group!r} (name an existing "
+            "group or give its number)"
+        ) from None
+
+
 def resolve_settings(
     options: Mapping[str, Any],
     environ: Mapping[str, str] = os.environ,
@@ -297,6 +312,7 @@ def resolve_settings(
         return from_file if from_file is not None else default
 
     _check_host_view(config_path or DEFAULT_CONFIG, config, options)
+    _check_socket_group(config_path or DEFAULT_CONFIG, config.socket_group)
     socket = options.get("socket") or environ.get(SOCKET_ENV) or config.socket or DEFAULT_SOCKET
     driver_roots = config.driver_roots
     mountinfo = pick("mountinfo", "/proc/self/mountinfo")
