@@ -8,6 +8,13 @@ from watcher.cli import COMMANDS, main
 from watcher.contract import CONFIG_ENV, DEFAULT_CONFIG, DEFAULT_SOCKET, SOCKET_ENV
 
 
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The help is wrapped to the terminal's width; a narrow one must not cut a path the
+    # assertions look for.
+    monkeypatch.setenv("COLUMNS", "200")
+
+
 def help_text(capsys: pytest.CaptureFixture[str], *command: str) -> str:
     with pytest.raises(SystemExit) as exited:
         main([*command, "--help"])
@@ -57,3 +64,14 @@ def test_format_default(capsys: pytest.CaptureFixture[str], command: str, defaul
 def test_restore_check_config_default(capsys: pytest.CaptureFixture[str]) -> None:
     text = help_text(capsys, "restore-check", "/")
     assert f"(default ${CONFIG_ENV} or {DEFAULT_CONFIG}, if present)" in text
+
+
+def test_paths_are_not_cut_at_hyphens(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # argparse's own wrapping cut /etc/gpu-device-watcher/config.toml after "gpu-device-".
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    out = capsys.readouterr().out
+    assert f"{DEFAULT_CONFIG}," in out  # whole, on one line
