@@ -75,3 +75,16 @@ def test_paths_are_not_cut_at_hyphens(
         main(["scan", "--help"])
     out = capsys.readouterr().out
     assert f"{DEFAULT_CONFIG}," in out  # whole, on one line
+
+
+@pytest.mark.parametrize("command", ["scan", "get", "restore-check"])
+def test_an_unknown_option_points_to_the_commands_own_help(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    arguments = [command, *(["/"] if command == "restore-check" else []), "--bogus"]
+    assert main(arguments) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"gpu-device-watcher: unrecognized arguments: --bogus "
+        f"(see `gpu-device-watcher {command} --help`)"
+    )

@@ -370,6 +370,15 @@ COMMANDS = {
 }
 
 
+def _parse(args: list[str], only: str | None) -> argparse.Namespace:
+    arguments, unknown = build_parser(only).parse_known_args(args)
+    if unknown:
+        # argparse reports these from the top-level parser; point to the command's help.
+        where = f"{PROG} {arguments.command}"
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see `{where} --help`)")
+    return arguments
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = sys.argv[1:] if argv is None else list(argv)
@@ -377,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # third of what `path` costs beyond a bare interpreter. Anything else (--help, a
         # typo) gets the whole command line, so that help and errors list every command.
         only = args[0] if args and args[0] in COMMANDS else None
-        arguments = build_parser(only).parse_args(args)
+        arguments = _parse(args, only)
         return COMMANDS[arguments.command](arguments)
     except UsageError as error:
         fail(str(error))
