@@ -12,7 +12,14 @@ import os
 import sys
 
 from watcher import __version__, client, render
-from watcher.contract import DEFAULT_SOCKET, PREFIX, SOCKET_ENV, utc_timestamp
+from watcher.contract import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    DEFAULT_SOCKET,
+    PREFIX,
+    SOCKET_ENV,
+    utc_timestamp,
+)
 from watcher.errors import UsageError
 
 __all__ = [
@@ -77,6 +84,13 @@ class _Formatter(argparse.HelpFormatter):
             width = _terminal_columns() - 2
         super().__init__(prog, indent_increment, max_help_position, width)
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # argparse's own wrapping breaks at hyphens, which cuts paths such as
+        # /etc/gpu-device-watcher/config.toml in two; only --help gets here.
+        import textwrap  # noqa: PLC0415
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, exit 2, as every command of ours reports errors."""
@@ -92,20 +106,41 @@ class _Parser(argparse.ArgumentParser):
 
 def _host_view_options() -> _Parser:
     shared = _Parser(add_help=False)
-    group = shared.add_argument_group("host view")
-    group.add_argument("--root", metavar="DIR", help="where the host filesystem is visible (/)")
-    group.add_argument("--proc", metavar="DIR", help="where devices and driver/nvidia are read")
-    group.add_argument("--sys", metavar="DIR", help="where class/drm is read (/sys; AMD GPUs)")
-    group.add_argument("--mountinfo", metavar="FILE", help="mount table to parse and watch")
-    group.add_argument("--config", metavar="FILE", help="TOML config (default %(default)s)")
+    # The options' own defaults stay None ("not given"), so that the config file can set
+    # them; the help names the real defaults instead of argparse's None.
+    group = shared.add_argument_group(
+        "host view", "command-line options win over the config file's keys of the same name"
+    )
+    group.add_argument(
+        "--root", metavar="DIR", help="where the host filesystem is visible (default /)"
+    )
+    group.add_argument(
+        "--proc", metavar="DIR", help="where devices and driver/nvidia are read (default /proc)"
+    )
+    group.add_argument(
+        "--sys", metavar="DIR", help="where class/drm is read (default /sys; AMD GPUs)"
+    )
+    group.add_argument(
+        "--mountinfo",
+        metavar="FILE",
+        help="mount table to parse and watch (default /proc/self/mountinfo)",
+    )
+    group.add_argument(
+        "--config", metavar="FILE", help=f"TOML config (default {DEFAULT_CONFIG}, if present)"
+    )
     return shared
 
 
-def _socket_option(parser: argparse.ArgumentParser) -> None:
+def _format_option(parser: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
     parser.add_argument(
-        "--socket",
-        metavar="PATH",
-        help=f"daemon socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+        "--format", choices=choices, default=choices[0], help="output format (default %(default)s)"
+    )
+
+
+def _socket_option(parser: argparse.ArgumentParser, *, server: bool = False) -> None:
+    sources = f"${SOCKET_ENV}, the config's socket," if server else f"${SOCKET_ENV}"
+    parser.add_argument(
+        "--socket", metavar="PATH", help=f"daemon socket (default {sources} or {DEFAULT_SOCKET})"
     )
 
 
@@ -127,17 +162,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         host_view = _host_view_options()
     if wanted("serve"):
         serve = commands.add_parser("serve", parents=[host_view], help="run the daemon")
-        _socket_option(serve)
-        serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+        _socket_option(serve, server=True)
+        serve.add_argument(
+            "--log-level",
+            choices=("debug", "info", "warning", "error"),
+            help="log verbosity (default info, or the config's log_level)",
+        )
 
     if wanted("scan"):
         scan = commands.add_parser("scan", parents=[host_view], help="one scan, no daemon")
-        scan.add_argument("--format", choices=("json", "env", "table"), default="json")
+        _format_option(scan, ("json", "env", "table"))
 
     if wanted("get"):
         get = commands.add_parser("get", help="the live map from the daemon")
         _socket_option(get)
-        get.add_argument("--format", choices=("json", "env", "table"), default="json")
+        _format_option(get, ("json", "env", "table"))
 
     if wanted("path"):
         path = commands.add_parser("path", help="the host path of one valid device")
@@ -147,7 +186,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if wanted("watch"):
         watch = commands.add_parser("watch", help="stream changes until interrupted")
         _socket_option(watch)
-        watch.add_argument("--format", choices=("json", "text"), default="text")
+        _format_option(watch, ("text", "json"))
 
     if wanted("status"):
         status = commands.add_parser("status", help="daemon health and counters")
@@ -162,8 +201,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         )
         check.add_argument("image_dir", metavar="IMAGE_DIR", help="the checkpoint's image dir")
         _socket_option(check)
-        check.add_argument("--config", metavar="FILE", help="TOML config (restore_version_match)")
-        check.add_argument("--format", choices=("text", "json"), default="text")
+        check.add_argument(
+            "--config",
+            metavar="FILE",
+            help=f"TOML config for restore_version_match (default ${CONFIG_ENV} or "
+            f"{DEFAULT_CONFIG}, if present)",
+        )
+        _format_option(check, ("text", "json"))
     if wanted("install-action"):
         install = commands.add_parser(
             "install-action",
@@ -273,7 +317,6 @@ def command_restore_check(arguments: argparse.Namespace) -> int:
         raise UsageError(f"IMAGE_DIR {arguments.image_dir}: not a directory")
     if arguments.config is not None and not os.path.isfile(arguments.config):
         raise UsageError(f"--config {arguments.config}: no such file")
-    from watcher.criu import CONFIG_ENV  # noqa: PLC0415
     from watcher.criu.restore import restore_check  # noqa: PLC0415
 
     # The gate reads its socket and config as the CRIU action does, from the environment.
@@ -282,6 +325,13 @@ def command_restore_check(arguments: argparse.Namespace) -> int:
         environ[client.SOCKET_ENV] = arguments.socket
     if arguments.config:
         environ[CONFIG_ENV] = arguments.config
+    if environ.get(CONFIG_ENV):
+        # The action, inside CRIU, can only log a bad config and keep the defaults; a config
+        # this command is told to use is checked as every config is: wrong is exit 2. (The
+        # default file is left to the action's reading, so the common path stays lean.)
+        from watcher.config import load_config_file  # noqa: PLC0415 (msgspec)
+
+        load_config_file(environ[CONFIG_ENV], required=True)
     return restore_check(arguments.image_dir, environ, arguments.format)
 
 
@@ -324,6 +374,15 @@ COMMANDS = {
 }
 
 
+def _parse(args: list[str], only: str | None) -> argparse.Namespace:
+    arguments, unknown = build_parser(only).parse_known_args(args)
+    if unknown:
+        # argparse reports these from the top-level parser; point to the command's help.
+        where = f"{PROG} {arguments.command}"
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see `{where} --help`)")
+    return arguments
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = sys.argv[1:] if argv is None else list(argv)
@@ -331,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # third of what `path` costs beyond a bare interpreter. Anything else (--help, a
         # typo) gets the whole command line, so that help and errors list every command.
         only = args[0] if args and args[0] in COMMANDS else None
-        arguments = build_parser(only).parse_args(args)
+        arguments = _parse(args, only)
         return COMMANDS[arguments.command](arguments)
     except UsageError as error:
         fail(str(error))

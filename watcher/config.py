@@ -6,12 +6,13 @@ wrong type is a `ConfigError` naming the key, which the CLI turns into exit 2.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
@@ -35,8 +36,21 @@ __all__ = [
 ]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+VersionMatch = Literal["exact", "major"]
+DumpChecks = Literal["warn", "refuse"]
 _MODE = re.compile(r"0?[0-7]{3,4}")
 _GID_MAX = 2**32 - 2  # (gid_t) -1 means "leave unchanged" to chown
+_ID_MAX = _GID_MAX  # (uid_t) -1 is no user either
+# The keys whose value is one of a few words: an error lists them.
+_CHOICES: Final[Mapping[str, tuple[str, ...]]] = {
+    "log_level": get_args(LogLevel),
+    "restore_version_match": get_args(VersionMatch),
+    "dump_checks": get_args(DumpChecks),
+}
+# What to write instead, for wrong types a person is likely to write.
+_TYPE_HINTS: Final[Mapping[str, str]] = {
+    "socket_mode": 'write the mode as a string of octal digits, e.g. socket_mode = "0660"',
+}
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -57,9 +71,9 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_uids: list[int] | None = None
     allowed_gids: list[int] | None = None
     # Read by the CRIU action at pre-restore: "exact" driver version, or same "major".
-    restore_version_match: Literal["exact", "major"] | None = None
+    restore_version_match: VersionMatch | None = None
     # Read by the CRIU action at pre-dump: whether a failed dump check stops the dump.
-    dump_checks: Literal["warn", "refuse"] | None = None
+    dump_checks: DumpChecks | None = None
     # The Node Feature Discovery feature file, and the Prometheus endpoint (watcher.publish).
     nfd_features_file: str | None = None
     metrics_listen: str | None = None
@@ -155,8 +169,20 @@ def _explain(error: msgspec.ValidationError) -> str:
         return f"unknown key {unknown.group(1)!r} (known keys: {known})"
     where = re.search(r" - at `\$\.?([^`]*)`", text)
     if where:
-        return f"key {where.group(1)!r}: {text[: where.start()]}"
+        key, what = where.group(1), text[: where.start()]
+        choice = re.fullmatch(r"Invalid enum value (.*)", what)
+        if key in _CHOICES and choice:
+            return f"key {key!r}: must be {_one_of(_CHOICES[key])}, got {choice.group(1)}"
+        if key in _TYPE_HINTS:
+            return f"key {key!r}: {what}; {_TYPE_HINTS[key]}"
+        return f"key {key!r}: {what}"
     return text
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    """'"a", "b" or "c"'"""
+    quoted = [f'"{choice}"' for choice in choices]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
 
 
 def check_file_safety(path: str, info: os.stat_result | None = None) -> None:
@@ -219,6 +245,10 @@ def _validate(path: str, config: ConfigFile) -> None:
             raise bad("driver_roots", f"every root must be an absolute path, got {root!r}")
     if config.driver_roots is not None and not config.driver_roots:
         raise bad("driver_roots", "must name at least one root")
+    for key in ("allowed_uids", "allowed_gids"):
+        for number in getattr(config, key) or ():
+            if not 0 <= number <= _ID_MAX:
+                raise bad(key, f"every id must be from 0 to {_ID_MAX}, got {number}")
     if config.debounce_ms is not None and not 0 <= config.debounce_ms <= 10_000:
         raise bad("debounce_ms", "must be between 0 and 10000")
     if config.max_clients is not None and not 1 <= config.max_clients <= 65_536:
@@ -246,6 +276,37 @@ def _validate(path: str, config: ConfigFile) -> None:
             raise bad("metrics_listen", str(error)) from None
 
 
+def _check_host_view(path: str, config: ConfigFile, options: Mapping[str, Any]) -> None:
+    """The host view's keys must name what exists, as their options must (`--proc DIR`).
+
+    Otherwise a typo scans an empty host: a map saying "driver not loaded". Only the values
+    the file supplies are checked here; the command line checks its own.
+    """
+    for key, is_kind, kind in (
+        ("root", os.path.isdir, "not a directory"),
+        ("proc", os.path.isdir, "not a directory"),
+        ("sys", os.path.isdir, "not a directory"),
+        ("mountinfo", os.path.isfile, "no such file"),
+    ):
+        value = getattr(config, key)
+        if options.get(key) is None and value is not None and not is_kind(value):
+            raise ConfigError(f"config {path}: key {key!r}: {value}: {kind}")
+
+
+def _check_socket_group(path: str, group: str | int | None) -> None:
+    """A group name must exist here: found now, not when the socket is bound (exit 1 then,
+    which systemd retries in vain). A number is taken as it is, as chown(1) takes it."""
+    if not isinstance(group, str) or (group.isascii() and group.isdigit()):
+        return
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        raise ConfigError(
+            f"config {path}: key 'socket_group': no such group {group!r} (name an existing "
+            "group or give its number)"
+        ) from None
+
+
 def resolve_settings(
     options: Mapping[str, Any],
     environ: Mapping[str, str] = os.environ,
@@ -261,6 +322,8 @@ def resolve_settings(
         from_file = getattr(config, key)
         return from_file if from_file is not None else default
 
+    _check_host_view(config_path or DEFAULT_CONFIG, config, options)
+    _check_socket_group(config_path or DEFAULT_CONFIG, config.socket_group)
     socket = options.get("socket") or environ.get(SOCKET_ENV) or config.socket or DEFAULT_SOCKET
     driver_roots = config.driver_roots
     mountinfo = pick("mountinfo", "/proc/self/mountinfo")

@@ -15,7 +15,9 @@ import types
 from collections.abc import Mapping
 from typing import TextIO
 
-__all__ = ["JournalFormatter", "on_journal", "setup"]
+from watcher.contract import PREFIX
+
+__all__ = ["JournalFormatter", "fatal", "on_journal", "setup"]
 
 _SYSLOG_PRIORITY = {
     logging.CRITICAL: 2,
@@ -91,3 +93,16 @@ def setup(
     log.propagate = True
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+
+
+def fatal(
+    message: str, environ: Mapping[str, str] = os.environ, stream: TextIO | None = None
+) -> None:
+    """Why `serve` cannot start, as every command reports an error: one line on stderr
+    starting `gpu-device-watcher: ` (on the journal with the "err" priority in front, which
+    journald strips). Not a log line: nothing was served, and a person reads this one."""
+    stream = sys.stderr if stream is None else stream
+    line = f"{PREFIX} {' '.join(message.splitlines())}"
+    if on_journal(stream, environ):
+        line = f"<{_SYSLOG_PRIORITY[logging.ERROR]}>{line}"
+    print(line, file=stream, flush=True)

@@ -232,6 +232,8 @@ def _one_line(done: subprocess.CompletedProcess[str], returncode: int, phrase: s
     assert done.returncode == returncode, done.stderr
     assert len(output) == 1, output
     assert phrase in output[0], output
+    # The contract: every error is one line on stderr starting with the command's name.
+    assert output[0].startswith("gpu-device-watcher: "), output
     assert done.stdout == ""
     without_traceback(done.stderr)
 
@@ -316,7 +318,7 @@ def test_journal_prefixes_only_on_the_journal_stream(host: Host, tmp_path: Path)
         elsewhere = _run_serve(
             [*base, "--socket", str(in_use)], child_env(JOURNAL_STREAM=stream_id)
         )
-    assert lines(stderr_file.read_text()) == [f"<3>another gpu-device-watcher is serving {in_use}"]
+    message = f"gpu-device-watcher: another gpu-device-watcher is serving {in_use}"
+    assert lines(stderr_file.read_text()) == [f"<3>{message}"]
     [plain] = lines(elsewhere.stderr)
-    assert not plain.startswith("<"), plain
-    assert plain.endswith(f"ERROR   another gpu-device-watcher is serving {in_use}"), plain
+    assert plain == message

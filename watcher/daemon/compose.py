@@ -55,7 +55,7 @@ def run(
         notifier = Notifier.from_env(environ)
         activated = listen_fds()
     except ValueError as error:
-        log.error("%s", error)
+        logs.fatal(str(error), environ)
         return 1
     if activated:
         listener, settings = _take_activated(activated, settings)
@@ -64,7 +64,7 @@ def run(
         try:
             bound = bind_unix_socket(settings.socket, settings.socket_mode, settings.socket_group)
         except SocketSetupError as error:
-            log.error("%s", error)
+            logs.fatal(str(error), environ)
             return 1
         listener, owned_inode = bound, bound.inode
     try:
