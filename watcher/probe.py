@@ -11,7 +11,7 @@ import errno
 import os
 import posixpath
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -161,6 +161,9 @@ class MountCache:
     """
 
     epoch: int = 0
+    # Reads only the mounts a scan needs (statmount: a few syscalls instead of the whole
+    # table), set by the daemon where the kernel allows; None: the whole table is read.
+    reader: Callable[[PathFilter], MountTable] | None = None
     _key: tuple[str, tuple[str, ...]] | None = None
     _table: MountTable | None = None
     _table_epoch: int = -1
@@ -196,13 +199,15 @@ def read_host(
     if mounts is None:
         # The epoch before the read: a change during the read makes this table stale.
         epoch = mount_cache.epoch if mount_cache is not None else 0
-        mountinfo_text, mounts_error = read_text(view.mountinfo)
-        mounts = (
-            parse_mountinfo(mountinfo_text, relevant)
-            if mountinfo_text is not None
-            else MountTable([])
-        )
-        if mount_cache is not None and mountinfo_text is not None:
+        mounts = _read_targeted(mount_cache.reader, relevant) if mount_cache is not None else None
+        if mounts is None:
+            mountinfo_text, mounts_error = read_text(view.mountinfo)
+            mounts = (
+                parse_mountinfo(mountinfo_text, relevant)
+                if mountinfo_text is not None
+                else MountTable([])
+            )
+        if mount_cache is not None and mounts_error is None:
             mount_cache.store(key, mounts, epoch)
     existing = {
         candidate.driver_root
@@ -226,6 +231,18 @@ def read_host(
             if _is_executable(view.fs_path(path))
         ),
     )
+
+
+def _read_targeted(
+    reader: Callable[[PathFilter], MountTable] | None, relevant: PathFilter
+) -> MountTable | None:
+    if reader is None:
+        return None
+    try:
+        return reader(relevant)
+    except OSError:
+        # A mount went away mid-read, or the calls failed: the whole table answers.
+        return None
 
 
 def _is_executable(path: str) -> bool:
