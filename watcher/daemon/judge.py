@@ -312,14 +312,15 @@ class MountJudging:
 
     def on_wake(self, reason: str) -> None:
         """A wake-up of the mount table: rescan if the judge says it may matter."""
+        if not self._tried and self._tasks is not None:
+            # Mounts change here: worth the listing fanotify needs (the switch rescans).
+            self._tried = True
+            self._tasks.start_soon(self.switch_to_fanotify)
         why = self.judge.judge(reason)
         if why is None:
             log.debug("mount table changed; no relevant mount did")
             return
         self._on_relevant(why)
-        if not self._tried and self._tasks is not None:
-            self._tried = True
-            self._tasks.start_soon(self.switch_to_fanotify)
 
     def set_filter(self, relevant: PathFilter) -> None:
         self.judge.set_filter(relevant)
@@ -349,8 +350,7 @@ class MountJudging:
                 )
             else:
                 log.info(
-                    "mount changes: every mountinfo wake-up rescans (no fanotify mount events: "
-                    "%s)",
+                    "mount changes: every mountinfo wake-up rescans (no fanotify mount events: %s)",
                     error,
                 )
             return

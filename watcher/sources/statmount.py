@@ -340,12 +340,15 @@ class RelevantMounts:
     def read(self, relevant: PathFilter) -> dict[int, MountRecord]:
         """The relevant mounts now. Raises OSError when one cannot be read."""
         found: dict[int, MountRecord] = {}
+        # Every mount read during this read, relevant or not: watched paths often lie in
+        # the same mount, whose subtree is then read once.
+        seen: dict[int, MountRecord | None] = {}
         subtrees: dict[tuple[str, int], _Subtree] = {}
         for path in relevant.paths:
             top = self._chain(path, found)
             if top is not None:
                 key = (path, top)
-                subtrees[key] = self._below(path, top, self._subtrees.get(key), found)
+                subtrees[key] = self._below(path, top, self._subtrees.get(key), found, seen)
         for path in relevant.ancestors_of:
             self._chain(path, found)
         self._subtrees = subtrees
@@ -384,7 +387,12 @@ class RelevantMounts:
         return top if probe == path else None
 
     def _below(
-        self, path: str, top: int, known: _Subtree | None, found: dict[int, MountRecord]
+        self,
+        path: str,
+        top: int,
+        known: _Subtree | None,
+        found: dict[int, MountRecord],
+        seen: dict[int, MountRecord | None],
     ) -> _Subtree:
         """Add the mounts below `path` (inside `top`); what to keep for the next read."""
         if known is None or not known.large:
@@ -392,7 +400,7 @@ class RelevantMounts:
             large = len(ids) > SMALL_SUBTREE
             below: set[int] = set()
             for mount_id in ids:
-                record = found.get(mount_id) or self._calls.statmount(mount_id)
+                record = self._statmount(mount_id, found, seen)
                 if record is not None and _under(record.point, path):
                     found[mount_id] = record
                     below.add(mount_id)
@@ -400,18 +408,27 @@ class RelevantMounts:
         # A large subtree: the known mounts below the path again, and whatever is new.
         below = set()
         for mount_id in known.below:
-            record = found.get(mount_id) or self._calls.statmount(mount_id)
+            record = self._statmount(mount_id, found, seen)
             if record is not None and _under(record.point, path):
                 found[mount_id] = record
                 below.add(mount_id)
         newest = known.newest
         for mount_id in self._calls.listmount(top, after=known.newest):
             newest = max(newest, mount_id)
-            record = self._calls.statmount(mount_id)
+            record = self._statmount(mount_id, found, seen)
             if record is not None and _under(record.point, path):
                 found[mount_id] = record
                 below.add(mount_id)
         return _Subtree(True, newest, below)
+
+    def _statmount(
+        self, mount_id: int, found: dict[int, MountRecord], seen: dict[int, MountRecord | None]
+    ) -> MountRecord | None:
+        if mount_id in found:
+            return found[mount_id]
+        if mount_id not in seen:
+            seen[mount_id] = self._calls.statmount(mount_id)
+        return seen[mount_id]
 
 
 def targeted_mismatch(mountinfo: str, relevant: PathFilter) -> str | None:
