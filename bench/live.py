@@ -98,14 +98,20 @@ class Daemon:
         *,
         env: dict[str, str] | None = None,
         name: str = "gdw",
+        command: list[str] | None = None,
+        socket_dir: Path | None = None,
     ) -> None:
-        self.socket = str(base / f"{name}.sock")
+        """`command` runs the CLI instead of `python -m watcher` (as another user, another
+        version); `socket_dir`: where it may create its socket (default `base`)."""
+        self.socket = str((socket_dir or base) / f"{name}.sock")
         config = base / "config.toml"
         config.write_text("")
-        config.chmod(0o600)
+        config.chmod(0o600 if command is None else 0o644)
         notify_path = base / f"{name}.notify"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(notify_path))
+        if command is not None:
+            notify_path.chmod(0o666)  # another user sends READY=1 there
         self.ready = threading.Event()
         environment = {
             key: value
@@ -117,7 +123,8 @@ class Daemon:
         self.log = open(base / f"{name}.log", "w+b")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "watcher", "serve", "--root", str(root)),
+                *(command or [sys.executable, "-m", "watcher"]),
+                *("serve", "--root", str(root)),
                 *("--proc", str(proc), "--socket", self.socket, "--config", str(config)),
             ],
             stdin=subprocess.DEVNULL,

@@ -40,6 +40,7 @@ from typing import Any
 
 import msgspec
 
+from bench import unprivileged
 from bench.hostmounts import (
     build_operator_host,
     grow_mount_table,
@@ -668,13 +669,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
-    parser.add_argument("--only", default="abcdefg", help="phases to run, by letter")
+    parser.add_argument("--only", default="abcdefgh", help="phases to run, by letter")
+    parser.add_argument(
+        "--before", type=Path, help="phase h: a checkout of an earlier version, run beside"
+    )
     arguments = parser.parse_args(argv)
-    for tool in ("unshare", "findmnt"):
+    for tool in ("unshare", "findmnt", "setpriv"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is not installed")
     reexec_unshared()
-    results = run(Plan.make(arguments.quick), arguments.only)
+    plan = Plan.make(arguments.quick)
+    results = run(plan, arguments.only) if set(arguments.only) - {"h"} else {}
+    if "h" in arguments.only:
+        phase(results, "h. unprivileged, 10,000 mounts")
+        with scratch_tmpfs() as base:
+            results["unprivileged"] = unprivileged.run(plan, base, arguments.before)
     arguments.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

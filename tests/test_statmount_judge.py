@@ -316,6 +316,16 @@ def scenario_judge(scratch: Path) -> None:
     check("move onto the dev root", relevant=True)
     _run("umount", str(dev))
     check("umount of the moved mount", relevant=True)
+    # Moved from elsewhere to below the dev root: the mount keeps its id, and the count
+    # of mounts does not change; the mounts below the (small) mount are listed again.
+    _run("mount", "-t", "tmpfs", "-o", "nodev", "gdw-stage2", str(other))
+    check("mount elsewhere", relevant=False)
+    _run("mount", "--move", str(other), str(dev / "nvidia-caps"))
+    check("move below the dev root", relevant=True)
+    _run("mount", "--move", str(dev / "nvidia-caps"), str(other))
+    check("move out from below the dev root", relevant=True)
+    _run("umount", str(other))
+    check("umount elsewhere", relevant=False)
 
     # Many mounts in the mount the dev root lies in: only new ones are listed per wake-up,
     # and a mount below the dev root is still seen as it comes and goes.
