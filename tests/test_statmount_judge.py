@@ -65,11 +65,24 @@ def test_without_statmount_the_judge_is_unavailable() -> None:
         RelevantMounts.open("/proc/1/mountinfo" if os.getpid() != 1 else "/nonexistent")
 
 
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [(errno.ENOSYS, "Function not implemented"), (errno.EPERM, "Operation not permitted")],
+)
 def test_without_statmount_every_wake_up_rescans(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, code: int, words: str
 ) -> None:
-    """The fallback forced at the system call: today's path, every wake-up a rescan."""
-    monkeypatch.setattr(MountSyscalls, "statmount", _NoStatmount.statmount)
+    """The fallback forced at the system call (ENOSYS: before 6.8; EPERM: a seccomp filter
+    such as the shipped unit's on systemd 252): today's path, every wake-up a rescan."""
+
+    def refused(self: MountSyscalls, mount_id: int) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(MountSyscalls, "statmount", refused)
+    # As the shipped unit runs it: no CAP_SYS_ADMIN, so no fanotify to fall back on either.
+    monkeypatch.setattr(
+        "watcher.daemon.judge.unsuitable", lambda: "fanotify mount events need CAP_SYS_ADMIN"
+    )
     reasons: list[str] = []
 
     async def main() -> None:
@@ -91,7 +104,10 @@ def test_without_statmount_every_wake_up_rescans(
     caplog.set_level("INFO", logger="watcher.daemon")
     anyio.run(main)
     assert reasons[:1] == ["mount table changed"]
-    assert "no statmount: Function not implemented" in caplog.text or "fanotify" in caplog.text
+    assert (
+        f"every mountinfo wake-up rescans (fanotify mount events need CAP_SYS_ADMIN; no statmount: {words})"
+        in caplog.text
+    )
 
 
 def test_another_process_table_never_gets_the_statmount_judge() -> None:
