@@ -104,10 +104,11 @@ def test_without_statmount_every_wake_up_rescans(
     caplog.set_level("INFO", logger="watcher.daemon")
     anyio.run(main)
     assert reasons[:1] == ["mount table changed"]
-    assert (
-        f"every mountinfo wake-up rescans (fanotify mount events need CAP_SYS_ADMIN; no statmount: {words})"
-        in caplog.text
+    expected = (
+        "every mountinfo wake-up rescans (fanotify mount events need CAP_SYS_ADMIN; "
+        f"no statmount: {words})"
     )
+    assert expected in caplog.text, caplog.text
 
 
 def test_another_process_table_never_gets_the_statmount_judge() -> None:
