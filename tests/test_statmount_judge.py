@@ -32,6 +32,7 @@ from watcher.sources.statmount import (
     RelevantMounts,
     StatmountUnavailable,
     mount_options,
+    targeted_mismatch,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,6 +288,24 @@ def scenario_judge(scratch: Path) -> None:
         assert table == whole, f"{step}: {table} != {whole}"
 
     check("start", relevant=False)
+    # The statmount read stands in for the whole table here ...
+    assert targeted_mismatch("/proc/self/mountinfo", PathFilter(paths, ancestors)) is None
+    # ... and a table that says otherwise (a mount's options changed in a copy) is caught.
+    _run("mount", "-t", "tmpfs", "gdw-driver0", str(driver))
+    dev.mkdir()
+    check("mount on the driver root", relevant=True)
+    text = Path("/proc/self/mountinfo").read_text()
+    altered = "\n".join(
+        line.replace(" rw,relatime ", " rw,nodev,relatime ", 1) if f" {driver} " in line else line
+        for line in text.split("\n")
+    )
+    assert altered != text
+    copy = scratch.parent / "mountinfo-copy"
+    copy.write_text(altered)
+    mismatch = targeted_mismatch(str(copy), PathFilter(paths, ancestors))
+    assert mismatch is not None and "disagree about the mount of" in mismatch, mismatch
+    _run("umount", str(driver))
+    check("umount of the driver root", relevant=True)
     # A storm of irrelevant mounts, and a remount there: nothing to rescan for.
     for index in range(40):
         _run("mount", "-t", "tmpfs", f"gdw-churn{index}", str(other))

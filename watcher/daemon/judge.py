@@ -158,8 +158,12 @@ class StatmountJudge:
         try:
             return self._mounts.read(self._filter)
         except OSError as error:
-            # A mount that went away mid-read, or an unforeseen error: the wake-up counts.
+            # A mount that went away mid-read, or a call that failed: the wake-up counts.
             log.debug("reading the relevant mounts: %s", error)
+            return None
+        except Exception:
+            # The judge is an optimisation: a bug in it costs a rescan, never the daemon.
+            log.exception("reading the relevant mounts failed; rescanning")
             return None
 
     def judge(self, reason: str) -> str | None:
