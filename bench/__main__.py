@@ -66,26 +66,32 @@ def _first_line(command: list[str]) -> str:
     return (done.stdout or done.stderr).strip().split("\n", 1)[0]
 
 
-def run_live(quick: bool, only: str) -> dict[str, Any]:
+def run_live(quick: bool, only: str, before: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gdw-bench-results-") as directory:
         output = Path(directory) / "live.json"
         command = [sys.executable, "-m", "bench.suite", "--json", str(output), "--only", only]
         if quick:
             command.append("--quick")
+        if before is not None:
+            command += ["--before", str(before)]
         subprocess.run(command, cwd=REPO, check=True, timeout=3600)
         result: dict[str, Any] = json.loads(output.read_text())
         return result
 
 
-def run_criu(quick: bool) -> dict[str, Any]:
+def run_criu(quick: bool, before: Path | None = None) -> dict[str, Any]:
     if not os.access(CRIU, os.X_OK):
         prepare = "tests/criu/fetch_criu.sh .criu"
         return {"skipped": f"no CRIU at {CRIU.relative_to(REPO)} (prepare it: {prepare})"}
     runs = 5 if quick else 15
     with tempfile.TemporaryDirectory(prefix="gdw-bench-criu-") as directory:
         output = Path(directory) / "criu.json"
+        command = [sys.executable, "-m", "bench.criu_cost", "--runs", str(runs)]
+        command += ["--json", str(output)]
+        if before is not None:
+            command += ["--before", str(before)]
         done = subprocess.run(
-            [sys.executable, "-m", "bench.criu_cost", "--runs", str(runs), "--json", str(output)],
+            command,
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -99,8 +105,10 @@ def run_criu(quick: bool) -> dict[str, Any]:
     variants = measured["variants"]
     baseline = variants[0]
     # The installed action script, or the lean entry when the installed one is slower.
-    action = min(variants[1:], key=lambda variant: variant["dump_ms"] + variant["restore_ms"])
-    return {**measured, "baseline": baseline, "action": action}
+    ours = [variant for variant in variants[1:] if variant["label"] != "action (before)"]
+    action = min(ours, key=lambda variant: variant["dump_ms"] + variant["restore_ms"])
+    before_variant = next((v for v in variants if v["label"] == "action (before)"), None)
+    return {**measured, "baseline": baseline, "action": action, "before": before_variant}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--docs", action="store_true", help="copy the plots into docs/ (for docs/benchmarks.md)"
     )
-    parser.add_argument("--only", default="abcdefg", help="live phases to run, by letter")
+    parser.add_argument("--only", default="abcdefgi", help="live phases to run, by letter")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of an earlier version, measured beside this one (phase i, CRIU)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     arguments = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -118,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     results: dict[str, Any] = {"machine": machine(), "quick": arguments.quick}
-    results["live"] = run_live(arguments.quick, arguments.only)
+    results["live"] = run_live(arguments.quick, arguments.only, arguments.before)
     if arguments.no_criu:
         results["criu"] = {"skipped": "--no-criu"}
     else:
         print("bench: h. CRIU", file=sys.stderr, flush=True)
-        results["criu"] = run_criu(arguments.quick)
+        results["criu"] = run_criu(arguments.quick, arguments.before)
     results["seconds"] = round(time.monotonic() - started, 1)
     arguments.results.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -14,7 +14,13 @@ The same small tree (`sh` with a child `sleep` that holds /dev/zero) is dumped a
 - no action script (the baseline);
 - the installed `gpu-device-watcher-criu-action`;
 - when the installed one goes through the CLI (argparse and all), the same logic through the
-  lean entry `watcher.criu:console_main`, from a script like the one pip would write.
+  lean entry `watcher.criu:console_main`, from a script like the one pip would write;
+- with `--before TREE` (a checkout of an earlier version): that version's action, started as
+  its install started it (the console script pip generates, `import re` first), beside
+  this one's, in the same run.
+
+Beside the stages, a bare `python -I -c pass` is timed the same way: the stage costs are
+also given as ratios to it, which carry over between machines better than milliseconds.
 
 Figures are medians of wall time around the `criu` command. Python's bytecode cache is
 compiled first (`compileall` on `watcher/`), as a wheel install does: with
@@ -59,6 +65,21 @@ def _lean_entry(directory: Path) -> Path:
     script.write_text(
         f"#!{sys.executable}\nimport sys\nfrom watcher.criu import console_main\n"
         "if __name__ == '__main__':\n    sys.exit(console_main())\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _console_script(directory: Path, tree: Path) -> Path:
+    """The console script pip generates for `watcher.criu:console_main`, importing `tree`."""
+    script = directory / "gpu-device-watcher-criu-action-before"
+    script.write_text(
+        f"#!{sys.executable}\n# -*- coding: utf-8 -*-\nimport re\nimport sys\n"
+        f"sys.path.insert(0, {str(tree)!r})\n"
+        "from watcher.criu import console_main\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        "    sys.exit(console_main())\n"
     )
     script.chmod(0o755)
     return script
@@ -114,7 +135,9 @@ def _stage_costs(host: SimHost, script: Path, work: Path, runs: int) -> dict[str
         tree.close()
 
 
-def measure(runs: int = RUNS, stage_runs: int = STAGE_RUNS) -> dict[str, Any]:
+def measure(
+    runs: int = RUNS, stage_runs: int = STAGE_RUNS, before: Path | None = None
+) -> dict[str, Any]:
     """Dumps and restores with and without the action; raises CriuUnavailable without CRIU."""
     if os.geteuid() != 0:
         raise CriuUnavailable("needs root (CRIU, unshare -m, mknod)")
@@ -129,8 +152,11 @@ def measure(runs: int = RUNS, stage_runs: int = STAGE_RUNS) -> dict[str, Any]:
         with adopt_orphans(), SimHost(work / "host") as host:
             variants = [Variant("no action script", None), Variant("action (installed)", ACTION)]
             installed_is_lean = "watcher.criu" in ACTION.read_text()
-            if not installed_is_lean:
+            if not installed_is_lean and "watcher.cli" in ACTION.read_text():
                 variants.append(Variant("action (lean entry)", _lean_entry(work)))
+            if before is not None:
+                compileall.compile_dir(str(before / "watcher"), quiet=1)
+                variants.append(Variant("action (before)", _console_script(work, before)))
             # One unmeasured round each: page cache, CRIU's kernel-feature cache, pyc files.
             for variant in variants:
                 _one_round(criu, host, variant, work, -1)
@@ -140,6 +166,9 @@ def measure(runs: int = RUNS, stage_runs: int = STAGE_RUNS) -> dict[str, Any]:
                 rotation = number % len(variants)
                 for variant in variants[rotation:] + variants[:rotation]:
                     _one_round(criu, host, variant, work, number)
+            bare = [sys.executable, "-I", "-c", "pass"]
+            _time_stage(bare, {}, 3)
+            python_ms = _time_stage(bare, {}, stage_runs)
             stages: dict[str, dict[str, float]] = {}
             for variant in variants[1:]:
                 assert variant.action is not None
@@ -159,6 +188,7 @@ def measure(runs: int = RUNS, stage_runs: int = STAGE_RUNS) -> dict[str, Any]:
             for variant in variants
         ],
         "stages": stages,
+        "python_ms": round(python_ms, 2),
     }
 
 
@@ -166,9 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.criu_cost", description=__doc__)
     parser.add_argument("--runs", type=int, default=RUNS, help="dumps and restores per variant")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--before", type=Path, help="a checkout of an earlier version, measured beside this one"
+    )
     arguments = parser.parse_args(argv)
     try:
-        result = measure(arguments.runs)
+        result = measure(arguments.runs, before=arguments.before)
     except CriuUnavailable as error:
         sys.exit(f"bench.criu_cost: no CRIU: {error}")
     if arguments.json is not None:
@@ -187,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{added_restore:>7}"
         )
     print()
+    python_ms = result["python_ms"]
     print(f"the action alone, started as CRIU starts it (median of {STAGE_RUNS}):")
     print(f"{'':22}  {'pre-dump':>8}  {'pre-restore':>11}  {'other stage':>11}")
     for label, costs in result["stages"].items():
@@ -194,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{label:22}  {costs['pre-dump']:8.1f}  {costs['pre-restore']:11.1f}  "
             f"{costs['other']:11.1f}"
         )
-    print("(a dump runs 2 stages, a restore 4; times in ms)")
+        print(
+            f"{'  x python -I -c pass':22}  {costs['pre-dump'] / python_ms:8.2f}  "
+            f"{costs['pre-restore'] / python_ms:11.2f}  {costs['other'] / python_ms:11.2f}"
+        )
+    print(f"(a dump runs 2 stages, a restore 4; times in ms; python -I -c pass: {python_ms:.1f})")
     return 0
 
 

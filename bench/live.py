@@ -103,19 +103,28 @@ class Daemon(DaemonProcess):
         name: str = "gdw",
         config_text: str = "",
         config_name: str = "config.toml",
+        command: list[str] | None = None,
+        socket_dir: Path | None = None,
     ) -> None:
+        """`command` runs the CLI instead of `python -m watcher` (as another user, another
+        version); `socket_dir`: where it may create its socket (default `base`)."""
         config = base / config_name
         config.write_text(config_text)
-        config.chmod(0o600)
-        socket_path = base / f"{name}.sock"
+        # Another user's daemon must be able to read it (and a file it does not own is
+        # refused unless root owns it and nobody else may write it).
+        config.chmod(0o600 if command is None else 0o644)
+        socket_path = (socket_dir or base) / f"{name}.sock"
         super().__init__(
             [
-                *(sys.executable, "-m", "watcher", "serve", "--root", str(root)),
+                *(command or [sys.executable, "-m", "watcher"]),
+                *("serve", "--root", str(root)),
                 *("--proc", str(proc), "--socket", str(socket_path), "--config", str(config)),
             ],
             socket_path=socket_path,
             notify_path=base / f"{name}.notify",
             env=env,
+            # Another user sends READY=1 there.
+            notify_mode=0o666 if command is not None else None,
         )
         try:
             self.wait_ready(TIMEOUT)

@@ -30,6 +30,7 @@ def draw(results: dict[str, Any], directory: Path) -> list[Path]:
         ("bench-events.png", _events, "events"),
         ("bench-storm.png", _storm, "storm_auto"),
         ("bench-throughput.png", _throughput, "throughput"),
+        ("bench-unprivileged.png", _unprivileged, "unprivileged"),
     ):
         if key not in live:
             continue
@@ -116,6 +117,45 @@ def _storm(axes: Any, live: dict[str, Any]) -> None:
     axes.set_title("e. mount storm: CPU while mounts churn elsewhere")
     axes.legend(fontsize=7, loc="center right")
     axes.grid(True, alpha=0.3)
+
+
+_VARIANTS = (
+    ("nobody, before", "uid 65534, before", "tab:gray"),
+    ("nobody, mountinfo path", "uid 65534, mountinfo path", "tab:orange"),
+    ("nobody", "uid 65534, statmount judge", "tab:green"),
+    ("root", "root, fanotify", "tab:blue"),
+)
+
+
+def _unprivileged(axes: Any, live: dict[str, Any]) -> None:
+    """i. The storm's CPU per variant; the back-to-back umounts as a strip beside it."""
+    phase = live["unprivileged"]
+    inset = axes.inset_axes((0.62, 0.45, 0.35, 0.4))
+    for index, (key, label, colour) in enumerate(_VARIANTS):
+        entry = phase.get(key)
+        if not entry:
+            continue
+        storm = entry["storm"]
+        series = storm["cpu_series"]
+        axes.plot(
+            [t for t, _ in series],
+            [share * 100 for _, share in series],
+            color=colour,
+            label=f"{label} ({storm['cpu_share']:.0%}, {storm['scans']} scans)",
+        )
+        samples = entry["back_to_back"]["samples"]
+        inset.scatter(samples, [index] * len(samples), s=6, color=colour)
+    axes.axhline(20, color="black", linestyle=":", linewidth=1, label="goal uid 65534: < 20%")
+    axes.set_xlabel("seconds into the storm (200 mount/umount per s at 10,000 mounts)")
+    axes.set_ylabel("CPU, % of one core")
+    axes.set_ylim(0, 60)
+    axes.set_title("i. unprivileged: storm CPU; inset: back-to-back umount -> subscriber")
+    axes.legend(fontsize=7, loc="upper left")
+    axes.grid(True, alpha=0.3)
+    inset.axvline(60, color="black", linestyle=":", linewidth=1)
+    inset.set_yticks([])
+    inset.set_xlabel("ms (goal p50 < 60)", fontsize=7)
+    inset.tick_params(labelsize=7)
 
 
 def _throughput(axes: Any, live: dict[str, Any]) -> None:

@@ -239,6 +239,8 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 )
             )
 
+    out += _unprivileged_rows(live.get("unprivileged"))
+
     # h. CRIU
     criu = results.get("criu")
     if criu and not criu.get("skipped"):
@@ -255,8 +257,109 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     None,
                 )
             )
+        out += _stage_rows(criu)
     elif criu:
         out.append(Row("h. CRIU", f"skipped: {criu['skipped']}", "", ""))
+    return out
+
+
+def _stage_rows(criu: dict[str, Any]) -> list[Row]:
+    """The action alone per stage, as ratios to a bare `python -I -c pass` (same run)."""
+    python_ms = criu.get("python_ms")
+    stages = criu.get("stages", {})
+    ours = stages.get(criu["action"]["label"])
+    if not python_ms or ours is None:
+        return []
+    before = stages.get("action (before)")
+    goals = {"other": 0.5, "pre-dump": 1.6, "pre-restore": 1.6}
+    names = {"other": "a stage it ignores", "pre-dump": "pre-dump", "pre-restore": "pre-restore"}
+    out = []
+    for stage, goal in goals.items():
+        ratio = ours[stage] / python_ms
+        was = f"; before {before[stage] / python_ms:.2f}x" if before else ""
+        out.append(
+            Row(
+                f"h. CRIU action alone, {names[stage]} (median of {criu['stage_runs']})",
+                f"{_ms(ours[stage])} ms",
+                f"python -I -c pass {_ms(python_ms)} ms{was}",
+                _x(ratio),
+                f"<= {goal}x",
+                ratio <= goal,
+            )
+        )
+    return out
+
+
+def _unprivileged_rows(phase: dict[str, Any] | None) -> list[Row]:
+    """i. uid 65534 without capabilities at 10,000 mounts, beside root and the fallback."""
+    if not phase:
+        return []
+    nobody = phase.get("nobody")
+    fallback = phase.get("nobody, mountinfo path")
+    root = phase.get("root")
+    before = phase.get("nobody, before")
+    if not (nobody and fallback and root):
+        return []
+    reference = before or fallback
+    reference_name = "before" if before else "mountinfo path"
+    out = []
+    for label, entry, goal_p50, goal_max in (
+        ("uid 65534", nobody, 60.0, 150.0),
+        ("root, fanotify", root, None, None),
+    ):
+        b2b, ref = entry["back_to_back"], reference["back_to_back"]
+        met = None if goal_p50 is None else b2b["p50_ms"] < goal_p50 and b2b["max_ms"] < goal_max
+        out.append(
+            Row(
+                f"i. back to back: dev-root umount -> subscriber, {label} (p50 / max)",
+                f"{_ms(b2b['p50_ms'])} / {_ms(b2b['max_ms'])} ms",
+                f"{reference_name} {_ms(ref['p50_ms'])} / {_ms(ref['max_ms'])} ms",
+                _x(_safe_ratio(b2b["p50_ms"], ref["p50_ms"])),
+                "" if goal_p50 is None else f"p50 < {goal_p50:g} ms, max < {goal_max:g} ms",
+                met,
+            )
+        )
+    for label, entry, goal in (("uid 65534", nobody, 0.2), ("root, fanotify", root, 0.1)):
+        storm, ref = entry["storm"], reference["storm"]
+        out.append(
+            Row(
+                f"i. storm, {label}: CPU share of one core ({storm['ops']:,} ops,"
+                f" {storm['scans']} scans)",
+                f"{storm['cpu_share']:.0%}",
+                f"{reference_name} {ref['cpu_share']:.0%} ({ref['scans']} scans)",
+                _x(_safe_ratio(storm["cpu_share"], ref["cpu_share"])),
+                f"< {goal:.0%}",
+                storm["cpu_share"] < goal,
+            )
+        )
+    entries = {"uid 65534": nobody, "root": root, "mountinfo path": fallback}
+    after = max(entry["storm"]["after_ms"] for entry in entries.values())
+    out.append(
+        Row(
+            "i. storm: map equals a fresh scan after the last op / final map correct",
+            ", ".join(
+                f"{name} {_ms(entry['storm']['after_ms'])} ms "
+                f"{'yes' if entry['storm']['correct'] else 'NO'}"
+                for name, entry in entries.items()
+            ),
+            "",
+            "",
+            "<= 250 ms, correct",
+            after <= 250 and all(entry["storm"]["correct"] for entry in entries.values()),
+        )
+    )
+    peak = max(nobody["rss_after_storm_kib"], root["rss_after_storm_kib"])
+    out.append(
+        Row(
+            "i. RSS after the storm: uid 65534 / root",
+            f"{nobody['rss_after_storm_kib'] / MIB:.1f} / {root['rss_after_storm_kib'] / MIB:.1f}"
+            " MiB",
+            f"{reference_name} {reference['rss_after_storm_kib'] / MIB:.1f} MiB",
+            _x(_safe_ratio(peak, reference["rss_after_storm_kib"])),
+            "< 40 MiB",
+            peak < 40 * MIB,
+        )
+    )
     return out
 
 

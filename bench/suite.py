@@ -12,7 +12,10 @@ d. idle CPU ticks and wake-ups, beside a 1-second polling loop;
 e. a mount storm at 10,000 mounts: the daemon with fanotify mount events, `findmnt --poll`,
    and the daemon on the mountinfo path (GPU_DEVICE_WATCHER_MOUNT_EVENTS=mountinfo);
 f. RSS at start, after many queries, after the storm;
-g. throughput with 1, 16 and 128 clients, beside a minimal stdlib server (bench.load echo).
+g. throughput with 1, 16 and 128 clients, beside a minimal stdlib server (bench.load echo);
+i. the daemon as uid 65534 without capabilities at 10,000 mounts, beside the same as root and
+   on the mountinfo path (and an earlier version with --before): back-to-back dev-root
+   changes, a storm, RSS after it (bench.unprivileged).
 
 The JSON it writes is the `live` part of bench/results.json; `python -m bench` adds CRIU,
 prints the table and draws the plots.
@@ -41,6 +44,7 @@ from typing import Any
 
 import msgspec
 
+from bench import unprivileged
 from bench.hostmounts import (
     build_operator_host,
     grow_mount_table,
@@ -661,13 +665,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
-    parser.add_argument("--only", default="abcdefg", help="phases to run, by letter")
+    parser.add_argument("--only", default="abcdefgi", help="phases to run, by letter")
+    parser.add_argument(
+        "--before", type=Path, help="phase i: a checkout of an earlier version, run beside"
+    )
     arguments = parser.parse_args(argv)
-    for tool in ("unshare", "findmnt"):
+    for tool in ("unshare", "findmnt", "setpriv"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is not installed")
     reexec_unshared()
-    results = run(Plan.make(arguments.quick), arguments.only)
+    plan = Plan.make(arguments.quick)
+    results = run(plan, arguments.only) if set(arguments.only) - {"i"} else {}
+    if "i" in arguments.only:
+        phase(results, "i. unprivileged, 10,000 mounts")
+        with scratch_tmpfs() as base:
+            results["unprivileged"] = unprivileged.run(plan, base, arguments.before)
     arguments.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

@@ -12,7 +12,7 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -183,6 +183,9 @@ class MountCache:
     """
 
     epoch: int = 0
+    # Reads only the mounts a scan needs (statmount: a few syscalls instead of the whole
+    # table), set by the daemon where the kernel allows; None: the whole table is read.
+    reader: Callable[[PathFilter], MountTable] | None = None
     _key: tuple[str, tuple[str, ...]] | None = None
     _table: MountTable | None = None
     _table_epoch: int = -1
@@ -230,13 +233,15 @@ def read_host(
     if mounts is None:
         # The epoch before the read: a change during the read makes this table stale.
         epoch = mount_cache.epoch if mount_cache is not None else 0
-        mountinfo_text, mounts_error = read_text(view.mountinfo)
-        mounts = (
-            parse_mountinfo(mountinfo_text, relevant)
-            if mountinfo_text is not None
-            else MountTable([])
-        )
-        if mount_cache is not None and mountinfo_text is not None:
+        mounts = _read_targeted(mount_cache.reader, relevant) if mount_cache is not None else None
+        if mounts is None:
+            mountinfo_text, mounts_error = read_text(view.mountinfo)
+            mounts = (
+                parse_mountinfo(mountinfo_text, relevant)
+                if mountinfo_text is not None
+                else MountTable([])
+            )
+        if mount_cache is not None and mounts_error is None:
             mount_cache.store(key, mounts, epoch)
     existing = {
         candidate.driver_root
@@ -261,7 +266,19 @@ def read_host(
     )
 
 
-# As the kernel's limit on symlinks followed in one lookup.
+def _read_targeted(
+    reader: Callable[[PathFilter], MountTable] | None, relevant: PathFilter
+) -> MountTable | None:
+    if reader is None:
+        return None
+    try:
+        return reader(relevant)
+    except OSError:
+        # A mount went away mid-read, or the calls failed: the whole table answers.
+        return None
+
+
+# As the kernel's own limit on symlinks followed in one lookup.
 _MAX_LINKS = 40
 
 
@@ -304,7 +321,6 @@ def scan(
 
 _RENDER = re.compile(r"renderD(?P<n>[1-9][0-9]{0,5})")
 _UNIQUE_ID = re.compile(r"[A-Za-z0-9-]{1,128}")
-_MAX_LINKS = 40  # as the kernel's own limit on links followed in one lookup
 _SYS_TEXT_LIMIT = 256
 
 

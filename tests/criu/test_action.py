@@ -563,6 +563,10 @@ def imported_modules(stderr: str) -> set[str]:
 
 
 HEAVY = {
+    # json and socket too: the lean client uses _json and _socket (a few ms at every stage).
+    "json",
+    "socket",
+    "re",
     "asyncio",
     "anyio",
     "msgspec",
@@ -574,7 +578,20 @@ HEAVY = {
 }
 
 
-@pytest.mark.parametrize("action", ["pre-dump", "pre-restore", "post-dump"])
+@pytest.mark.parametrize("action", ["post-dump", "network-lock", "post-resume"])
+def test_a_stage_the_action_ignores_starts_no_python(
+    host: SimHost, images: Path, action: str
+) -> None:
+    """The installed script answers the other stages itself (/bin/sh, ~1 ms), before any
+    interpreter starts: no import is profiled, and the answer is CRIU's "go on"."""
+    env = host.env(PYTHONPROFILEIMPORTTIME="1")
+    done = run_action(action, env, images)
+    assert done.returncode == 0, done.stderr
+    assert imported_modules(done.stderr) == set()
+    assert ACTION.read_bytes().startswith(b"#!/bin/sh\n")
+
+
+@pytest.mark.parametrize("action", ["pre-dump", "pre-restore"])
 def test_the_daemon_path_imports_no_asyncio_anyio_or_msgspec(
     host: SimHost, recorded: dict[str, Any], images: Path, action: str
 ) -> None:

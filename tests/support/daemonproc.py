@@ -45,7 +45,9 @@ class DaemonProcess:
         socket_path: str | Path,
         notify_path: Path,
         env: Mapping[str, str] | None = None,
+        notify_mode: int | None = None,
     ) -> None:
+        """`notify_mode`: the notify socket's mode, for a daemon run as another user."""
         self.socket = str(socket_path)
         self.logs: list[str] = []
         self.notifications: list[str] = []
@@ -54,6 +56,8 @@ class DaemonProcess:
         self._changed = threading.Condition()
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(notify_path))
+        if notify_mode is not None:
+            notify_path.chmod(notify_mode)
         environment = child_env(env, drop=(client.SOCKET_ENV,))
         environment["NOTIFY_SOCKET"] = str(notify_path)
         self.command = list(command)

@@ -37,6 +37,9 @@ from .support import (
 )
 
 SERVICE = UNITS / "gpu-device-watcher.service"
+# statmount (457) and listmount (458), by name or as strace writes calls it has no name for:
+# the statmount judge tolerates their refusal (the unit's filter predates them).
+REFUSAL_TOLERATED = frozenset({"statmount", "listmount", "syscall_0x1c9", "syscall_0x1ca"})
 
 
 # --- mount propagation -------------------------------------------------------------------
@@ -91,7 +94,11 @@ def test_mounts_made_on_the_host_propagate_into_the_service_namespace(
     assert lines, report
     assert all(re.search(r" master:\d+", line) for line in lines), lines
     # Woken by the mount table, not by luck: an inotify watch is blind to a mount over it.
-    assert "mount table changed" in report["log"], report["log"]
+    # The mount table's wake-up, in the words of the judge in use (every wake-up, or the
+    # statmount judge naming the mount that appeared).
+    assert re.search(r"event: (mount table changed|mount on \S+ appeared)", report["log"]), report[
+        "log"
+    ]
     assert report["returncode"] == 0, report["log"]
 
 
@@ -194,4 +201,7 @@ def test_every_system_call_is_allowed_by_the_units_filter(
         if match := re.match(r"\d+\s+([a-z0-9_]+)\(", line):
             used.add(match.group(1))
     assert {"inotify_add_watch", "epoll_wait", "accept4", "sendto"} <= used, sorted(used)
+    # The statmount judge's calls may be refused (EPERM): the daemon falls back to
+    # rescanning at every mount-table wake-up (tests/test_statmount_judge.py).
+    used -= REFUSAL_TOLERATED
     assert not used - allowed, f"blocked by SystemCallFilter=: {sorted(used - allowed)}"

@@ -244,9 +244,9 @@ def pre_dump(environ: Mapping[str, str]) -> int:
         "libraries": sorted(libraries),
         "checks": checks,
     }
-    import json  # noqa: PLC0415 (already loaded by the client; kept local with its user)
+    from watcher.leanjson import dumps_indented  # noqa: PLC0415 (loaded by the client)
 
-    data = json.dumps(record, indent=2, ensure_ascii=False).encode() + b"\n"
+    data = dumps_indented(record).encode() + b"\n"
     try:
         write_atomically(image_dir, RECORD_NAME, data)
     except OSError as error:

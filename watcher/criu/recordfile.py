@@ -15,12 +15,12 @@ record can raise in the gate: a field of the wrong type is a `record-unreadable`
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 
 from watcher.criu import RECORD_NAME
 from watcher.criu.text import shown
+from watcher.leanjson import loads
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def decode(data: bytes) -> object:
     if data.count(b"{") + data.count(b"[") > MAX_CONTAINERS or data.count(b",") > MAX_COMMAS:
         raise _unreadable(f"{RECORD_NAME} holds far more values than any record has")
     try:
-        return json.loads(data)
+        return loads(data)
     except RecursionError:
         raise _unreadable(f"{RECORD_NAME} is nested too deeply") from None
     except (ValueError, MemoryError) as error:

@@ -89,10 +89,10 @@ def restore_check(image_dir: str, environ: Mapping[str, str], output_format: str
     """`gpu-device-watcher restore-check`: 0 when this host fits, 1 when it does not."""
     record, verdict = evaluate(image_dir, environ)
     if output_format == "json":
-        import json  # noqa: PLC0415 (loaded already by the client in most cases)
+        from watcher.leanjson import dumps  # noqa: PLC0415 (loaded by the client already)
 
         # ensure_ascii: a value from a crafted record stays an escape, never a raw byte.
-        print(json.dumps(verdict.as_json(), ensure_ascii=True))
+        print(dumps(verdict.as_json(), compact=False))
     else:
         lines = verdict_lines(record, verdict, image_dir)
         if not lines:

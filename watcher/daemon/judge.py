@@ -9,11 +9,15 @@ whether to rescan:
 - `FanotifyJudge`: fanotify mount events (Linux 6.15+, CAP_SYS_ADMIN) report attaches and
   detaches with their mount ids, and `statmount` rechecks the few relevant mounts on a
   wake-up (a remount gives no fanotify event).
-- Room for more: an unprivileged `statmount` judge (Linux 6.8+) would recheck the relevant
-  mounts on every wake-up without fanotify; it implements `MountJudge` like these.
+- `StatmountJudge` (Linux 6.8+, no privileges): on every wake-up, reads the few mounts on,
+  above and below the paths a scan reads (`watcher.sources.statmount`: statx, statmount,
+  listmount) and compares them with the last read; only a difference asks for a rescan, and
+  that rescan reads the same few mounts instead of the whole table (`targeted`).
 
 `MountJudging` holds the judge in use and the switch from the mountinfo path to fanotify
-(`GPU_DEVICE_WATCHER_MOUNT_EVENTS`: `auto`, `fanotify`, `mountinfo`).
+(`GPU_DEVICE_WATCHER_MOUNT_EVENTS`: `auto`, `fanotify`, `mountinfo`). Under `auto` the
+statmount judge serves from the start where the kernel allows; a process that may use
+fanotify mount events switches to them at the first relevant change.
 """
 
 from __future__ import annotations
@@ -26,8 +30,15 @@ import anyio
 import anyio.abc
 
 from watcher.contract import MOUNT_EVENTS_ENV
-from watcher.core.mountinfo import PathFilter
+from watcher.core.mountinfo import MountTable, PathFilter
 from watcher.sources.fanotify import MountEvents, MountEventsUnavailable, unsuitable
+from watcher.sources.statmount import (
+    MountRecord,
+    MountSyscalls,
+    RelevantMounts,
+    StatmountUnavailable,
+    targeted_mismatch,
+)
 
 __all__ = [
     "MOUNT_EVENTS_MODES",
@@ -35,6 +46,7 @@ __all__ = [
     "FanotifyJudge",
     "MountJudge",
     "MountJudging",
+    "StatmountJudge",
     "mount_events_mode",
 ]
 
@@ -110,6 +122,88 @@ class FanotifyJudge:
         self.events.close()
 
 
+class StatmountJudge:
+    """Judges each wake-up by the relevant mounts (statx, statmount, listmount) alone.
+
+    The last read is what the last requested rescan sees at least (that rescan starts after
+    the read), so a change is judged against what the map is, or will be, built from.
+    """
+
+    def __init__(self, mounts: RelevantMounts, relevant: PathFilter) -> None:
+        self._mounts = mounts
+        # The scans' own reader: they run in worker threads (one at a time, under the
+        # scheduler's lock) while this judge runs on the event loop.
+        self._scans = RelevantMounts()
+        self._filter = relevant
+        self._last: dict[int, MountRecord] | None = None
+        self._last = self._read()
+
+    @classmethod
+    def open(
+        cls, mountinfo: str, relevant: PathFilter, calls: MountSyscalls | None = None
+    ) -> StatmountJudge:
+        """Raises StatmountUnavailable where the kernel or process lacks the calls."""
+        mounts = RelevantMounts.open(mountinfo, calls)
+        judge = cls(mounts, relevant)
+        if judge._last is None:
+            raise StatmountUnavailable("the relevant mounts could not be read")
+        return judge
+
+    @property
+    def relevant(self) -> dict[int, str]:
+        """The relevant mounts as last read, unique id -> mount point."""
+        return {mount_id: record.point for mount_id, record in (self._last or {}).items()}
+
+    def _read(self) -> dict[int, MountRecord] | None:
+        try:
+            return self._mounts.read(self._filter)
+        except OSError as error:
+            # A mount that went away mid-read, or a call that failed: the wake-up counts.
+            log.debug("reading the relevant mounts: %s", error)
+            return None
+        except Exception:
+            # The judge is an optimisation: a bug in it costs a rescan, never the daemon.
+            log.exception("reading the relevant mounts failed; rescanning")
+            return None
+
+    def judge(self, reason: str) -> str | None:
+        before, now = self._last, self._read()
+        self._last = now
+        if now is None or before is None:
+            return reason
+        if now == before:
+            return None
+        return _difference(before, now) or reason
+
+    def set_filter(self, relevant: PathFilter) -> None:
+        if relevant.key == self._filter.key:
+            return
+        self._filter = relevant
+        # The scan that named the new paths is followed by another (Daemon._scan), which
+        # starts after this read.
+        self._last = self._read()
+
+    def targeted(self, relevant: PathFilter) -> MountTable:
+        """A scan's mount table from the mounts it needs (scans never run two at once)."""
+        return self._scans.table(relevant)
+
+    def close(self) -> None:
+        pass
+
+
+def _difference(before: dict[int, MountRecord], now: dict[int, MountRecord]) -> str | None:
+    for mount_id, record in now.items():
+        old = before.get(mount_id)
+        if old is None:
+            return f"mount on {record.point} appeared"
+        if old != record:
+            return f"mount on {record.point} changed (remount or move)"
+    for mount_id, record in before.items():
+        if mount_id not in now:
+            return f"mount on {record.point} went away"
+    return None
+
+
 class MountJudging:
     """The judge in use for one mount table, and the switch to fanotify.
 
@@ -135,6 +229,11 @@ class MountJudging:
         self._relevant = relevant
         self._on_relevant = on_relevant
         self.judge: MountJudge = EveryChange()
+        self._statmount: StatmountJudge | None = None
+        # Reads a scan's mount table from the relevant mounts alone (statmount), or None:
+        # the whole table is read.
+        self.targeted: Callable[[PathFilter], MountTable] | None = None
+        self._pollable = pollable
         self._tasks: anyio.abc.TaskGroup | None = None
         # auto: the switch to fanotify is tried once, at the first mount change. A plain
         # file standing in for the table (inotify reports its writes) has no fanotify.
@@ -153,18 +252,35 @@ class MountJudging:
                 self.mountinfo,
                 self._foreign_root,
             )
-        elif self._mode == "mountinfo":
+            return
+        if self._mode == "mountinfo":
             forced = f"{MOUNT_EVENTS_ENV}=mountinfo"
             log.info("mount changes: every mountinfo wake-up rescans (%s)", forced)
-        elif self._tried:
             return
-        elif self._mode == "fanotify":
+        if not self._pollable:
+            return
+        # statmount first (any process may use it): the judge of every wake-up until
+        # fanotify takes over attaches and detaches, and the reader of targeted scans.
+        why_not_statmount = await self._open_statmount()
+        if self._mode == "fanotify":
             # Listening before the mount table watcher starts: a change in between is seen
             # by both, and by the full rescan that follows the start.
             await self.switch_to_fanotify(rescan=False)
         elif (why := unsuitable()) is not None:
             self._tried = True
-            log.info("mount changes: every mountinfo wake-up rescans (%s)", why)
+            if self._statmount is not None:
+                log.info(
+                    "mount changes: statmount of the %d relevant mounts at each mountinfo "
+                    "wake-up (%s)",
+                    len(self._statmount.relevant),
+                    why,
+                )
+            else:
+                log.info(
+                    "mount changes: every mountinfo wake-up rescans (%s; no statmount: %s)",
+                    why,
+                    why_not_statmount,
+                )
         else:
             # Nothing is listed, no fd is held until mounts are seen to change: a quiet
             # host never pays for it.
@@ -173,19 +289,47 @@ class MountJudging:
                 "mount change"
             )
 
+    async def _open_statmount(self) -> str | None:
+        """Judge by statmount from now on where the kernel allows; why not, otherwise."""
+        try:
+            judge = await anyio.to_thread.run_sync(
+                StatmountJudge.open, self.mountinfo, self._relevant()
+            )
+        except StatmountUnavailable as error:
+            return str(error)
+        except Exception:
+            # An optimisation that failed in an unforeseen way: the mountinfo path stays.
+            log.exception("mount changes: statmount failed")
+            return "statmount failed"
+        self._statmount = judge
+        self.judge = judge
+        # A scan may read the few mounts it needs instead of the whole table, once they are
+        # seen to give the same answers as the table does here.
+        mismatch = await anyio.to_thread.run_sync(
+            targeted_mismatch, self.mountinfo, self._relevant()
+        )
+        if mismatch is None:
+            self.targeted = judge.targeted
+        else:
+            log.info("mount changes: scans read the whole mount table (%s)", mismatch)
+        return None
+
     def on_wake(self, reason: str) -> None:
         """A wake-up of the mount table: rescan if the judge says it may matter."""
+        if not self._tried and self._tasks is not None:
+            # Mounts change here: worth the listing fanotify needs (the switch rescans).
+            self._tried = True
+            self._tasks.start_soon(self.switch_to_fanotify)
         why = self.judge.judge(reason)
         if why is None:
             log.debug("mount table changed; no relevant mount did")
             return
         self._on_relevant(why)
-        if not self._tried and self._tasks is not None:
-            self._tried = True
-            self._tasks.start_soon(self.switch_to_fanotify)
 
     def set_filter(self, relevant: PathFilter) -> None:
         self.judge.set_filter(relevant)
+        if self._statmount is not None and self._statmount is not self.judge:
+            self._statmount.set_filter(relevant)
 
     async def switch_to_fanotify(self, *, rescan: bool = True) -> None:
         """Judge mount changes by fanotify mount events from now on, if the kernel allows.
@@ -201,10 +345,18 @@ class MountJudging:
                 MountEvents.open, self.mountinfo, self._relevant()
             )
         except MountEventsUnavailable as error:
-            log.info(
-                "mount changes: every mountinfo wake-up rescans (no fanotify mount events: %s)",
-                error,
-            )
+            if self._statmount is not None:
+                log.info(
+                    "mount changes: statmount of the %d relevant mounts at each mountinfo "
+                    "wake-up (no fanotify mount events: %s)",
+                    len(self._statmount.relevant),
+                    error,
+                )
+            else:
+                log.info(
+                    "mount changes: every mountinfo wake-up rescans (no fanotify mount events: %s)",
+                    error,
+                )
             return
         except Exception:
             # An optimisation that failed in an unforeseen way: the mountinfo path stays.
@@ -225,4 +377,5 @@ class MountJudging:
 
     def close(self) -> None:
         self._tasks = None
+        self.targeted = None
         self.judge.close()

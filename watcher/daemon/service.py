@@ -315,6 +315,7 @@ class _MountWatch:
             on_relevant=daemon.signal_mount_change,
         )
         self._scope = anyio.CancelScope()
+        self._cache = daemon._mount_cache
 
     async def start(self, tasks: anyio.abc.TaskGroup) -> None:
         await tasks.start(self._run)
@@ -323,10 +324,13 @@ class _MountWatch:
         with self._scope:
             async with anyio.create_task_group() as group:
                 await self.judging.start(group)
+                # Scans read only the relevant mounts where the judge found that possible.
+                self._cache.reader = self.judging.targeted
                 await group.start(self.source.run, self.judging.on_wake)
                 task_status.started()
 
     def close(self) -> None:
+        self._cache.reader = None
         self._scope.cancel()
         self.judging.close()
         self.source.close()
