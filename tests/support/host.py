@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import os
 import stat
+import subprocess
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,6 +63,7 @@ MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+_MOUNT_TIMEOUT = 10.0
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -243,6 +245,15 @@ class FakeHost:
         target.mkdir(parents=True, exist_ok=True)
         mount(source, target, "tmpfs", 0, options)
 
+    def mount(self, path: str | Path, fstype: str, source: str, options: str = "") -> None:
+        """Any file system, through mount(8): it turns words such as `nosuid` or `ro` into
+        flags."""
+        target = self.fs(path)
+        target.mkdir(parents=True, exist_ok=True)
+        flags = ["-o", options] if options else []
+        command = ["mount", "-t", fstype, *flags, source, str(target)]
+        subprocess.run(command, check=True, timeout=_MOUNT_TIMEOUT, capture_output=True)
+
     def bind(self, source: str | Path, target: str | Path) -> None:
         mount(str(self.fs(source)), self.fs(target), None, MS_BIND)
 
@@ -295,6 +306,11 @@ class FakeHost:
 
     def write(self, path: str | Path, text: str, *, atomic: bool = True) -> None:
         write_text(self.fs(path), text, atomic=atomic)
+
+    def fifo(self, path: str | Path) -> None:
+        target = self.fs(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(target)
 
     def storm(self, path: str | Path, pairs: int) -> None:
         """Two inotify events per pair (IN_CREATE, IN_DELETE), as fast as the kernel takes
@@ -380,6 +396,7 @@ _MOVES = frozenset({"bind", "move", "rename"})
 _COMMANDS = frozenset(
     {
         "tmpfs",
+        "mount",
         "bind",
         "move",
         "umount",
@@ -391,6 +408,7 @@ _COMMANDS = frozenset(
         "unlink",
         "symlink",
         "write",
+        "fifo",
         "storm",
         "proc_text",
         "drm_render",
