@@ -198,10 +198,19 @@ class DaemonProcess:
                 self._received(self._notify)
 
     def _wait_for(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+        met = False
+
+        def done() -> bool:
+            nonlocal met
+            met = condition()  # asked once per wake-up: a condition may take what it found
+            return met or self.exited
+
         with self._changed:
-            if not self._changed.wait_for(lambda: condition() or self.exited, timeout):
+            if not self._changed.wait_for(done, timeout):
                 raise AssertionError(f"no {what} within {timeout:g} s; log:\n{self.log_text}")
-            if not condition():
+            if not met:
+                if self._reader_error is not None:
+                    raise HarnessError("the log reader failed") from self._reader_error
                 raise AssertionError(
                     f"the daemon exited (rc {self.process.wait(TIMEOUT)}) before {what};"
                     f" log:\n{self.log_text}"

@@ -92,8 +92,10 @@ def mount(
     )
 
 
-def umount(target: str | Path, *, lazy: bool = True) -> None:
-    _check(_libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0), f"umount {target}")
+def umount(target: str | Path, *, lazy: bool = True, flags: int | None = None) -> None:
+    """umount2(2): detached (`lazy`) or at once, or with exactly `flags`."""
+    chosen = flags if flags is not None else (MNT_DETACH if lazy else 0)
+    _check(_libc.umount2(os.fsencode(target), chosen), f"umount {target}")
 
 
 # --- the files --------------------------------------------------------------------------
@@ -133,17 +135,18 @@ def information_text(
     )
 
 
-def write_text(path: str | Path, text: str, *, atomic: bool = False) -> None:
+def write_text(path: str | Path, text: str | bytes, *, atomic: bool = False) -> None:
     """Write a file, parents made. `atomic`: through a temporary file and a rename, as the
     kernel's files change, so a running daemon never reads half of it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if not atomic:
-        target.write_text(text)
-        return
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-    temporary.write_text(text)
-    os.replace(temporary, target)
+    written = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}") if atomic else target
+    if isinstance(text, bytes):
+        written.write_bytes(text)
+    else:
+        written.write_text(text)
+    if atomic:
+        os.replace(written, target)
 
 
 def mknod(
