@@ -257,6 +257,11 @@ class FakeHost:
         command = ["mount", "-t", fstype, *flags, source, str(target)]
         subprocess.run(command, check=True, timeout=_MOUNT_TIMEOUT, capture_output=True)
 
+    def remount(self, path: str | Path, options: str) -> None:
+        """Change a mount's flags (`nodev`, `ro`, ...) in place, through mount(8)."""
+        command = ["mount", "-o", f"remount,{options}", str(self.fs(path))]
+        subprocess.run(command, check=True, timeout=_MOUNT_TIMEOUT, capture_output=True)
+
     def bind(self, source: str | Path, target: str | Path) -> None:
         mount(str(self.fs(source)), self.fs(target), None, MS_BIND)
 
@@ -400,6 +405,7 @@ _COMMANDS = frozenset(
     {
         "tmpfs",
         "mount",
+        "remount",
         "bind",
         "move",
         "umount",
