@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.daemonproc import TIMEOUT, DaemonProcess, HarnessError, Subscription
-from tests.support.host import information_text, proc_devices_text, version_text
+from tests.support.host import information_text, mounts_under, proc_devices_text, version_text
 from tests.support.maps import Map, device, names, problem_codes
 from tests.support.processes import PRIVATE_MOUNTS, REPO
 
@@ -284,16 +284,6 @@ class Daemon(DaemonProcess):
             socket_path=socket_path,
             notify_path=namespace.base / f"notify-{Daemon._count}",
         )
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mount_point = line.split()[4]
-        if mount_point == prefix or mount_point.startswith(prefix + "/"):
-            found.append(mount_point)
-    return found
 
 
 @contextlib.contextmanager

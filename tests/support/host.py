@@ -45,6 +45,7 @@ __all__ = [
     "make_nodes",
     "mknod",
     "mount",
+    "mounts_under",
     "proc_devices_text",
     "umount",
     "version_text",
@@ -167,6 +168,17 @@ def make_nodes(directory: Path, nodes: Mapping[str, tuple[int, int]], mode: int 
     """`name: (major, minor)` nodes in `directory`, as the driver makes them."""
     for name, (major, minor) in nodes.items():
         mknod(directory / name, major, minor, mode)
+
+
+def mounts_under(path: Path) -> list[str]:
+    """The mount points at or below `path` in this process's mount table."""
+    prefix = str(path)
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text(errors="replace").splitlines():
+        point = line.split(" ")[4]
+        if point == prefix or point.startswith(prefix + "/"):
+            found.append(point)
+    return found
 
 
 def _sys_link(sys_dir: Path, relative: str, target: str) -> None:
@@ -390,7 +402,7 @@ class FakeHost:
         (`path`, `source`, `staging`) are paths as this process sees them."""
         arguments = dict(command)
         op = arguments.pop("op")
-        if op not in _COMMANDS:
+        if op.startswith("_") or op in _NOT_COMMANDS or not hasattr(self, op):
             raise ValueError(f"unknown op {op!r}")
         paths = ("path", "source", "staging", *(("target",) if op in _MOVES else ()))
         for key in paths:
@@ -401,26 +413,5 @@ class FakeHost:
 
 # The commands whose `target` is a path (for the others it is a link's text).
 _MOVES = frozenset({"bind", "move", "rename"})
-_COMMANDS = frozenset(
-    {
-        "tmpfs",
-        "mount",
-        "remount",
-        "bind",
-        "move",
-        "umount",
-        "bind_file",
-        "mkdir",
-        "mknod",
-        "chmod",
-        "rename",
-        "unlink",
-        "symlink",
-        "write",
-        "fifo",
-        "storm",
-        "proc_text",
-        "drm_render",
-        "sys_link",
-    }
-)
+# Public names that are no commands.
+_NOT_COMMANDS = frozenset({"execute", "fs", "under", "root", "proc", "sys"})
