@@ -133,22 +133,19 @@ class HostLayout:
         minor: int,
         bus_id: str,
         *,
-        driver: str = "amdgpu",
-        product_name: str | None = None,
-        unique_id: str | None = None,
         bridge: str = "pci0000:80/0000:80:01.1",
+        **attributes: str | None,
     ) -> HostLayout:
-        """A render node's sysfs, shaped as the kernel makes it (`tests.support.host`)."""
+        """A render node's sysfs, shaped as the kernel makes it: `tests.support.host.drm_render`
+        (`driver`, `product_name`, `unique_id`), with its `dev` file."""
         return self._step(
             "drm_render",
             "sys",
             minor=minor,
             bus_id=bus_id,
-            driver=driver,
-            product_name=product_name,
-            unique_id=unique_id,
             bridge=bridge,
             dev_file=True,
+            **attributes,
         )
 
     # ------------------------------------------------------------ /proc and GPU Operator files
