@@ -1,9 +1,10 @@
-"""Build mount tables of a chosen size in a private mount namespace (root only)."""
+"""Build mount tables of a chosen size in a private mount namespace (root only).
+
+The mounts and the host are `tests.support.host`'s, under the names the benchmarks use.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import subprocess
 import sys
@@ -12,9 +13,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support import host
+from tests.support.host import (  # noqa: F401 (re-exported)
+    MNT_DETACH,
+    MS_MOVE,
+    MS_PRIVATE,
+    MS_REC,
+    OPERATOR_NODES,
+    OPERATOR_ROOT,
+    FakeHost,
+    mount,
+)
 from tests.support.hostfiles import make_nodes
 
 __all__ = [
+    "OPERATOR_NODES",
     "build_operator_host",
     "grow_mount_table",
     "in_private_namespace",
@@ -25,10 +38,6 @@ __all__ = [
     "scratch_tmpfs",
     "umount",
 ]
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
 
 
 def in_private_namespace() -> bool:
@@ -47,18 +56,11 @@ def reexec_unshared() -> None:
 
 
 def mount_tmpfs(target: str, options: str = "size=64k") -> None:
-    if _libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, options.encode()) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"mount tmpfs on {target}: {os.strerror(error)}")
-
-
-MNT_DETACH = 2
+    mount("tmpfs", target, "tmpfs", 0, options)
 
 
 def umount(target: str, *, lazy: bool = False) -> None:
-    if _libc.umount2(target.encode(), MNT_DETACH if lazy else 0) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"umount {target}: {os.strerror(error)}")
+    host.umount(target, lazy=lazy)
 
 
 def grow_mount_table(base: Path, total: int) -> int:
@@ -83,22 +85,9 @@ def scratch_tmpfs(prefix: str = "gdw-bench-") -> Iterator[Path]:
             umount(directory, lazy=True)
 
 
-MS_MOVE = 0x2000
-
-
 def move_mount(source: str, target: str) -> None:
     """Move the mount at `source` onto `target` in one step (mount --move)."""
-    if _libc.mount(source.encode(), target.encode(), None, MS_MOVE, None) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"move {source} to {target}: {os.strerror(error)}")
-
-
-OPERATOR_NODES = {
-    "nvidiactl": (195, 255),
-    "nvidia0": (195, 0),
-    "nvidia-uvm": (509, 0),
-    "nvidia-uvm-tools": (509, 1),
-}
+    mount(source, target, None, MS_MOVE)
 
 
 def build_operator_host(base: Path) -> tuple[Path, Path]:
@@ -107,21 +96,9 @@ def build_operator_host(base: Path) -> tuple[Path, Path]:
     The root holds an empty /dev and a tmpfs at /run/nvidia/driver (the driver container's
     root) whose dev/ has the usual nodes; proc has devices, the driver version and one GPU.
     """
-    root, proc = base / "root", base / "proc"
-    (root / "dev").mkdir(parents=True)
-    driver = root / "run/nvidia/driver"
-    driver.mkdir(parents=True)
-    mount_tmpfs(str(driver), "size=1m,mode=755")
-    make_nodes(driver / "dev", OPERATOR_NODES)
-    gpu = proc / "driver/nvidia/gpus/0000:3b:00.0"
-    gpu.mkdir(parents=True)
-    (proc / "devices").write_text(
-        "Character devices:\n  1 mem\n195 nvidia\n509 nvidia-uvm\n\nBlock devices:\n  8 sd\n"
-    )
-    (proc / "driver/nvidia/version").write_text(
-        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build\n"
-    )
-    (gpu / "information").write_text(
-        "Model: \t\t NVIDIA H200\nBus Location: \t 0000:3b:00.0\nDevice Minor: \t 0\n"
-    )
-    return root, proc
+    fake = FakeHost.under(base)
+    fake.mkdir("/dev")
+    fake.tmpfs(OPERATOR_ROOT, "size=1m,mode=755")
+    fake.nodes(f"{OPERATOR_ROOT}/dev", OPERATOR_NODES)
+    fake.nvidia_proc({"nvidia": 195, "nvidia-uvm": 509})
+    return fake.root, fake.proc

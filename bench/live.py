@@ -121,10 +121,9 @@ class Daemon(DaemonProcess):
                 *("--proc", str(proc), "--socket", str(socket_path), "--config", str(config)),
             ],
             socket_path=socket_path,
-            notify_path=base / f"{name}.notify",
+            # The notify socket is an abstract one of its own: a daemon run as another user
+            # can send to it too.
             env=env,
-            # Another user sends READY=1 there.
-            notify_mode=0o666 if command is not None else None,
         )
         try:
             self.wait_ready(TIMEOUT)

@@ -11,29 +11,28 @@ The nodes carry the numbers of real character devices of *this* machine, and the
 `/dev/zero` (1:5) then holds what the map calls `nvidia5`, at host path `/dev/nvidia5`. That
 is the point of matching by major:minor: the path the process used does not matter.
 
-Readiness is the daemon's own sd_notify `READY=1` on a datagram socket the test owns (no
-polling for the socket file); every wait is bounded.
+The host is built with `tests.support.host`, the daemon driven as a
+`tests.support.daemonproc.DaemonProcess` (its log in `base/daemon.log`): readiness is the
+daemon's own sd_notify `READY=1` (no polling for the socket file); every wait is bounded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import select
 import shutil
-import signal
-import socket
-import stat
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.support.processes import PRIVATE_MOUNTS, child_env
+from tests.support.daemonproc import DaemonProcess
+from tests.support.host import MS_PRIVATE, MS_REC, FakeHost, drm_render, mount
+from tests.support.processes import PRIVATE_MOUNTS
 from watcher import client
 
 START_TIMEOUT = 30.0
@@ -86,23 +85,6 @@ class HostError(RuntimeError):
     pass
 
 
-def _version_text(version: str) -> str:
-    return (
-        f"NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {version}  Release Build  "
-        "(dvs-builder@U22-I3-AF03-09-1)  Thu Sep 25 01:23:45 UTC 2025\n"
-        "GCC version:  gcc version 13.3.0 (Ubuntu 13.3.0-6ubuntu2~24.04) \n"
-    )
-
-
-def _gpu_text(gpu: Gpu) -> str:
-    return (
-        f"Model: \t\t {gpu.model}\nIRQ:   \t\t 156\nGPU UUID: \t {gpu.uuid}\n"
-        "Video BIOS: \t 96.00.89.00.01\nBus Type: \t PCIe\nDMA Size: \t 52 bits\n"
-        f"DMA Mask: \t 0xfffffffffffff\nBus Location: \t {gpu.bus_id}\n"
-        f"Device Minor: \t {gpu.minor}\nGPU Excluded:\t No\n"
-    )
-
-
 def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string without control characters is a TOML string
 
@@ -119,8 +101,8 @@ class SimHost:
         self.socket = base / "gdw.sock"
         self.config = base / "config.toml"
         self.log = base / "daemon.log"
-        self._notify_path = base / "notify.sock"
         self.process: subprocess.Popen[bytes] | None = None
+        self._daemon: DaemonProcess | None = None
         if len(os.fsencode(self.socket)) > 100:
             raise HostError(f"socket path too long for AF_UNIX: {self.socket}")
 
@@ -129,22 +111,16 @@ class SimHost:
     def write_proc(self) -> None:
         """(Re)write the whole simulated /proc from the spec."""
         spec = self.spec
-        driver = self.proc / "driver" / "nvidia"
         shutil.rmtree(self.proc, ignore_errors=True)
         self.proc.mkdir(parents=True)
-        majors = "" if not spec.driver_loaded else f"{NVIDIA_MAJOR:3d} nvidia\n"
-        majors += "".join(f"{major:3d} {name}\n" for name, major in spec.majors.items())
-        (self.proc / "devices").write_text(
-            "Character devices:\n  4 /dev/vc/0\n  5 /dev/tty\n"
-            f"{majors} 10 misc\n\nBlock devices:\n  8 sd\n259 blkext\n"
-        )
+        host = FakeHost(self.root, self.proc, self.sys)
+        majors = {"nvidia": NVIDIA_MAJOR} if spec.driver_loaded else {}
+        host.proc_devices({**majors, **spec.majors})
         if not spec.driver_loaded:
             return
-        (driver / "gpus").mkdir(parents=True)
-        (driver / "version").write_text(_version_text(spec.driver_version))
+        host.driver_version(spec.driver_version)
         for gpu in spec.gpus:
-            (driver / "gpus" / gpu.bus_id).mkdir()
-            (driver / "gpus" / gpu.bus_id / "information").write_text(_gpu_text(gpu))
+            host.gpu(gpu.bus_id, gpu.minor, model=gpu.model, uuid=gpu.uuid)
 
     def write_sys(self) -> None:
         """The fake sysfs: each render node linked to its PCI device and driver, as the
@@ -152,17 +128,9 @@ class SimHost:
         shutil.rmtree(self.sys, ignore_errors=True)
         (self.sys / "class/drm").mkdir(parents=True)
         for minor, bus_id, driver, product, unique_id in self.spec.renders:
-            device = self.sys / "devices/pci0000:80" / bus_id
-            (device / f"drm/renderD{minor}").mkdir(parents=True)
-            (self.sys / "bus/pci/drivers" / driver).mkdir(parents=True, exist_ok=True)
-            (self.sys / f"class/drm/renderD{minor}").symlink_to(
-                f"../../devices/pci0000:80/{bus_id}/drm/renderD{minor}"
+            drm_render(
+                self.sys, minor, bus_id, driver=driver, product_name=product, unique_id=unique_id
             )
-            (device / f"drm/renderD{minor}/device").symlink_to(f"../../../{bus_id}")
-            (device / "driver").symlink_to(f"../../../bus/pci/drivers/{driver}")
-            for name, value in (("product_name", product), ("unique_id", unique_id)):
-                if value is not None:
-                    (device / name).write_text(value + "\n")
 
     def write_config(self) -> None:
         lines = [
@@ -182,7 +150,6 @@ class SimHost:
         self.write_proc()
         self.write_sys()
         self.write_config()
-        env = child_env({"NOTIFY_SOCKET": str(self._notify_path)}, drop=(client.SOCKET_ENV,))
         child = {
             "root": str(self.root),
             "proc": str(self.proc),
@@ -190,47 +157,23 @@ class SimHost:
             "config": str(self.config),
             "nodes": self.spec.nodes,
         }
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
-            notify.bind(str(self._notify_path))
-            with self.log.open("wb") as log:
-                self.process = subprocess.Popen(
-                    [
-                        *PRIVATE_MOUNTS,
-                        sys.executable,
-                        str(Path(__file__).resolve()),
-                        json.dumps(child),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            try:
-                self._wait_ready(notify, timeout)
-            except BaseException:
-                self.stop()
-                raise
-            finally:
-                self._notify_path.unlink(missing_ok=True)
-
-    def _wait_ready(self, notify: socket.socket, timeout: float) -> None:
-        assert self.process is not None
-        pidfd = os.pidfd_open(self.process.pid)
+        self.log.write_bytes(b"")
+        # The daemon is this file's child side, which builds the root in its own namespace
+        # and then becomes the daemon (same pid).
+        self._daemon = DaemonProcess(
+            [*PRIVATE_MOUNTS, sys.executable, str(Path(__file__).resolve()), json.dumps(child)],
+            socket_path=self.socket,
+            log_path=self.log,
+        )
+        self.process = self._daemon.process
         try:
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                readable, _, _ = select.select([notify.fileno(), pidfd], [], [], left)
-                if pidfd in readable:
-                    self.process.wait(timeout=STOP_TIMEOUT)
-                    raise HostError(
-                        f"the daemon exited {self.process.returncode} before READY=1:\n"
-                        + self.log_text()
-                    )
-                if notify.fileno() in readable and b"READY=1" in notify.recv(4096).split(b"\n"):
-                    return
-            raise HostError(f"no READY=1 from the daemon in {timeout} s:\n{self.log_text()}")
-        finally:
-            os.close(pidfd)
+            self._daemon.wait_ready(timeout)
+        except AssertionError as error:
+            self.stop()
+            raise HostError(str(error)) from None
+        except BaseException:
+            self.stop()
+            raise
 
     def log_text(self) -> str:
         try:
@@ -239,16 +182,12 @@ class SimHost:
             return ""
 
     def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None:
+        daemon, self._daemon, self.process = self._daemon, None, None
+        if daemon is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_TIMEOUT)
+        with contextlib.suppress(AssertionError):  # it ignored SIGTERM and was killed
+            daemon.stop(timeout=STOP_TIMEOUT)
+        daemon.close()
 
     def __enter__(self) -> SimHost:
         self.start()
@@ -353,22 +292,14 @@ class SimHost:
 # ---------------------------------------------------------------------- the namespace side
 
 
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True, timeout=10)
-
-
 def _serve(spec: dict[str, Any]) -> None:
     # unshare(1) made every mount private already; say it again so that nothing mounted here
     # can ever propagate back to the test's namespace.
-    _mount("--make-rprivate", "/")
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    host = FakeHost(Path(spec["root"]), Path(spec["proc"]))
+    host.tmpfs(host.root, source="gdw-simhost")
+    host.nodes("/dev", {name: (major, minor) for name, (major, minor) in spec["nodes"].items()})
     root = spec["root"]
-    _mount("-t", "tmpfs", "-o", "mode=755", "gdw-simhost", root)
-    os.mkdir(f"{root}/dev", 0o755)
-    for name, (major, minor) in spec["nodes"].items():
-        path = f"{root}/dev/{name}"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
-        os.chmod(path, 0o666)  # noqa: S103 (device nodes as the driver makes them; umask)
     os.execv(  # noqa: S606 (becomes the daemon: same pid, same namespace)
         sys.executable,
         [

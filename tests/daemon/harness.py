@@ -2,7 +2,8 @@
 
 - `Namespace` starts `nshost.py` under `unshare --mount --propagation private`. That process
   owns the namespace, builds the host (a tmpfs root R with mknod'ed nodes, a fake proc dir P)
-  and applies every later change on request, answering once the change is done.
+  and applies every later change on request (`tests.support.host.FakeHost`, the one host
+  builder), answering once the change is done.
 - `Daemon` (a `tests.support.daemonproc.DaemonProcess`) runs `python -m watcher serve --root R
   --proc P --socket S` inside that same namespace through `nsenter -t <nshost pid> -m`, so
   the daemon's own /proc/self/mountinfo is the namespace's mount table. Its stderr (the log)
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.daemonproc import TIMEOUT, DaemonProcess, HarnessError, Subscription
-from tests.support.hostfiles import proc_devices_text
+from tests.support.host import information_text, mounts_under, proc_devices_text, version_text
 from tests.support.maps import Map, device, names, problem_codes
 from tests.support.processes import PRIVATE_MOUNTS, REPO
 
@@ -177,10 +178,10 @@ class Namespace:
         self.call("umount", path=self.fs(path), lazy=lazy)
 
     def move(self, source: str | Path, target: str | Path) -> None:
-        self.call("move", source=self.fs(source), path=self.fs(target))
+        self.call("move", source=self.fs(source), target=self.fs(target))
 
     def bind(self, source: str | Path, target: str | Path) -> None:
-        self.call("bind", source=self.fs(source), path=self.fs(target))
+        self.call("bind", source=self.fs(source), target=self.fs(target))
 
     def mkdir(self, path: str | Path) -> None:
         self.call("mkdir", path=self.fs(path))
@@ -194,7 +195,7 @@ class Namespace:
         self.call("chmod", path=self.fs(path), mode=mode)
 
     def rename(self, source: str | Path, target: str | Path) -> None:
-        self.call("rename", source=self.fs(source), path=self.fs(target))
+        self.call("rename", source=self.fs(source), target=self.fs(target))
 
     def unlink(self, path: str | Path) -> None:
         self.call("unlink", path=self.fs(path))
@@ -205,19 +206,9 @@ class Namespace:
     def drm_render(
         self, minor: int, bus_id: str, *, driver: str = "amdgpu", unique_id: str | None = None
     ) -> None:
-        """A render node in the fake sysfs, linked as the kernel links it (see
-        tests/support/hostfiles.py `drm_render`)."""
-        device = self.sys / f"devices/pci0000:80/{bus_id}"
-        self.mkdir(device / f"drm/renderD{minor}")
-        self.mkdir(self.sys / f"bus/pci/drivers/{driver}")
-        self.symlink(
-            self.sys / f"class/drm/renderD{minor}",
-            f"../../devices/pci0000:80/{bus_id}/drm/renderD{minor}",
-        )
-        self.symlink(device / f"drm/renderD{minor}/device", f"../../../{bus_id}")
-        self.symlink(device / "driver", f"../../../bus/pci/drivers/{driver}")
-        if unique_id is not None:
-            self.call("write", path=str(device / "unique_id"), text=unique_id + "\n", atomic=True)
+        """A render node in the fake sysfs, linked as the kernel links it
+        (`tests.support.host.drm_render`)."""
+        self.call("drm_render", minor=minor, bus_id=bus_id, driver=driver, unique_id=unique_id)
 
     def write(self, path: str | Path, text: str) -> None:
         """Write atomically (temporary file, rename): a rescan never reads half a file."""
@@ -227,7 +218,7 @@ class Namespace:
         self.call("storm", path=self.fs(path), pairs=pairs)
 
     def write_proc(self, relative: str, text: str) -> None:
-        self.call("write", path=str(self.proc / relative), text=text, atomic=True)
+        self.call("proc_text", relative=relative, text=text)
 
     def proc_devices(self, majors: Mapping[str, int]) -> None:
         self.write_proc("devices", proc_devices_text(majors))
@@ -251,18 +242,8 @@ class Namespace:
         }
         self.populate_dev(DEV_ROOT, nodes)
         self.proc_devices({"nvidia": 195, "nvidia-uvm": uvm_major})
-        self.write_proc(
-            "driver/nvidia/version",
-            f"NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {VERSION}  Release Build"
-            "  (dvs-builder@U22-I3-AF03-09-1)  Thu Sep 25 01:23:45 UTC 2025\n"
-            "GCC version:  gcc version 13.3.0 (Ubuntu 13.3.0-6ubuntu2~24.04) \n",
-        )
-        self.write_proc(
-            f"driver/nvidia/gpus/{BUS_ID}/information",
-            "Model: \t\t NVIDIA H200\nIRQ:   \t\t 156\n"
-            "GPU UUID: \t GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f\n"
-            f"Bus Type: \t PCIe\nBus Location: \t {BUS_ID}\nDevice Minor: \t 0\n",
-        )
+        self.write_proc("driver/nvidia/version", version_text(VERSION))
+        self.write_proc(f"driver/nvidia/gpus/{BUS_ID}/information", information_text(BUS_ID, 0))
 
     def close(self) -> None:
         stdin = self._process.stdin
@@ -303,16 +284,6 @@ class Daemon(DaemonProcess):
             socket_path=socket_path,
             notify_path=namespace.base / f"notify-{Daemon._count}",
         )
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mount_point = line.split()[4]
-        if mount_point == prefix or mount_point.startswith(prefix + "/"):
-            found.append(mount_point)
-    return found
 
 
 @contextlib.contextmanager

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from watcher import client
+from tests.support.daemonproc import DaemonProcess
+from tests.support.host import FakeHost
 
 DRIVER_ROOT = "/run/nvidia/driver"
 DEV_ROOT = "/run/nvidia/driver/dev"
@@ -51,27 +48,6 @@ TIMEOUT = 20.0
 
 def _run(*command: str) -> None:
     subprocess.run(command, check=True, timeout=TIMEOUT, capture_output=True)
-
-
-def _mknods(directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    for name, (major, minor) in NODES.items():
-        os.mknod(f"{directory}/{name}", 0o20666, os.makedev(major, minor))
-
-
-def _proc(directory: Path) -> None:
-    gpu = directory / "driver/nvidia/gpus/0000:3b:00.0"
-    gpu.mkdir(parents=True)
-    (directory / "devices").write_text(
-        f"Character devices:\n  1 mem\n195 nvidia\n{UVM} nvidia-uvm\n\nBlock devices:\n  8 sd\n"
-    )
-    (directory / "driver/nvidia/version").write_text(
-        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build\n"
-    )
-    (gpu / "information").write_text(
-        "Model: \t\t NVIDIA H200\nGPU UUID: \t GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f\n"
-        "Bus Location: \t 0000:3b:00.0\nDevice Minor: \t 0\n"
-    )
 
 
 def _setpriv(uid: int, capabilities: list[str]) -> list[str]:
@@ -95,43 +71,6 @@ def _pod(scratch: Path, uid: int, capabilities: list[str], *command: str) -> lis
         *_setpriv(uid, capabilities),
         *command,
     ]
-
-
-def _wait_ready(notify: socket.socket, process: subprocess.Popen[bytes]) -> str | None:
-    """None once READY=1 arrives, else why not (bounded, woken by the datagram or the exit)."""
-    pidfd = os.pidfd_open(process.pid)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([notify.fileno(), pidfd], [], [], left)
-            if pidfd in readable:
-                return f"the daemon exited {process.wait(TIMEOUT)} before READY=1"
-            if notify.fileno() in readable and b"READY=1" in notify.recv(4096).split(b"\n"):
-                return None
-        return f"no READY=1 in {TIMEOUT} s"
-    finally:
-        os.close(pidfd)
-
-
-def _wait_map(predicate: Any, what: str) -> dict[str, Any]:
-    """The first map satisfying `predicate`, woken by the daemon's `wait` replies."""
-    deadline = time.monotonic() + TIMEOUT
-    reply = client.request(SOCKET, {"op": "get"}, timeout=TIMEOUT)
-    while not predicate(reply["map"]):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"{what}: not within {TIMEOUT} s; last map {reply['map']}")
-        try:
-            reply = client.request(
-                SOCKET,
-                {"op": "wait", "after": reply["generation"], "timeout": left},
-                timeout=left + 5,
-            )
-        except client.ServerError as error:
-            if error.code != "timeout":
-                raise
-    result: dict[str, Any] = reply["map"]
-    return result
 
 
 def _control(device_map: dict[str, Any]) -> dict[str, Any]:
@@ -177,18 +116,16 @@ def main(spec_text: str, scratch_text: str) -> int:
     # The node: a /run of its own (shared, so mounts reach the pod's slave copy), the
     # GPU Operator's driver root in it, and fake /proc files for the driver.
     _run("mount", "--make-rprivate", "/")
-    _run("mount", "-t", "tmpfs", "scratch", str(scratch))
-    _run("mount", "-t", "tmpfs", "-o", "mode=755", "run", "/run")
+    node = FakeHost(Path("/"), scratch / "proc", scratch / "sys")
+    node.tmpfs(scratch, options="", source="scratch")
+    node.tmpfs("/run", source="run")
     _run("mount", "--make-shared", "/run")
-    os.makedirs(DRIVER_ROOT)
-    _run("mount", "-t", "tmpfs", "-o", "mode=755", "driver", DRIVER_ROOT)
-    _mknods(DEV_ROOT)
-    _proc(scratch / "proc")
-    notify_path = scratch / "notify"
+    node.tmpfs(DRIVER_ROOT, source="driver")
+    node.nodes(DEV_ROOT, NODES)
+    node.nvidia_proc({"nvidia": 195, "nvidia-uvm": UVM})
     environment = {
         "PATH": os.environ["PATH"],
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-        "NOTIFY_SOCKET": str(notify_path),
         "GPU_DEVICE_WATCHER_MOUNT_EVENTS": "auto",
     }
     features = scratch / "features.d"
@@ -201,71 +138,65 @@ def main(spec_text: str, scratch_text: str) -> int:
         *("--proc", str(scratch / "proc"), "--mountinfo", f"/proc/{os.getpid()}/mountinfo"),
         *("--config", str(config)),
     ]
-    log_path = scratch / "daemon.log"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, log_path.open("wb") as log:
-        notify.bind(str(notify_path))
-        os.chmod(notify_path, 0o777)  # noqa: S103 (reachable for a daemon that is not root)
-        daemon = subprocess.Popen(
-            _pod(scratch, uid, capabilities, *serve),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=environment,
-        )
+    # The notify socket is abstract: a daemon that is not root can send to it.
+    daemon = DaemonProcess(
+        _pod(scratch, uid, capabilities, *serve),
+        socket_path=SOCKET,
+        environment=environment,
+        log_path=scratch / "daemon.log",
+    )
+    try:
         try:
-            why = _wait_ready(notify, daemon)
-            if why is not None:
-                result["ready"] = False
-                result["error"] = why
-                return 0
-            result["ready"] = True
-            control = _control(client.request(SOCKET, {"op": "get"}, timeout=TIMEOUT)["map"])
-            result["first"] = {"mount": control["mount"], "valid": control["valid"]}
-            # The readiness and liveness probe, with the pod's privileges.
-            probe = subprocess.run(
-                [*_setpriv(uid, capabilities), sys.executable, "-m", "watcher", "status"],
-                env=environment,
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-                check=False,
-            )
-            result["probe"] = probe.returncode
-            # What the config turned on: the feature file in the root-owned directory, and
-            # one scrape of the endpoint.
-            result["features"] = sorted(os.listdir(features))
-            if "metrics_listen" in str(spec.get("config", "")):
-                result["metrics"] = _scrape(str(spec["config"]))
-            # The host remounts the driver root nodev: only the host's table shows it.
-            _run("mount", "-o", "remount,nodev", DRIVER_ROOT)
-            seen = _wait_map(lambda m: _control(m)["mount"]["nodev"], "nodev remount")
-            result["nodev"] = [p["code"] for p in seen["problems"] if p["code"] == "nodev-mount"]
-            # The pod's own copy of that mount: flags do not propagate, so the pod's table
-            # (what it would read without hostPID) still says the mount allows devices.
-            copy = f"{scratch}/host{DRIVER_ROOT}"
-            own = Path(f"/proc/{daemon.pid}/mountinfo").read_text().splitlines()
-            result["pod_copy_options"] = [
-                line.split(" ")[5] for line in own if line.split(" ")[4] == copy
-            ]
-            _run("mount", "-o", "remount,dev", DRIVER_ROOT)
-            _wait_map(lambda m: _control(m)["valid"], "dev remount")
-            # A new mount on the host's dev root reaches the pod (HostToContainer).
-            _run("mount", "-t", "tmpfs", "-o", "mode=755", "devroot", DEV_ROOT)
-            _mknods(DEV_ROOT)
-            seen = _wait_map(
-                lambda m: _control(m)["mount"]["mount_point"] == DEV_ROOT, "new dev root mount"
-            )
-            result["remounted"] = {
-                "mount": _control(seen)["mount"],
-                "valid": _control(seen)["valid"],
-            }
-            result["usage"] = _usage(daemon.pid)
-        finally:
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-            result["exit"] = daemon.wait(TIMEOUT)
-            result["log"] = log_path.read_text(errors="replace")[-4000:]
-            print(json.dumps(result), flush=True)
+            daemon.wait_ready(TIMEOUT)
+        except AssertionError as error:
+            result["ready"] = False
+            result["error"] = str(error).splitlines()[0]
+            return 0
+        result["ready"] = True
+        control = _control(daemon.get()["map"])
+        result["first"] = {"mount": control["mount"], "valid": control["valid"]}
+        # The readiness and liveness probe, with the pod's privileges.
+        probe = subprocess.run(
+            [*_setpriv(uid, capabilities), sys.executable, "-m", "watcher", "status"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        result["probe"] = probe.returncode
+        # What the config turned on: the feature file in the root-owned directory, and
+        # one scrape of the endpoint.
+        result["features"] = sorted(os.listdir(features))
+        if "metrics_listen" in str(spec.get("config", "")):
+            result["metrics"] = _scrape(str(spec["config"]))
+        # The host remounts the driver root nodev: only the host's table shows it.
+        node.remount(DRIVER_ROOT, "nodev")
+        seen = daemon.wait_map(lambda m: _control(m)["mount"]["nodev"], TIMEOUT)
+        result["nodev"] = [p["code"] for p in seen["problems"] if p["code"] == "nodev-mount"]
+        # The pod's own copy of that mount: flags do not propagate, so the pod's table
+        # (what it would read without hostPID) still says the mount allows devices.
+        copy = f"{scratch}/host{DRIVER_ROOT}"
+        own = Path(f"/proc/{daemon.pid}/mountinfo").read_text().splitlines()
+        result["pod_copy_options"] = [
+            line.split(" ")[5] for line in own if line.split(" ")[4] == copy
+        ]
+        node.remount(DRIVER_ROOT, "dev")
+        daemon.wait_map(lambda m: _control(m)["valid"], TIMEOUT)
+        # A new mount on the host's dev root reaches the pod (HostToContainer).
+        node.tmpfs(DEV_ROOT, source="devroot")
+        node.nodes(DEV_ROOT, NODES)
+        seen = daemon.wait_map(lambda m: _control(m)["mount"]["mount_point"] == DEV_ROOT, TIMEOUT)
+        result["remounted"] = {
+            "mount": _control(seen)["mount"],
+            "valid": _control(seen)["valid"],
+        }
+        result["usage"] = _usage(daemon.pid)
+    finally:
+        result["exit"] = daemon.stop(timeout=TIMEOUT)
+        daemon.close()
+        result["log"] = daemon.log_text[-4000:]
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -14,8 +14,6 @@ Paths given to the builder are host paths (inside the view's root) unless named 
 from __future__ import annotations
 
 import json
-import os
-import stat
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -24,12 +22,23 @@ from typing import Any
 
 import msgspec
 
+from tests.support.host import (
+    DRIVER_VERSION,
+    GPU_UUID,
+    H200,
+    MS_PRIVATE,
+    MS_REC,
+    FakeHost,
+    information_text,
+    mount,
+    proc_devices_text,
+    version_text,
+)
 from tests.support.processes import PRIVATE_MOUNTS, child_env
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, parse_mountinfo
 
 DEFAULT_TIMEOUT = 60.0
-_MOUNT_TIMEOUT = 10.0
 
 
 class ScanResult(msgspec.Struct, frozen=True):
@@ -61,144 +70,104 @@ class HostLayout:
         self.view_root: Path | None = None
 
     # ------------------------------------------------------------ filesystem steps
+    # Each step is a `tests.support.host.FakeHost` command whose `path` is a host path
+    # (`where` "root"), a path in the fake sysfs ("sys") or a path as the child sees it ("fs").
+
+    def _step(self, op: str, where: str = "root", **arguments: Any) -> HostLayout:
+        (self.sys_steps if where == "sys" else self.steps).append(
+            {"op": op, "where": where, **arguments}
+        )
+        return self
 
     def mount(
         self, fstype: str, path: str, *, source: str | None = None, options: str = ""
     ) -> HostLayout:
-        self.steps.append(
-            {
-                "op": "mount",
-                "fstype": fstype,
-                "source": source or fstype,
-                "path": path,
-                "options": options,
-            }
+        return self._step(
+            "mount", fstype=fstype, source=source or fstype, path=path, options=options
         )
-        return self
 
     def tmpfs(self, path: str, *, options: str = "", source: str = "tmpfs") -> HostLayout:
         return self.mount("tmpfs", path, source=source, options=options)
 
     def bind_file(self, path: str, text: str = "") -> HostLayout:
         """Bind a file kept in the work directory (outside the root) over `path`."""
-        self.steps.append({"op": "bind_file", "path": path, "text": text})
-        return self
+        staging = str(self.workdir / f"bind-source-{len(self.steps)}")
+        return self._step("bind_file", path=path, text=text, staging=staging)
 
     def mkdir(self, path: str) -> HostLayout:
-        self.steps.append({"op": "mkdir", "path": path})
-        return self
+        return self._step("mkdir", path=path)
 
     def node(
         self, path: str, major: int, minor: int, *, mode: int = 0o666, block: bool = False
     ) -> HostLayout:
-        self.steps.append(
-            {
-                "op": "node",
-                "path": path,
-                "major": major,
-                "minor": minor,
-                "mode": mode,
-                "block": block,
-            }
-        )
-        return self
+        return self._step("mknod", path=path, major=major, minor=minor, mode=mode, block=block)
 
     def symlink(self, path: str, target: str) -> HostLayout:
-        self.steps.append({"op": "symlink", "path": path, "target": target})
-        return self
+        return self._step("symlink", path=path, target=target)
 
     def file(self, path: str, text: str) -> HostLayout:
-        self.steps.append({"op": "file", "path": path, "text": text})
-        return self
+        return self._step("write", path=path, text=text, atomic=False)
 
     def fs_symlink(self, fs_path: Path, target: Path) -> HostLayout:
         """A symlink anywhere in the work directory (for a --root reached through a link)."""
-        self.steps.append({"op": "fs_symlink", "fs_path": str(fs_path), "target": str(target)})
-        return self
+        return self._step("symlink", "fs", path=str(fs_path), target=str(target))
 
     # ------------------------------------------------------------ the fake /sys
 
     def sys_file(self, relative: str, text: str) -> HostLayout:
-        self.sys_steps.append({"op": "file", "path": relative, "text": text})
-        return self
+        return self._step("write", "sys", path=relative, text=text, atomic=False)
 
     def sys_fifo(self, relative: str) -> HostLayout:
-        self.sys_steps.append({"op": "fifo", "path": relative})
-        return self
+        return self._step("fifo", "sys", path=relative)
 
     def sys_mkdir(self, relative: str) -> HostLayout:
-        self.sys_steps.append({"op": "mkdir", "path": relative})
-        return self
+        return self._step("mkdir", "sys", path=relative)
 
     def sys_link(self, relative: str, target: str) -> HostLayout:
         """A symlink at `relative` written as sysfs writes them: relative to its directory
         when `target` is a path inside /sys (no leading /), else as given (`/...`)."""
-        self.sys_steps.append({"op": "link", "path": relative, "target": target})
-        return self
+        return self._step("sys_link", "sys", relative=relative, target=target)
 
     def drm_render(
         self,
         minor: int,
         bus_id: str,
         *,
-        driver: str = "amdgpu",
-        product_name: str | None = None,
-        unique_id: str | None = None,
         bridge: str = "pci0000:80/0000:80:01.1",
+        **attributes: str | None,
     ) -> HostLayout:
-        """A render node's sysfs, shaped as the kernel makes it: class/drm/renderDN is a link
-        to devices/<bridge>/<bus>/drm/renderDN, whose `device` links to the PCI device,
-        whose `driver` links to bus/pci/drivers/<driver>."""
-        device = f"devices/{bridge}/{bus_id}"
-        node = f"{device}/drm/renderD{minor}"
-        self.sys_mkdir(node).sys_file(f"{node}/dev", f"226:{minor}\n")
-        self.sys_mkdir(f"bus/pci/drivers/{driver}")
-        self.sys_link(f"class/drm/renderD{minor}", node)
-        self.sys_link(f"{node}/device", device)
-        self.sys_link(f"{device}/driver", f"bus/pci/drivers/{driver}")
-        if product_name is not None:
-            self.sys_file(f"{device}/product_name", product_name + "\n")
-        if unique_id is not None:
-            self.sys_file(f"{device}/unique_id", unique_id + "\n")
-        return self
+        """A render node's sysfs, shaped as the kernel makes it: `tests.support.host.drm_render`
+        (`driver`, `product_name`, `unique_id`), with its `dev` file."""
+        return self._step(
+            "drm_render",
+            "sys",
+            minor=minor,
+            bus_id=bus_id,
+            bridge=bridge,
+            dev_file=True,
+            **attributes,
+        )
 
     # ------------------------------------------------------------ /proc and GPU Operator files
 
     def proc_devices(
         self, char: Mapping[str, int], block: Mapping[str, int] | None = None
     ) -> HostLayout:
-        lines = ["Character devices:", "  1 mem", "  5 /dev/tty", " 10 misc"]
-        lines += [f"{major:3d} {name}" for name, major in char.items()]
-        lines += ["", "Block devices:", "  8 sd", "259 blkext"]
-        lines += [f"{major:3d} {name}" for name, major in (block or {}).items()]
-        return self.proc_text("devices", "\n".join(lines) + "\n")
+        return self.proc_text("devices", proc_devices_text(char, block))
 
     def proc_text(self, relative: str, text: str) -> HostLayout:
         self.proc_files[relative] = text
         return self
 
-    def driver_version(self, version: str = "580.95.05") -> HostLayout:
-        return self.proc_text(
-            "driver/nvidia/version",
-            f"NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {version}  Release Build  "
-            "(dvs-builder@U22-I3-AF03-09-1)  Thu Sep 25 01:23:45 UTC 2025\n"
-            "GCC version:  gcc version 13.3.0 (Ubuntu 13.3.0-6ubuntu2~24.04) \n",
-        )
+    def driver_version(self, version: str = DRIVER_VERSION) -> HostLayout:
+        return self.proc_text("driver/nvidia/version", version_text(version))
 
     def gpu(
-        self,
-        bus_id: str,
-        minor: int,
-        *,
-        model: str = "NVIDIA H200",
-        uuid: str = "GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f",
+        self, bus_id: str, minor: int, *, model: str = H200, uuid: str = GPU_UUID
     ) -> HostLayout:
         return self.proc_text(
             f"driver/nvidia/gpus/{bus_id}/information",
-            f"Model: \t\t {model}\nIRQ:   \t\t 156\nGPU UUID: \t {uuid}\n"
-            "Video BIOS: \t 96.00.89.00.01\nBus Type: \t PCIe\nDMA Size: \t 52 bits\n"
-            f"DMA Mask: \t 0xfffffffffffff\nBus Location: \t {bus_id}\nDevice Minor: \t {minor}\n"
-            "GPU Firmware: \t 580.95.05\nGPU Excluded:\t No\n",
+            information_text(bus_id, minor, model=model, uuid=uuid),
         )
 
     def driver_ready(self, text: str) -> HostLayout:
@@ -249,63 +218,13 @@ class HostLayout:
 # ---------------------------------------------------------------- the child side
 
 
-def _run_mount(args: list[str]) -> None:
-    subprocess.run(["mount", *args], check=True, timeout=_MOUNT_TIMEOUT, capture_output=True)
-
-
-def _under(root: str, host_path: str) -> str:
-    return root.rstrip("/") + "/" + host_path.lstrip("/")
-
-
-def _apply(root: str, workdir: str, step: dict[str, Any], number: int) -> None:
-    op = step["op"]
-    if op == "fs_symlink":
-        os.symlink(step["target"], step["fs_path"])
-        return
-    path = _under(root, step["path"])
-    if op == "mkdir":
-        os.makedirs(path, exist_ok=True)
-    elif op == "mount":
-        os.makedirs(path, exist_ok=True)
-        options = ["-o", step["options"]] if step["options"] else []
-        _run_mount(["-t", step["fstype"], *options, step["source"], path])
-    elif op == "bind_file":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        outside = os.path.join(workdir, f"bind-source-{number}")
-        Path(outside).write_text(step["text"])
-        Path(path).touch()
-        _run_mount(["--bind", outside, path])
-    elif op == "node":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        kind = stat.S_IFBLK if step["block"] else stat.S_IFCHR
-        os.mknod(path, kind | step["mode"], os.makedev(step["major"], step["minor"]))
-        os.chmod(path, step["mode"])  # mknod is subject to the umask
-    elif op == "symlink":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        os.symlink(step["target"], path)
-    elif op == "file":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Path(path).write_text(step["text"])
-    else:
-        raise ValueError(f"unknown step {op!r}")
-
-
-def _apply_sys(sys_root: str, step: dict[str, Any]) -> None:
-    path = os.path.join(sys_root, step["path"])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if step["op"] == "mkdir":
-        os.makedirs(path, exist_ok=True)
-    elif step["op"] == "file":
-        Path(path).write_text(step["text"])
-    elif step["op"] == "fifo":
-        os.mkfifo(path)
-    elif step["op"] == "link":
-        target = step["target"]
-        if not target.startswith("/"):
-            target = os.path.relpath(os.path.join(sys_root, target), os.path.dirname(path))
-        os.symlink(target, path)
-    else:
-        raise ValueError(f"unknown sys step {step['op']!r}")
+def _run(host: FakeHost, step: dict[str, Any]) -> None:
+    command = dict(step)
+    where = command.pop("where")
+    if "path" in command and where != "fs":
+        base = host.root if where == "root" else host.sys
+        command["path"] = str(base / command["path"].lstrip("/"))
+    host.execute(command)
 
 
 def _child(spec: dict[str, Any]) -> bytes:
@@ -313,21 +232,19 @@ def _child(spec: dict[str, Any]) -> bytes:
     from watcher.probe import scan
 
     workdir, root, proc = spec["workdir"], spec["root"], spec["proc"]
+    host = FakeHost(Path(root), Path(proc), Path(spec["sys"]))
     # Belt and braces: unshare(1) already made every mount private in this namespace.
-    _run_mount(["--make-rprivate", "/"])
-    _run_mount(["-t", "tmpfs", "-o", "mode=755", "gdw-work", workdir])
-    os.makedirs(root)
-    _run_mount(["-t", "tmpfs", "-o", "mode=755", "tmpfs", root])
-    for number, step in enumerate(spec["steps"]):
-        _apply(root, workdir, step, number)
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    host.tmpfs(Path(workdir), source="gdw-work")
+    host.tmpfs(host.root)
+    for step in spec["steps"]:
+        _run(host, step)
     for relative, text in spec["proc_files"].items():
-        target = Path(proc, relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    os.makedirs(proc, exist_ok=True)
-    os.makedirs(spec["sys"], exist_ok=True)
+        host.proc_text(relative, text, atomic=False)
+    host.mkdir(host.proc)
+    host.mkdir(host.sys)
     for step in spec["sys_steps"]:
-        _apply_sys(spec["sys"], step)
+        _run(host, step)
     configured = spec["driver_roots"] is not None
     view = HostView(
         root=spec["view_root"],

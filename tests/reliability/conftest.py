@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.host import mounts_under
 from tests.support.processes import namespace_problem
 
 from .harness import Daemon, Host, write_config
@@ -53,16 +54,6 @@ def namespaces(as_root: None) -> None:
         pytest.skip(f"{NEEDS}: {problem}")
 
 
-def _mount_points_under(path: Path) -> list[str]:
-    prefix = str(path)
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text(errors="replace").splitlines():
-        point = line.split(" ")[4]
-        if point == prefix or point.startswith(prefix + "/"):
-            found.append(point)
-    return found
-
-
 @pytest.fixture
 def base(as_root: None) -> Iterator[Path]:
     """A short directory under /tmp that every user can traverse (sockets need short paths;
@@ -70,7 +61,7 @@ def base(as_root: None) -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="gdw-r-", dir="/tmp"))
     directory.chmod(0o755)
     yield directory
-    leaked = _mount_points_under(directory)
+    leaked = mounts_under(directory)
     shutil.rmtree(directory, ignore_errors=True)
     assert leaked == [], f"mounts leaked out of a scenario's namespace: {leaked}"
 

@@ -8,17 +8,14 @@ in the pytest process and in a scenario child inside a private mount namespace
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import json
 import os
 import random
-import select
-import signal
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,30 +23,24 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from tests.support.hostfiles import mknod, proc_devices_text
-from tests.support.processes import PRIVATE_MOUNTS, REPO, child_env
+from tests.support import host
+from tests.support.daemonproc import DaemonProcess
+from tests.support.hostfiles import mknod, proc_devices_text  # noqa: F401 (re-exported)
+from tests.support.processes import PRIVATE_MOUNTS, REPO, child_env, die_with_parent
 
 TIMEOUT = 10.0
 NOBODY = 65534
 
 MAJORS = {"nvidia": 195, "nvidia-caps": 234, "nvidia-uvm": 509}
-BUS_ID = "0000:3b:00.0"
-VERSION_TEXT = (
-    "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build  "
-    "(dvs-builder@U22-I3-AF03-09-1)  Thu Sep 25 01:23:45 UTC 2025\n"
-)
-INFORMATION = (
-    "Model: \t\t NVIDIA H200\nIRQ:   \t\t 156\n"
-    "GPU UUID: \t GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f\n"
-    f"Bus Type: \t PCIe\nBus Location: \t {BUS_ID}\nDevice Minor: \t 0\n"
-)
-OPERATOR_ROOT = "/run/nvidia/driver"
+BUS_ID = host.BUS_ID
+VERSION_TEXT = host.version_text()
+INFORMATION = host.information_text(BUS_ID, 0)
+OPERATOR_ROOT = host.OPERATOR_ROOT
 
 
-# --- mounts, without spawning mount(8) for each --------------------------------------------
+# --- mounts and files: tests.support.host, under the names the scenarios use ----------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-MNT_DETACH = 2
+MNT_DETACH = host.MNT_DETACH
 MS_NOSUID = 2
 
 
@@ -61,42 +52,16 @@ def mount(
     flags: int = 0,
     data: str = "mode=755",
 ) -> None:
-    src = source if isinstance(source, bytes) else source.encode()
-    if _libc.mount(src, os.fsencode(target), fstype.encode(), flags, data.encode()) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"mount {target}: {os.strerror(code)}")
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """In a child before exec: SIGKILL it when the process that started it dies.
-
-    A daemon or scenario must never outlive a test run that was killed or timed out (a
-    leftover daemon keeps its private mount namespace alive).
-    """
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    host.mount(source, target, fstype, flags, data)
 
 
 def umount(target: str | Path, flags: int = MNT_DETACH) -> None:
-    if _libc.umount2(os.fsencode(target), flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"umount {target}: {os.strerror(code)}")
-
-
-# --- a host tree ---------------------------------------------------------------------------
+    host.umount(target, flags=flags)
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Replace a file in one step, as the kernel's /proc files change: never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    if isinstance(text, bytes):
-        temporary.write_bytes(text)
-    else:
-        temporary.write_text(text)
-    os.replace(temporary, path)
+    host.write_text(path, text, atomic=True)
 
 
 @dataclass
@@ -110,29 +75,25 @@ class Host:
     def __post_init__(self) -> None:
         self.root = self.base / "root"
         self.proc = self.base / "proc"
+        self._fake = host.FakeHost(self.root, self.proc, self.base / "sys")
 
     def fs(self, host_path: str) -> Path:
-        return self.root / host_path.lstrip("/")
+        return self._fake.fs(host_path)
 
     def populate(self, majors: Mapping[str, int] = MAJORS) -> None:
         """A loaded driver with one GPU, an empty host /dev, and no driver root yet."""
-        self.fs("/dev").mkdir(parents=True, exist_ok=True)
-        self.fs("/run/nvidia/validations").mkdir(parents=True, exist_ok=True)
-        self.fs(OPERATOR_ROOT).mkdir(parents=True, exist_ok=True)
-        self.set_majors(majors)
-        write_atomic(self.proc / "driver/nvidia/version", VERSION_TEXT)
-        write_atomic(self.proc / f"driver/nvidia/gpus/{BUS_ID}/information", INFORMATION)
+        for directory in ("/dev", "/run/nvidia/validations", OPERATOR_ROOT):
+            self._fake.mkdir(directory)
+        self._fake.nvidia_proc(majors)
 
     def set_majors(self, majors: Mapping[str, int]) -> None:
-        write_atomic(self.proc / "devices", proc_devices_text(majors))
+        self._fake.proc_devices(majors)
 
     def nodes(self, dev: Path, uvm_major: int | None = None, *, uvm: bool = True) -> None:
-        mknod(dev / "nvidiactl", 195, 255)
-        mknod(dev / "nvidia-modeset", 195, 254)
-        mknod(dev / "nvidia0", 195, 0)
+        nodes = {"nvidiactl": (195, 255), "nvidia-modeset": (195, 254), "nvidia0": (195, 0)}
         if uvm and uvm_major is not None:
-            mknod(dev / "nvidia-uvm", uvm_major, 0)
-            mknod(dev / "nvidia-uvm-tools", uvm_major, 1)
+            nodes |= {"nvidia-uvm": (uvm_major, 0), "nvidia-uvm-tools": (uvm_major, 1)}
+        self._fake.nodes(dev, nodes)
 
     def view_options(self, config: Path, mountinfo: str) -> list[str]:
         """The host-view options of both `serve` and `scan`."""
@@ -204,54 +165,22 @@ class DaemonError(RuntimeError):
     pass
 
 
+# What the daemon under test must not take from the test's environment: the socket and
+# config overrides of a developer's shell.
+_DROP = ("GPU_DEVICE_WATCHER",)
+
+
 def daemon_env(notify: str | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = child_env(drop=("GPU_DEVICE_WATCHER",))
+    env = child_env(drop=_DROP)
     if notify is not None:
         env["NOTIFY_SOCKET"] = notify
     env.update(extra or {})
     return env
 
 
-class Notifications:
-    """An sd_notify receiver (abstract socket): READY=1 is the daemon's readiness signal."""
-
-    def __init__(self) -> None:
-        self.name = f"gdw-rel-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.name)
-
-    @property
-    def address(self) -> str:
-        return "@" + self.name
-
-    def wait_for(self, field_name: str, pid: int, timeout: float = TIMEOUT) -> float:
-        """Block until a datagram with `field_name=` arrives; returns its arrival time.
-
-        Woken as well by the exit of process `pid` (a pidfd), which then raises at once.
-        """
-        deadline = time.monotonic() + timeout
-        pidfd = os.pidfd_open(pid)
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                ready, _, _ = select.select([self.sock, pidfd], [], [], left)
-                if self.sock in ready:
-                    data = self.sock.recv(65536).decode()
-                    if any(line.split("=", 1)[0] == field_name for line in data.splitlines()):
-                        return time.monotonic()
-                elif pidfd in ready:
-                    raise DaemonError(f"the daemon exited before {field_name}=")
-                else:
-                    break
-        finally:
-            os.close(pidfd)
-        raise DaemonError(f"no {field_name}= from the daemon within {timeout:g} s")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class Daemon:
-    """One `serve` process; started ready (READY=1 received) or raising DaemonError."""
+class Daemon(DaemonProcess):
+    """One `serve` process (`tests.support.daemonproc.DaemonProcess`), its log appended to a
+    file that outlives it; started ready (READY=1 received) or raising DaemonError."""
 
     instances: ClassVar[list[Daemon]] = []
 
@@ -263,57 +192,39 @@ class Daemon:
         python: list[str] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.notifications = Notifications()
         self.log = log
-        command = [*(python or [sys.executable, "-m", "watcher"]), "serve", *args]
         self.socket_path = args[args.index("--socket") + 1] if "--socket" in args else None
-        self.started = time.monotonic()
+        super().__init__(
+            [*(python or [sys.executable, "-m", "watcher"]), "serve", *args],
+            socket_path=self.socket_path,
+            env=env,
+            drop=_DROP,
+            log_path=log,
+            cwd="/",
+            die_with_parent=True,
+        )
         Daemon.instances.append(self)
-        with open(log, "ab") as log_file:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                env=daemon_env(self.notifications.address, env),
-                preexec_fn=die_with_parent,  # noqa: PLW1509 (only a prctl, no locks taken)
-                cwd="/",
-            )
         try:
-            self.ready_at = self.notifications.wait_for("READY", self.process.pid)
-        except DaemonError:
+            self.ready_at = self.notifications.wait_for("READY")
+        except AssertionError:
             self.stop()
             raise DaemonError(f"daemon not ready: {self.log_tail()}") from None
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
+        if not self.log.exists():
             return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.log_text.splitlines()[-lines:])
 
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout: float = TIMEOUT) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        self.notifications.close()
+    def stop(self, timeout: float = TIMEOUT) -> int:  # type: ignore[override]
+        """SIGTERM, then SIGKILL if it is ignored; the exit status either way."""
+        with contextlib.suppress(AssertionError):
+            super().stop(timeout=timeout)
+        self.close()
         return self.process.returncode
 
     def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(TIMEOUT)
-        self.notifications.close()
+        super().kill()
+        self.close()
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

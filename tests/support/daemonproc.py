@@ -1,9 +1,16 @@
-"""The real daemon as a child process, driven the same way by the suites and the benchmarks.
+"""The real daemon as a child process, driven the same way by every suite and the benchmarks.
 
 `DaemonProcess` starts `gpu-device-watcher serve` (in a namespace, through a command prefix,
 or as is), collects its log and sd_notify datagrams in a reader thread, and answers over its
 socket: `wait_ready`, `wait_log`, `request`, `wait_map`, `subscribe`, `stop`. Every wait is
 bounded and woken by the thing it waits for (a datagram, a log line, a reply, an exit).
+
+Options for the suites that need them: the log in a file (`log_path`: it survives a SIGKILL
+of the daemon or of the test, and a restart appends to it), the journal's stream identity
+(`journal`: JOURNAL_STREAM names that file, as systemd names the stream it connects), no
+notify socket of its own (`notify=False`: the test is the service manager), the exact
+environment (`environment`), inherited fds (`pass_fds`), and death with its parent
+(`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tests.support.maps import Map
 from tests.support.processes import child_env
+from tests.support.processes import die_with_parent as _die_with_parent
 from watcher import client
 
-__all__ = ["TIMEOUT", "DaemonProcess", "HarnessError", "Subscription"]
+__all__ = ["TIMEOUT", "DaemonProcess", "HarnessError", "Notifications", "Subscription"]
 
 TIMEOUT = 10.0
 
@@ -33,43 +42,100 @@ class HarnessError(RuntimeError):
     pass
 
 
+class Notifications(list[str]):
+    """The sd_notify lines received so far, in order; `wait_for` takes them datagram by
+    datagram."""
+
+    def __init__(self, owner: DaemonProcess) -> None:
+        super().__init__()
+        self._owner = owner
+        # (arrival time, lines) of each datagram; `_taken` of them were handed to `wait_for`.
+        self.datagrams: list[tuple[float, list[str]]] = []
+        self._taken = 0
+
+    def wait_for(self, field: str, pid: int | None = None, timeout: float = TIMEOUT) -> float:
+        """The arrival time of the next datagram (after the last one this returned) carrying
+        `field=`. `pid` is accepted for the older callers; the daemon is this one's."""
+        del pid
+        owner = self._owner
+
+        def arrived() -> bool:
+            for index in range(self._taken, len(self.datagrams)):
+                if any(line.split("=", 1)[0] == field for line in self.datagrams[index][1]):
+                    self._taken = index + 1
+                    return True
+            self._taken = len(self.datagrams)
+            return False
+
+        owner._wait_for(arrived, f"{field}=", timeout)
+        return self.datagrams[self._taken - 1][0]
+
+    def close(self) -> None:
+        self._owner.close_notify()
+
+
 class DaemonProcess:
     """One `gpu-device-watcher serve` process, started by `command` (with a prefix such as
-    `nsenter -t PID -m --` or none): its log (stderr) and sd_notify datagrams collected by a
-    reader thread, its socket asked through the lean client."""
+    `nsenter -t PID -m --` or none): its log and sd_notify datagrams collected by a reader
+    thread, its socket asked through the lean client."""
 
     def __init__(
         self,
         command: Sequence[str],
         *,
-        socket_path: str | Path,
-        notify_path: Path,
+        socket_path: str | Path | None = None,
+        notify_path: str | Path | None = None,
         env: Mapping[str, str] | None = None,
-        notify_mode: int | None = None,
+        notify: bool = True,
+        log_path: Path | None = None,
+        journal: bool = False,
+        environment: Mapping[str, str] | None = None,
+        drop: Sequence[str] = (client.SOCKET_ENV,),
+        pass_fds: Sequence[int] = (),
+        cwd: str | Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
-        """`notify_mode`: the notify socket's mode, for a daemon run as another user."""
-        self.socket = str(socket_path)
+        """`env`: added to the test's environment (less the systemd variables and `drop`);
+        `environment`: the child's whole environment instead. `notify_path`: where the notify
+        socket is bound (default: an abstract address of its own)."""
+        self.socket = str(socket_path) if socket_path is not None else ""
+        self.log_path = log_path
         self.logs: list[str] = []
-        self.notifications: list[str] = []
+        self.notifications = Notifications(self)
         self.exited = False
         self._reader_error: BaseException | None = None
         self._changed = threading.Condition()
-        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._notify.bind(str(notify_path))
-        if notify_mode is not None:
-            notify_path.chmod(notify_mode)
-        environment = child_env(env, drop=(client.SOCKET_ENV,))
-        environment["NOTIFY_SOCKET"] = str(notify_path)
+        base = child_env(env, drop=drop) if environment is None else dict(environment)
+        self._notify: socket.socket | None = None
+        if notify:
+            address = str(notify_path or f"@gdw-daemon-{uuid.uuid4().hex}")
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._notify.bind("\0" + address[1:] if address.startswith("@") else address)
+            base["NOTIFY_SOCKET"] = address
+        self._log: IO[bytes] | None = None
+        if log_path is not None:
+            self._log = log_path.open("ab")
+            if journal:
+                # systemd names the stream it connected to stderr: "<st_dev>:<st_ino>".
+                info = os.fstat(self._log.fileno())
+                base["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+        elif journal:
+            raise ValueError("journal needs log_path: the stream is the log file")
         self.command = list(command)
+        self.started = time.monotonic()
         # Under nsenter, which joins the namespace and execs: this pid is the daemon's own.
         self.process = subprocess.Popen(
             self.command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=environment,
+            stderr=self._log if self._log is not None else subprocess.PIPE,
+            env=base,
+            pass_fds=tuple(pass_fds),
+            cwd=cwd,
+            preexec_fn=_die_with_parent if die_with_parent else None,  # noqa: PLW1509 (a prctl)
         )
         self.pid = self.process.pid
+        self._pidfd = os.pidfd_open(self.pid)
         self._reader = threading.Thread(target=self._read, name=f"daemon-{self.pid}", daemon=True)
         self._reader.start()
 
@@ -77,22 +143,28 @@ class DaemonProcess:
 
     def _read(self) -> None:
         stderr = self.process.stderr
-        assert stderr is not None
         partial = b""
         try:
             with selectors.DefaultSelector() as selector:
-                selector.register(stderr.fileno(), selectors.EVENT_READ, "log")
-                selector.register(self._notify, selectors.EVENT_READ, "notify")
+                if stderr is not None:
+                    selector.register(stderr.fileno(), selectors.EVENT_READ, "log")
+                else:
+                    # The log goes to a file: the exit itself is the end.
+                    selector.register(self._pidfd, selectors.EVENT_READ, "exit")
+                if self._notify is not None:
+                    selector.register(self._notify, selectors.EVENT_READ, "notify")
                 while True:
                     for key, _ in selector.select():
                         if key.data == "notify":
-                            datagram = self._notify.recv(4096).decode(errors="replace")
-                            with self._changed:
-                                self.notifications.extend(datagram.splitlines())
-                                self._changed.notify_all()
+                            self._received(key.fileobj)  # type: ignore[arg-type]
                             continue
+                        if key.data == "exit":
+                            self._drain()
+                            return
+                        assert stderr is not None
                         chunk = os.read(stderr.fileno(), 65536)
                         if not chunk:
+                            self._drain()
                             return
                         partial += chunk
                         *complete, partial = partial.split(b"\n")
@@ -108,11 +180,37 @@ class DaemonProcess:
                 self.exited = True
                 self._changed.notify_all()
 
-    def _wait_for(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+    def _received(self, notify: socket.socket) -> None:
+        datagram = notify.recv(65536).decode(errors="replace")
+        lines = datagram.splitlines()
         with self._changed:
-            if not self._changed.wait_for(lambda: condition() or self.exited, timeout):
+            self.notifications.datagrams.append((time.monotonic(), lines))
+            self.notifications.extend(lines)
+            self._changed.notify_all()
+
+    def _drain(self) -> None:
+        """The datagrams sent just before the exit, still queued."""
+        if self._notify is None:
+            return
+        with selectors.DefaultSelector() as probe:
+            probe.register(self._notify, selectors.EVENT_READ)
+            while probe.select(0):
+                self._received(self._notify)
+
+    def _wait_for(self, condition: Callable[[], bool], what: str, timeout: float) -> None:
+        met = False
+
+        def done() -> bool:
+            nonlocal met
+            met = condition()  # asked once per wake-up: a condition may take what it found
+            return met or self.exited
+
+        with self._changed:
+            if not self._changed.wait_for(done, timeout):
                 raise AssertionError(f"no {what} within {timeout:g} s; log:\n{self.log_text}")
-            if not condition():
+            if not met:
+                if self._reader_error is not None:
+                    raise HarnessError("the log reader failed") from self._reader_error
                 raise AssertionError(
                     f"the daemon exited (rc {self.process.wait(TIMEOUT)}) before {what};"
                     f" log:\n{self.log_text}"
@@ -120,6 +218,11 @@ class DaemonProcess:
 
     @property
     def log_text(self) -> str:
+        if self.log_path is not None:
+            try:
+                return self.log_path.read_text(errors="replace")
+            except OSError:
+                return ""
         return "\n".join(self.logs)
 
     def wait_ready(self, timeout: float = TIMEOUT) -> None:
@@ -127,6 +230,8 @@ class DaemonProcess:
 
     def wait_log(self, pattern: str, timeout: float = TIMEOUT) -> str:
         """The first log line that `pattern` (a regex) matches, waiting for it if need be."""
+        if self.log_path is not None:
+            raise HarnessError("wait_log reads the log from a pipe; this one goes to a file")
         compiled = re.compile(pattern)
         self._wait_for(
             lambda: any(compiled.search(line) for line in self.logs),
@@ -188,13 +293,32 @@ class DaemonProcess:
                 f"the daemon ignored signal {number}; log:\n{self.log_text}"
             ) from None
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would end it."""
+        self.process.kill()
+        self.wait_exit()
+
+    def close_notify(self) -> None:
+        if self._notify is None:
+            return
+        if self.process.poll() is not None:
+            # The reader drains what the daemon sent before its exit: let it finish first.
+            self._reader.join(TIMEOUT)
+        self._notify.close()
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.stop()
         self._reader.join(TIMEOUT)
         if self.process.stderr is not None:
             self.process.stderr.close()
-        self._notify.close()
+        if self._log is not None:
+            self._log.close()
+        self.close_notify()
+        os.close(self._pidfd)
         if self._reader_error is not None:
             raise HarnessError("the log reader failed") from self._reader_error
 

@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from tests.support.hostfiles import mknod, proc_devices_text
+from tests.support.host import FakeHost
 from watcher.config import ConfigError, Settings
 from watcher.core.scan import HostView
 from watcher.daemon import Daemon, Sources
@@ -96,29 +96,22 @@ class ScriptedMounts:
 # --- a host --------------------------------------------------------------------------------------
 
 
-class Host:
-    """A host tree under `base`: root/dev with nodes, proc/devices, a mount table file."""
+class Host(FakeHost):
+    """A host tree under `base` (`tests.support.host.FakeHost`): root/dev with nodes,
+    proc/devices and the driver version, an empty fake sysfs, a mount table file."""
 
     def __init__(self, base: Path) -> None:
+        super().__init__(base / "root", base / "proc", base / "sys")
         self.base = base
-        self.root = base / "root"
-        self.proc = base / "proc"
-        self.sys = base / "sys"  # a fake sysfs: the machine's own GPUs stay out
-        self.sys.mkdir(parents=True)
-        (self.root / "dev").mkdir(parents=True)
-        (self.proc / "driver/nvidia").mkdir(parents=True)
-        (self.proc / "devices").write_text(proc_devices_text({"nvidia": 195}))
-        (self.proc / "driver/nvidia/version").write_text(
-            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release\n"
-        )
+        self.mkdir(self.sys)  # a fake sysfs: the machine's own GPUs stay out
+        self.mkdir("/dev")
+        self.proc_devices({"nvidia": 195})
+        self.driver_version()
         self.mountinfo = base / "mountinfo"
         self.write_mountinfo(self.mountinfo)
 
     def write_mountinfo(self, path: Path) -> None:
         path.write_text(f"1 0 0:1 / {self.base} rw - tmpfs tmpfs rw\n")
-
-    def mknod(self, host_path: str, major: int, minor: int) -> None:
-        mknod(self.root / host_path.lstrip("/"), major, minor)
 
     def settings(self, sock: str, **changes: Any) -> Settings:
         view = HostView(

@@ -7,12 +7,15 @@ namespaces, and whether this machine can make them.
 - `namespace_problem`: why this machine cannot run such a child (None when it can), for a
   fixture's `pytest.skip`.
 - `run_scenario_module`: a test module's scenario in a fresh interpreter in such a namespace.
+- `die_with_parent`: a child's `preexec_fn` that has it killed when its parent dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,6 +25,7 @@ __all__ = [
     "PRIVATE_MOUNTS",
     "REPO",
     "child_env",
+    "die_with_parent",
     "namespace_problem",
     "run_scenario_module",
 ]
@@ -31,6 +35,20 @@ PRIVATE_MOUNTS = ("unshare", "--mount", "--propagation", "private", "--")
 # What systemd (or a test run under it) puts into an environment: passed on, a child would
 # take the test's own notify socket, listening fds or journal stream for its own.
 _SYSTEMD = ("LISTEN_", "NOTIFY_", "WATCHDOG_", "JOURNAL_")
+
+
+_PR_SET_PDEATHSIG = 1
+# Loaded here, not in the forked child, where dlopen could wait on a lock held at fork.
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGKILL it when the process that started it dies.
+
+    A daemon or scenario must never outlive a test run that was killed or timed out (a
+    leftover daemon keeps its private mount namespace alive).
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def child_env(

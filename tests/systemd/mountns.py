@@ -16,8 +16,8 @@ owns a private "host" namespace, so the real host is never touched. In it:
 
 from __future__ import annotations
 
+import contextlib
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -26,10 +26,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.support.host import FakeHost
 from tests.systemd.support import (
     NODES,
     SYSEXEC,
     TIMEOUT,
+    Daemon,
     NotifyListener,
     child_env,
     mknod,
@@ -62,11 +64,12 @@ def main() -> int:
     spec = json.loads(sys.argv[1])
     base = Path(spec["base"])
     sh("mount", "--make-rshared", "/")
-    sh("mount", "-t", "tmpfs", "-o", "mode=755", "gdw-host", str(base))
-    root, proc = base / "root", base / "proc"
-    for directory in ("dev", "run/nvidia/driver", "run/nvidia/validations"):
-        (root / directory).mkdir(parents=True)
-    write_proc(proc)
+    host = FakeHost.under(base)
+    host.tmpfs(base, source="gdw-host")
+    for directory in ("/dev", DRIVER_ROOT, "/run/nvidia/validations"):
+        host.mkdir(directory)
+    write_proc(host.proc)
+    root, proc = host.root, host.proc
     (base / "config.toml").write_text("")
     sock = str(base / "gdw.sock")
 
@@ -84,15 +87,7 @@ def main() -> int:
         *("--socket", sock, "--log-level", "debug"),
     ]
     listener = NotifyListener()
-    log_path = base / "stderr"
-    with log_path.open("wb") as log:
-        daemon = subprocess.Popen(
-            daemon_argv,
-            env=child_env(NOTIFY_SOCKET=listener.address),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
+    daemon = Daemon(daemon_argv, base / "stderr", env=child_env(NOTIFY_SOCKET=listener.address))
     report: dict[str, Any] = {}
     try:
         ready = listener.until_field("READY")
@@ -100,9 +95,8 @@ def main() -> int:
         report["before"] = before["map"]
 
         # The GPU Operator's driver container root appears, after the service started.
-        driver_root = root / DRIVER_ROOT.lstrip("/")
-        sh("mount", "-t", "tmpfs", "-o", "mode=755", "nvidia-driver", str(driver_root))
-        (driver_root / "dev").mkdir()
+        driver_root = host.fs(DRIVER_ROOT)
+        host.tmpfs(DRIVER_ROOT, source="nvidia-driver")
         for name, (major, minor) in NODES.items():
             mknod(driver_root / "dev" / name, major, minor)
 
@@ -120,15 +114,12 @@ def main() -> int:
             line for line in mountinfo.splitlines() if f" {driver_root} " in line
         ]
     finally:
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-        try:
-            report["returncode"] = daemon.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            report["returncode"] = daemon.wait(TIMEOUT)
+        with contextlib.suppress(AssertionError):
+            daemon.stop()
+        report["returncode"] = daemon.process.returncode
+        daemon.close()
         listener.close()
-        report["log"] = log_path.read_text(errors="replace")
+        report["log"] = daemon.log()
     print(json.dumps(report))
     return 0
 

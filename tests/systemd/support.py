@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import signal
 import socket
 import struct
 import subprocess
@@ -19,12 +18,13 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from tests.support import hostfiles, processes
-from tests.support.hostfiles import proc_devices_text
+from tests.support.daemonproc import DaemonProcess
+from tests.support.host import FakeHost
+from tests.support.hostfiles import proc_devices_text  # noqa: F401 (re-exported)
 from tests.support.processes import REPO
 from watcher.contract import SOCKET_ENV
 
@@ -49,21 +49,12 @@ def child_env(**extra: str) -> dict[str, str]:
     return processes.child_env(extra, drop=(SOCKET_ENV,))
 
 
-# --- a simulated host ------------------------------------------------------------------
+# --- a simulated host (tests.support.host) ----------------------------------------------
 
 
 def write_proc(proc: Path) -> None:
     """A fake <proc>: the driver loaded, one H200 at minor 0."""
-    (proc / "driver/nvidia/gpus" / BUS_ID).mkdir(parents=True)
-    (proc / "devices").write_text(proc_devices_text({"nvidia": 195}))
-    (proc / "driver/nvidia/version").write_text(
-        f"NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {VERSION}  Release Build  "
-        "(dvs-builder@U22-I3-AF03-09-1)  Thu Sep 25 01:23:45 UTC 2025\n"
-    )
-    (proc / "driver/nvidia/gpus" / BUS_ID / "information").write_text(
-        "Model: \t\t NVIDIA H200\nGPU UUID: \t GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f\n"
-        f"Bus Location: \t {BUS_ID}\nDevice Minor: \t 0\n"
-    )
+    FakeHost(proc.parent / "root", proc).nvidia_proc({"nvidia": 195}, ((BUS_ID, 0),), VERSION)
 
 
 def mknod(path: Path, major: int, minor: int) -> None:
@@ -82,18 +73,15 @@ class Host:
 
 def build_host(base: Path, dev_roots: Iterable[str] = ("/dev", "/alt/dev")) -> Host:
     """A host tree under `base` (no mounts): NVIDIA nodes in each of `dev_roots`."""
-    root, proc = base / "root", base / "proc"
+    host = FakeHost.under(base)
     for dev_root in dev_roots:
-        directory = root / dev_root.lstrip("/")
-        directory.mkdir(parents=True)
-        for name, (major, minor) in NODES.items():
-            try:
-                mknod(directory / name, major, minor)
-            except PermissionError:
-                pytest.skip("mknod needs root (CAP_MKNOD) to build a simulated host")
-    (root / "run/nvidia/validations").mkdir(parents=True)
-    write_proc(proc)
-    return Host(root, proc)
+        try:
+            host.nodes(dev_root, NODES, 0o600)
+        except PermissionError:
+            pytest.skip("mknod needs root (CAP_MKNOD) to build a simulated host")
+    host.mkdir("/run/nvidia/validations")
+    write_proc(host.proc)
+    return Host(host.root, host.proc)
 
 
 # --- the manager's end of NOTIFY_SOCKET -------------------------------------------------
@@ -185,8 +173,10 @@ class NotifyListener:
 # --- the daemon as a process -----------------------------------------------------------
 
 
-class Daemon:
-    """`gpu-device-watcher serve`, its stderr in a file (the journal stream when asked)."""
+class Daemon(DaemonProcess):
+    """`gpu-device-watcher serve` (`tests.support.daemonproc.DaemonProcess`), its stderr in a
+    file (the journal stream when asked); the test is the service manager, NOTIFY_SOCKET is
+    its own."""
 
     def __init__(
         self,
@@ -197,26 +187,18 @@ class Daemon:
         journal: bool = False,
         pass_fds: Sequence[int] = (),
     ) -> None:
-        self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("ab")
-        env = dict(child_env() if env is None else env)
-        if journal:
-            # systemd names the stream it connected to stderr: "<st_dev>:<st_ino>".
-            info = os.fstat(self._log.fileno())
-            env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
-        self.argv = list(argv)
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-            env=env,
-            pass_fds=tuple(pass_fds),
+        super().__init__(
+            argv,
+            notify=False,
+            log_path=log_path,
+            journal=journal,
+            environment=child_env() if env is None else env,
+            pass_fds=pass_fds,
         )
-        self.pid = self.process.pid
+        self.argv = self.command
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_text
 
     def signal(self, number: int) -> None:
         assert self.process.poll() is None, f"the daemon exited; log:\n{self.log()}"
@@ -224,23 +206,18 @@ class Daemon:
 
     def wait(self, timeout: float = TIMEOUT) -> int:
         try:
-            return self.process.wait(timeout)
+            return self.wait_exit(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
+            self.kill()
             raise AssertionError(f"the daemon did not exit; log:\n{self.log()}") from None
 
-    def stop(self, timeout: float = TIMEOUT) -> int:
-        if self.process.poll() is None:
-            os.kill(self.pid, signal.SIGCONT)
-            os.kill(self.pid, signal.SIGTERM)
-        return self.wait(timeout)
+    def stop(self, timeout: float = TIMEOUT) -> int:  # type: ignore[override]
+        return super().stop(timeout=timeout)
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(TIMEOUT)
-        self._log.close()
+            self.kill()
+        super().close()
 
     def __enter__(self) -> Daemon:
         return self
