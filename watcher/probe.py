@@ -14,7 +14,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from watcher.contract import utc_timestamp
 from watcher.core.devices import FAMILIES, Family
@@ -22,6 +22,7 @@ from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, PathFilter, parse_mountinfo
 from watcher.core.procfs import GpuInformation, parse_gpu_information
 from watcher.core.scan import (
+    Candidate,
     DevRootListing,
     DrmNode,
     FileType,
@@ -31,6 +32,7 @@ from watcher.core.scan import (
     build_map,
     candidates_for,
     cuda_checkpoint_candidates,
+    dev_root_of,
 )
 
 __all__ = [
@@ -220,7 +222,7 @@ def read_host(
         else None
     )
     driver_ready, _ = read_text(view.fs_path(posixpath.join(view.validations_dir, "driver-ready")))
-    candidates = candidates_for(view, driver_ready, rooted)
+    candidates = _with_real_parents(view, candidates_for(view, driver_ready, rooted))
     dev_roots = [candidate.dev_root for candidate in candidates]
     # /dev is always looked at: `not-in-dev` is about /dev, and it is AMD's dev root.
     for fixed in ["/dev", *(family.fixed_dev_root for family in families)]:
@@ -266,6 +268,72 @@ def read_host(
     )
 
 
+def _with_real_parents(view: HostView, candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates with the links among their roots' ancestors resolved, duplicates of
+    an earlier candidate dropped.
+
+    `/var/run` -> `/run` is how many hosts spell /run: a driver root configured as
+    `/var/run/<vendor>/driver` must find the nodes under `/run/<vendor>/driver/dev`, and
+    attribute them to the mounts the table lists there (mount points are real paths). The driver root and its `dev` themselves
+    are still never followed (`list_dev_root` refuses a link there, and says so).
+    """
+    found: list[Candidate] = []
+    for candidate in candidates:
+        dev_base = posixpath.dirname(candidate.dev_root)
+        real = replace(
+            candidate,
+            driver_root=_real_parents(view, candidate.driver_root),
+            dev_root=dev_root_of(_real_parents(view, dev_base)),
+        )
+        if all(other.dev_root != real.dev_root for other in found):
+            found.append(real)
+    return found
+
+
+def _real_parents(view: HostView, host_path: str) -> str:
+    """`host_path` with its parent directories' symlinks resolved inside the host view, its
+    last component kept; unchanged when a parent cannot be resolved (missing, a loop)."""
+    parent, name = posixpath.split(host_path)
+    if not name:
+        return host_path
+    resolved = _resolve_host_path(view, parent)
+    return posixpath.join(resolved, name) if resolved is not None else host_path
+
+
+def _resolve_host_path(view: HostView, host_path: str) -> str | None:
+    """The real host path of `host_path`, every symlink resolved one component at a time,
+    an absolute link taken from the host's root (under `--root /host`, `/var/run -> /run`
+    means the host's /run); None when a component is missing or links loop."""
+    pending = [part for part in reversed(host_path.split("/")) if part not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        current = "/" + "/".join([*done, part])
+        try:
+            info = os.lstat(view.fs_path(current))
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISLNK(info.st_mode):
+            done.append(part)
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            return None
+        try:
+            target = os.readlink(view.fs_path(current))
+        except OSError:
+            return None
+        if target.startswith("/"):
+            done = []
+        pending.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
+    return "/" + "/".join(done)
+
+
 def _read_targeted(
     reader: Callable[[PathFilter], MountTable] | None, relevant: PathFilter
 ) -> MountTable | None:
@@ -283,24 +351,18 @@ _MAX_LINKS = 40
 
 
 def _is_executable(view: HostView, host_path: str) -> bool:
-    """A regular file with an execute bit, a symlink in the last component followed inside
-    the host view: under `--root /host` an absolute link such as `/usr/bin/cuda-checkpoint ->
+    """A regular file with an execute bit, symlinks followed inside the host view: under
+    `--root /host` an absolute link such as `/usr/bin/cuda-checkpoint ->
     /opt/cuda/bin/cuda-checkpoint` means the host's /opt, not this container's (which
     os.path.isfile would look at)."""
-    path = host_path
-    for _ in range(_MAX_LINKS):
-        try:
-            info = os.lstat(view.fs_path(path))
-        except (OSError, ValueError):
-            return False
-        if not stat.S_ISLNK(info.st_mode):
-            return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
-        try:
-            target = os.readlink(view.fs_path(path))
-        except OSError:
-            return False
-        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return False
+    real = _resolve_host_path(view, host_path)
+    if real is None:
+        return False
+    try:
+        info = os.lstat(view.fs_path(real))
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
 
 
 def scan(

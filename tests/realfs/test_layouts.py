@@ -409,3 +409,50 @@ def test_root_reached_through_a_symlink(layout: HostLayout) -> None:
     assert names(device_map) == FULL_NAMES
     assert invalid(device_map) == []
     assert problems(device_map) == []
+
+
+@pytest.mark.parametrize("target", ["../run", "/run"])
+@pytest.mark.parametrize("named_by", ["config", "driver-ready"])
+def test_driver_root_reached_through_a_symlinked_parent(
+    layout: HostLayout, target: str, named_by: str
+) -> None:
+    # /var/run -> /run on most hosts: a driver root spelled through it is the real one, its
+    # nodes found and attributed to the mounts the table lists at the real paths. (Before,
+    # the O_NOFOLLOW walk stopped at var/run: "not a directory", no nodes.)
+    gpu_operator(layout)
+    nvidia_nodes(layout, OPERATOR_DEV)
+    loaded_driver(layout)
+    layout.mkdir("/var")
+    layout.symlink("/var/run", target)
+    spelled = "/var/run/nvidia/driver"
+    if named_by == "config":
+        layout.config_roots("/", spelled)
+    else:
+        # Only driver-ready names it: /run/nvidia/driver is not a fallback candidate.
+        layout.config_roots("/")
+        layout.driver_ready(f"NVIDIA_DRIVER_ROOT={spelled}\n")
+    result = layout.scan()
+    device_map = result.map
+    assert device_map.driver.root == OPERATOR_ROOT
+    assert device_map.driver.dev_root == OPERATOR_DEV
+    assert names(device_map) == FULL_NAMES
+    assert invalid(device_map) == []
+    control = next(d for d in device_map.devices if d.name == "nvidiactl")
+    assert control.mount is not None
+    assert control.mount.mount_point == OPERATOR_DEV
+    assert control.mount.id == mount_id_at(result, f"{layout.root}{OPERATOR_DEV}")
+    assert all(p.code not in ("no-device-root", "driver-root-empty") for p in device_map.problems)
+
+
+def test_a_symlinked_driver_root_itself_is_still_not_followed(layout: HostLayout) -> None:
+    # Only the ancestors are resolved: a link at the driver root is refused as before.
+    container_dev(layout)
+    layout.tmpfs("/opt/real-driver/dev", options="nosuid,mode=755")
+    nvidia_nodes(layout, "/opt/real-driver/dev")
+    layout.mkdir("/var/run/nvidia")
+    layout.symlink("/var/run/nvidia/driver", "../../../opt/real-driver")
+    layout.config_roots("/", "/var/run/nvidia/driver")
+    loaded_driver(layout)
+    device_map = layout.scan().map
+    assert device_map.devices == ()
+    assert device_map.driver.dev_root is None
