@@ -274,8 +274,9 @@ def _with_real_parents(view: HostView, candidates: list[Candidate]) -> list[Cand
 
     `/var/run` -> `/run` is how many hosts spell /run: a driver root configured as
     `/var/run/<vendor>/driver` must find the nodes under `/run/<vendor>/driver/dev`, and
-    attribute them to the mounts the table lists there (mount points are real paths). The driver root and its `dev` themselves
-    are still never followed (`list_dev_root` refuses a link there, and says so).
+    attribute them to the mounts the table lists there (mount points are real paths). The
+    driver root and its `dev` themselves are still never followed (`list_dev_root` refuses a
+    link there, and says so).
     """
     found: list[Candidate] = []
     for candidate in candidates:
@@ -301,37 +302,11 @@ def _real_parents(view: HostView, host_path: str) -> str:
 
 
 def _resolve_host_path(view: HostView, host_path: str) -> str | None:
-    """The real host path of `host_path`, every symlink resolved one component at a time,
-    an absolute link taken from the host's root (under `--root /host`, `/var/run -> /run`
-    means the host's /run); None when a component is missing or links loop."""
-    pending = [part for part in reversed(host_path.split("/")) if part not in ("", ".")]
-    done: list[str] = []
-    links = 0
-    while pending:
-        part = pending.pop()
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        current = "/" + "/".join([*done, part])
-        try:
-            info = os.lstat(view.fs_path(current))
-        except (OSError, ValueError):
-            return None
-        if not stat.S_ISLNK(info.st_mode):
-            done.append(part)
-            continue
-        links += 1
-        if links > _MAX_LINKS:
-            return None
-        try:
-            target = os.readlink(view.fs_path(current))
-        except OSError:
-            return None
-        if target.startswith("/"):
-            done = []
-        pending.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
-    return "/" + "/".join(done)
+    """The real host path of `host_path`, every symlink resolved inside the host view (an
+    absolute link from the host's root: under `--root /host`, `/var/run -> /run` means the
+    host's /run); None when a component is missing or links loop."""
+    real = resolve_in(view.root, host_path, rooted=True)
+    return None if real is None else "/" + real
 
 
 def _read_targeted(
@@ -386,13 +361,16 @@ _UNIQUE_ID = re.compile(r"[A-Za-z0-9-]{1,128}")
 _SYS_TEXT_LIMIT = 256
 
 
-def resolve_in(base: str, relative: str, known: str = "") -> str | None:
+def resolve_in(base: str, relative: str, known: str = "", *, rooted: bool = False) -> str | None:
     """The real path (relative to `base`) that `relative` names, its symlinks resolved one
-    component at a time, or None when it does not exist, loops, or any link leads outside
-    `base`: nothing outside the sysfs view is ever looked at.
+    component at a time, or None when it does not exist or loops: nothing outside `base` is
+    ever looked at.
 
-    sysfs links are relative (`class/drm/renderD128 -> ../../devices/pci.../drm/renderD128`);
-    an absolute one counts only if it points into `base`. `known` is a path below `base` that
+    `rooted=False` (a subtree such as the sysfs view): a link that leads above `base` (through
+    `..` or an absolute path outside it) is None; sysfs links are relative
+    (`class/drm/renderD128 -> ../../devices/pci.../drm/renderD128`). `rooted=True` (`base` is
+    a root, as the host view's is): an absolute link starts again at `base`, and `..` stops
+    there, as they do for a process chrooted into it. `known` is a path below `base` that
     this function already returned (no link in it): `relative` is then taken from there, and
     the components of `known` are not looked at again.
     """
@@ -403,14 +381,15 @@ def resolve_in(base: str, relative: str, known: str = "") -> str | None:
     while pending:
         part = pending.pop()
         if part == "..":
-            if not done:
+            if done:
+                done.pop()
+            elif not rooted:
                 return None  # above base
-            done.pop()
             continue
         current = posixpath.join(base, *done, part)
         try:
             info = os.lstat(current)
-        except OSError:
+        except (OSError, ValueError):
             return None
         if not stat.S_ISLNK(info.st_mode):
             done.append(part)
@@ -423,11 +402,12 @@ def resolve_in(base: str, relative: str, known: str = "") -> str | None:
         except OSError:
             return None
         if target.startswith("/"):
-            inside = "/" if base == "/" else base + "/"
-            if not (target + "/").startswith(inside):
-                return None
             done = []
-            target = target[len(inside) :]
+            if not rooted:
+                inside = "/" if base == "/" else base + "/"
+                if not (target + "/").startswith(inside):
+                    return None
+                target = target[len(inside) :]
         pending.extend(part for part in reversed(target.split("/")) if part not in ("", "."))
     return "/".join(done)
 
