@@ -604,6 +604,22 @@ def test_the_daemon_path_imports_no_asyncio_anyio_or_msgspec(
     assert modules & HEAVY == set()
 
 
+def test_the_installed_action_works_through_a_link_in_another_directory(
+    host: SimHost, recorded: dict[str, Any], images: Path, tmp_path: Path
+) -> None:
+    """CRIU's `action-script` may name a link (in /usr/local/bin, say) to the installed
+    script: the interpreter is still the install's, found where the link leads, even with a
+    PATH whose python3 cannot import the package."""
+    elsewhere = tmp_path / "bin"
+    elsewhere.mkdir()
+    link = elsewhere / ACTION.name
+    link.symlink_to(ACTION)
+    env = host.env(PATH=f"{elsewhere}:/usr/bin:/bin")
+    done = run_action("pre-restore", env, images, command=[str(link)])
+    assert done.returncode == 0, done.stderr
+    assert "restore may go on" in done.stdout + done.stderr
+
+
 def test_the_import_check_does_see_the_fallback(
     trees: Callable[..., Tree], images: Path, tmp_path: Path
 ) -> None:
