@@ -22,7 +22,6 @@ Standard library only, and imported only by `install-action`.
 from __future__ import annotations
 
 import ast
-import contextlib
 import importlib.util
 import io
 import json
@@ -34,6 +33,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from watcher.atomicfile import write_atomically
 
 __all__ = ["ACTION_NAME", "ActionFileError", "Built", "action_modules", "build", "install"]
 
@@ -290,37 +291,13 @@ def build(python: str = sys.executable) -> Built:
 def install(directory: str, built: Built) -> str:
     """Write `directory/gpu-device-watcher-criu-action` atomically, mode 0755; its path."""
     target = os.path.join(directory, ACTION_NAME)
+    if not os.path.lexists(directory):
+        raise ActionFileError(f"{directory} does not exist; create it first", usage=True)
+    if not os.path.isdir(directory):
+        raise ActionFileError(f"{directory} is not a directory", usage=True)
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ActionFileError(f"{directory} does not exist; create it first", usage=True) from None
-    except NotADirectoryError:
-        raise ActionFileError(f"{directory} is not a directory", usage=True) from None
+        # Mode 0755 whatever the umask; CRIU finds the old file or the whole new one.
+        write_atomically(directory, ACTION_NAME, built.data, mode=0o755)
     except OSError as error:
-        raise ActionFileError(f"cannot open {directory}: {error.strerror}") from None
-    temporary = f".{ACTION_NAME}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(
-            temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o700,
-            dir_fd=dir_fd,
-        )
-        try:
-            view = memoryview(built.data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchmod(fd, 0o755)  # whatever the umask
-            # Before the rename: CRIU finds the old file or the whole new one, never a part.
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, ACTION_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-    except OSError as error:
-        with contextlib.suppress(OSError):  # never created, or already renamed
-            os.unlink(temporary, dir_fd=dir_fd)
-        raise ActionFileError(f"cannot write {target}: {error.strerror}") from None
-    finally:
-        os.close(dir_fd)
+        raise ActionFileError(f"cannot write {target}: {error.strerror or error}") from None
     return target

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from watcher.atomicfile import write_atomically
 from watcher.contract import utc_timestamp as _utc_now
 from watcher.criu import EXIT_OK, EXIT_REFUSE, EXIT_USAGE, RECORD_NAME, RECORD_VERSION
 from watcher.criu.text import image_dir_name, say, shown, tell
@@ -28,38 +29,6 @@ ENVIRONMENT = (
 )
 CUDA_CHECKPOINT = "cuda-checkpoint"
 _MIG_DEPTH = 3  # gpuN/mig/giN/ciN/access
-
-
-def write_atomically(directory: str, name: str, data: bytes) -> None:
-    """Replace `directory/name` by `data` in one rename: a reader sees the old file or the new."""
-    # CRTOOLS_IMAGE_DIR is a /proc/<pid>/fd/<n> link: open it once as a directory fd so the
-    # temporary file and the rename land in the same directory, whatever the link says later.
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    temporary = f".{name}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(
-            temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-            0o644,
-            dir_fd=dir_fd,
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            # Before the rename: after a crash the record is the old one or the whole new one.
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        import contextlib  # noqa: PLC0415 (failure path only)
-
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary, dir_fd=dir_fd)
-        raise
-    finally:
-        os.close(dir_fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +217,9 @@ def pre_dump(environ: Mapping[str, str]) -> int:
 
     data = dumps_indented(record).encode() + b"\n"
     try:
-        write_atomically(image_dir, RECORD_NAME, data)
+        # No fsync of the image directory: CRIU writes the images there and owns their
+        # durability; the record's own content is synced before its rename.
+        write_atomically(image_dir, RECORD_NAME, data, sync_directory=False)
     except OSError as error:
         say(
             f"cannot write {RECORD_NAME} into {shown(image_dir_name(image_dir), 400)}: "

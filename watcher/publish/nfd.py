@@ -9,10 +9,10 @@ nothing is ever left behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 import stat
+
+from watcher import atomicfile
 
 __all__ = ["remove_if_ours", "write_atomically"]
 
@@ -21,43 +21,13 @@ _MODE = 0o644
 
 
 def write_atomically(path: str, data: bytes) -> int:
-    """Replace `path` by a file holding exactly `data`; returns the new file's inode.
+    """Replace `path` by a file holding exactly `data`, readable by NFD's worker whatever the
+    umask (the unit sets 0077); returns the new file's inode.
 
     Raises OSError (the file at `path` is then untouched and no temporary file remains).
     """
     directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _MODE)
-    try:
-        try:
-            # O_CREAT's mode went through the umask (the unit sets 0077): NFD must read it.
-            os.fchmod(fd, _MODE)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            # The content is on disk before the name points at it: after a crash the file is
-            # the old one or the new one, never an empty one.
-            os.fsync(fd)
-            inode = os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-        os.rename(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _sync_directory(directory)
-    return inode
-
-
-def _sync_directory(directory: str) -> None:
-    # The rename itself made durable; best effort (some file systems refuse a directory fsync).
-    with contextlib.suppress(OSError):
-        fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    return atomicfile.write_atomically(directory or ".", name, data, mode=_MODE)
 
 
 def remove_if_ours(path: str, inode: int) -> bool:
