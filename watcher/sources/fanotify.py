@@ -181,6 +181,34 @@ class _Mount:
     attributes: int
 
 
+StringBuffer = ctypes.Array[ctypes.c_char]
+
+
+def statmount_into(
+    syscall: Callable[..., int],
+    request: StringBuffer,
+    buffer: StringBuffer,
+    mount_id: int,
+    mask: int,
+) -> StringBuffer | None:
+    """statmount(2) of `mount_id` for the fields in `mask`, answered in `buffer`, or in a
+    larger one (returned) when the answer does not fit; None once the mount is gone (ENOENT).
+    Raises OSError for any other error."""
+    _REQUEST.pack_into(request, 0, _REQUEST.size, 0, mount_id, mask, 0)
+    while True:
+        size = len(buffer)
+        if syscall(SYS_STATMOUNT, request, buffer, ctypes.c_size_t(size), ctypes.c_uint(0)) == 0:
+            return buffer
+        code = ctypes.get_errno()
+        if code == errno.ENOENT:
+            return None
+        if code == errno.EOVERFLOW and size < 1 << 20:
+            # A mount point (or options) longer than the buffer: grow and ask again.
+            buffer = ctypes.create_string_buffer(size * 4)
+            continue
+        raise OSError(code, f"statmount({mount_id}): {os.strerror(code)}")
+
+
 class _Syscalls:
     """fanotify_init/mark, statmount and listmount through ctypes, with reused buffers.
 
@@ -235,22 +263,10 @@ class _Syscalls:
 
     def statmount(self, mount_id: int) -> _Mount | None:
         """The mount's point, parent and attributes; None once it is gone (ENOENT)."""
-        _REQUEST.pack_into(self._request, 0, _REQUEST.size, 0, mount_id, _WANTED, 0)
-        while True:
-            size = len(self._buffer)
-            result = self._syscall(
-                SYS_STATMOUNT, self._request, self._buffer, ctypes.c_size_t(size), ctypes.c_uint(0)
-            )
-            if result == 0:
-                break
-            code = ctypes.get_errno()
-            if code == errno.ENOENT:
-                return None
-            if code == errno.EOVERFLOW and size < 1 << 20:
-                # A mount point longer than the buffer: grow and ask again.
-                self._buffer = ctypes.create_string_buffer(size * 4)
-                continue
-            raise OSError(code, f"statmount({mount_id}): {os.strerror(code)}")
+        answer = statmount_into(self._syscall, self._request, self._buffer, mount_id, _WANTED)
+        if answer is None:
+            return None
+        self._buffer = answer
         raw = self._buffer.raw
         (mask,) = _SM_MASK.unpack_from(raw, 8)
         if mask & _WANTED != _WANTED:

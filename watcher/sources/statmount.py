@@ -44,8 +44,8 @@ from watcher.core.mountinfo import MountEntry, MountTable, PathFilter, parse_mou
 from watcher.sources.fanotify import (
     LSMT_ROOT,
     SYS_LISTMOUNT,
-    SYS_STATMOUNT,
     same_mount_namespace,
+    statmount_into,
 )
 
 __all__ = [
@@ -236,21 +236,10 @@ class MountSyscalls:
 
     def statmount(self, mount_id: int) -> MountRecord | None:
         """The mount's attributes; None once it is gone (ENOENT)."""
-        _REQUEST.pack_into(self._request, 0, _REQUEST.size, 0, mount_id, _WANTED, 0)
-        while True:
-            size = len(self._buffer)
-            result = self._syscall(
-                SYS_STATMOUNT, self._request, self._buffer, ctypes.c_size_t(size), ctypes.c_uint(0)
-            )
-            if result == 0:
-                break
-            code = ctypes.get_errno()
-            if code == errno.ENOENT:
-                return None
-            if code == errno.EOVERFLOW and size < 1 << 20:
-                self._buffer = ctypes.create_string_buffer(size * 4)
-                continue
-            raise OSError(code, f"statmount({mount_id}): {os.strerror(code)}")
+        answer = statmount_into(self._syscall, self._request, self._buffer, mount_id, _WANTED)
+        if answer is None:
+            return None
+        self._buffer = answer
         raw = self._buffer.raw
         (mask,) = _U64.unpack_from(raw, 8)
         if mask & _REQUIRED != _REQUIRED:
