@@ -37,8 +37,34 @@ TIMEOUT = 10.0
 # --- scripted sources --------------------------------------------------------------------------
 
 
+class _ScriptedSource:
+    """An event source a test fires by hand: `run` takes the daemon's callback, `fire`
+    calls it."""
+
+    on_change: Callable[[str], None] | None
+    closed: bool
+    reason = "scripted change"
+
+    async def run(
+        self,
+        on_change: Callable[[str], None],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self.on_change = on_change
+        task_status.started()
+        await anyio.sleep_forever()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def fire(self, reason: str | None = None) -> None:
+        assert self.on_change is not None
+        self.on_change(reason or self.reason)
+
+
 @dataclass
-class ScriptedTree:
+class ScriptedTree(_ScriptedSource):
     """Stands in for the inotify TreeWatcher: records its targets, fires when told."""
 
     targets: list[tuple[str, ...]] = field(default_factory=list)
@@ -48,49 +74,16 @@ class ScriptedTree:
     def set_targets(self, paths: Iterable[str]) -> None:
         self.targets.append(tuple(paths))
 
-    async def run(
-        self,
-        on_change: Callable[[str], None],
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        self.on_change = on_change
-        task_status.started()
-        await anyio.sleep_forever()
-
-    def close(self) -> None:
-        self.closed = True
-
-    def fire(self, reason: str = "scripted change") -> None:
-        assert self.on_change is not None
-        self.on_change(reason)
-
 
 @dataclass
-class ScriptedMounts:
+class ScriptedMounts(_ScriptedSource):
     """Stands in for the MountTableWatcher of one table."""
 
     path: str
     pollable: bool = False
     on_change: Callable[[str], None] | None = None
     closed: bool = False
-
-    async def run(
-        self,
-        on_change: Callable[[str], None],
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        self.on_change = on_change
-        task_status.started()
-        await anyio.sleep_forever()
-
-    def close(self) -> None:
-        self.closed = True
-
-    def fire(self, reason: str = "scripted mount") -> None:
-        assert self.on_change is not None
-        self.on_change(reason)
+    reason = "scripted mount"
 
 
 # --- a host --------------------------------------------------------------------------------------
