@@ -45,7 +45,7 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/source
     if [[ -n "$MIRROR" ]]; then break; fi
 done
 shopt -u nullglob
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+[[ -n "$MIRROR" ]] || die "no Debian mirror in this machine's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/*.sources or *.list): add the mirror apt should use, then run again"
 MIRROR=${MIRROR%/}
 
 KEYRING=""
