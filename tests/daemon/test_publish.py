@@ -26,7 +26,7 @@ from .harness import DRIVER_ROOT, NODES, VERSION, Daemon, Namespace
 pytestmark = pytest.mark.realfs
 
 CUDA = f"{DRIVER_ROOT}/usr/bin/cuda-checkpoint"
-LABEL = "gpu-device-watcher."
+LABEL = "gpu-device-watcher.feature.node.kubernetes.io/"
 GRAMMAR = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -146,6 +146,7 @@ def test_labels_on_a_ready_host_then_driver_root_gone_then_back(
     assert labels == {
         "checkpoint-ready": "true",
         "driver-version": VERSION,
+        "driver-major": VERSION.split(".")[0],
         "dev-root": "run-nvidia-driver-dev",
         "gpu-count": "1",
         "gpu-model": "NVIDIA-H200",
@@ -164,6 +165,7 @@ def test_labels_on_a_ready_host_then_driver_root_gone_then_back(
     assert labels == {
         "checkpoint-ready": "false",
         "driver-version": VERSION,
+        "driver-major": VERSION.split(".")[0],
         "gpu-count": "1",
         "gpu-model": "NVIDIA-H200",
         "cuda-checkpoint": "false",

@@ -21,24 +21,26 @@ from .maps import CUDA, DEV_ROOT, gpu, operator_map
 
 # Written out again, independently of the module: at most 63 characters of A-Za-z0-9_.-,
 # alphanumeric at both ends.
+NS = "gpu-device-watcher.feature.node.kubernetes.io/"
 GRAMMAR = re.compile(r"^(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
 
 
 def assert_valid(labels: dict[str, str]) -> None:
     for name, value in labels.items():
-        assert name.startswith("gpu-device-watcher."), name
+        assert name.startswith(NS), name
         assert GRAMMAR.match(value), (name, value)
 
 
 def test_a_ready_operator_host() -> None:
     labels = compute_labels(operator_map())
     assert labels == {
-        "gpu-device-watcher.checkpoint-ready": "true",
-        "gpu-device-watcher.driver-version": "580.95.05",
-        "gpu-device-watcher.dev-root": "run-nvidia-driver-dev",
-        "gpu-device-watcher.gpu-count": "1",
-        "gpu-device-watcher.gpu-model": "NVIDIA-H200",
-        "gpu-device-watcher.cuda-checkpoint": "true",
+        NS + "checkpoint-ready": "true",
+        NS + "driver-version": "580.95.05",
+        NS + "driver-major": "580",
+        NS + "dev-root": "run-nvidia-driver-dev",
+        NS + "gpu-count": "1",
+        NS + "gpu-model": "NVIDIA-H200",
+        NS + "cuda-checkpoint": "true",
     }
     assert_valid(labels)
 
@@ -54,17 +56,17 @@ def test_amd_gpus_are_not_counted() -> None:
         family="amd",
     )
     labels = compute_labels(operator_map(gpus=(gpu(0), amd, amd)))
-    assert labels["gpu-device-watcher.gpu-count"] == "1"
-    assert labels["gpu-device-watcher.gpu-model"] == "NVIDIA-H200"
+    assert labels[NS + "gpu-count"] == "1"
+    assert labels[NS + "gpu-model"] == "NVIDIA-H200"
     only_amd = compute_labels(operator_map(gpus=(amd,)))
-    assert only_amd["gpu-device-watcher.gpu-count"] == "0"
-    assert "gpu-device-watcher.gpu-model" not in only_amd
+    assert only_amd[NS + "gpu-count"] == "0"
+    assert NS + "gpu-model" not in only_amd
 
 
 def test_without_cuda_checkpoint_the_node_is_not_ready() -> None:
     labels = compute_labels(operator_map(cuda_checkpoint=None))
-    assert labels["gpu-device-watcher.checkpoint-ready"] == "false"
-    assert labels["gpu-device-watcher.cuda-checkpoint"] == "false"
+    assert labels[NS + "checkpoint-ready"] == "false"
+    assert labels[NS + "cuda-checkpoint"] == "false"
 
 
 @pytest.mark.parametrize(
@@ -81,7 +83,7 @@ def test_without_cuda_checkpoint_the_node_is_not_ready() -> None:
 def test_readiness_needs_every_condition(changes: dict[str, object], why: str) -> None:
     device_map = operator_map(**changes)  # type: ignore[arg-type]
     assert not checkpoint_ready(device_map), why
-    assert compute_labels(device_map)["gpu-device-watcher.checkpoint-ready"] == "false"
+    assert compute_labels(device_map)[NS + "checkpoint-ready"] == "false"
 
 
 def test_warnings_do_not_spoil_readiness() -> None:
@@ -94,26 +96,55 @@ def test_absent_values_are_omitted() -> None:
         operator_map(version=None, dev_root=None, devices=(), gpus=(), cuda_checkpoint=None)
     )
     assert labels == {
-        "gpu-device-watcher.checkpoint-ready": "false",
-        "gpu-device-watcher.gpu-count": "0",
-        "gpu-device-watcher.cuda-checkpoint": "false",
+        NS + "checkpoint-ready": "false",
+        NS + "gpu-count": "0",
+        NS + "cuda-checkpoint": "false",
     }
 
 
 def test_the_host_dev_root_is_dev() -> None:
     labels = compute_labels(operator_map(dev_root="/dev"))
-    assert labels["gpu-device-watcher.dev-root"] == "dev"
+    assert labels[NS + "dev-root"] == "dev"
 
 
 def test_a_model_only_when_all_gpus_are_one_model() -> None:
     mixed = operator_map(gpus=(gpu(0), gpu(1, "NVIDIA A100-SXM4-80GB")))
-    assert "gpu-device-watcher.gpu-model" not in compute_labels(mixed)
+    assert NS + "gpu-model" not in compute_labels(mixed)
     unknown = operator_map(gpus=(gpu(0), gpu(1, None)))
-    assert "gpu-device-watcher.gpu-model" not in compute_labels(unknown)
+    assert NS + "gpu-model" not in compute_labels(unknown)
     same = operator_map(gpus=(gpu(0, "NVIDIA GeForce RTX 4090"), gpu(1, "NVIDIA GeForce RTX 4090")))
     labels = compute_labels(same)
-    assert labels["gpu-device-watcher.gpu-model"] == "NVIDIA-GeForce-RTX-4090"
-    assert labels["gpu-device-watcher.gpu-count"] == "2"
+    assert labels[NS + "gpu-model"] == "NVIDIA-GeForce-RTX-4090"
+    assert labels[NS + "gpu-count"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("model", "label"),
+    [
+        # As GPU Feature Discovery labels `nvidia.com/gpu.product`: characters outside
+        # `A-Za-z0-9-_. ` removed (not replaced), each run of spaces one `-`.
+        ("NVIDIA H100 80GB HBM3", "NVIDIA-H100-80GB-HBM3"),
+        ("NVIDIA GeForce RTX 4090 (Laptop)", "NVIDIA-GeForce-RTX-4090-Laptop"),
+        ("Quadro RTX 8000/PCIe", "Quadro-RTX-8000PCIe"),
+        ("NVIDIA RTX 6000 Ada Generation / Quadro®", "NVIDIA-RTX-6000-Ada-Generation-Quadro"),
+    ],
+)
+def test_the_model_is_in_gpu_feature_discoverys_format(model: str, label: str) -> None:
+    labels = compute_labels(operator_map(gpus=(gpu(0, model),)))
+    assert labels[NS + "gpu-model"] == label
+
+
+def test_a_model_of_which_nothing_survives_is_omitted() -> None:
+    assert NS + "gpu-model" not in compute_labels(operator_map(gpus=(gpu(0, "®©"),)))
+
+
+@pytest.mark.parametrize(
+    ("version", "major"),
+    [("580.95.05", "580"), ("384.111", "384"), ("595", "595"), ("beta", None), ("", None)],
+)
+def test_driver_major(version: str, major: str | None) -> None:
+    labels = compute_labels(operator_map(version=version or None))
+    assert labels.get(NS + "driver-major") == major
 
 
 @pytest.mark.parametrize(
@@ -168,6 +199,6 @@ def test_render_is_one_name_value_per_line() -> None:
     text = render(compute_labels(operator_map())).decode()
     assert text.endswith("\n")
     lines = text.splitlines()
-    assert lines[0] == "gpu-device-watcher.checkpoint-ready=true"
-    assert all(re.fullmatch(r"gpu-device-watcher\.[a-z-]+=[A-Za-z0-9_.-]+", line) for line in lines)
-    assert f"gpu-device-watcher.dev-root={DEV_ROOT.strip('/').replace('/', '-')}" in lines
+    assert lines[0] == f"{NS}checkpoint-ready=true"
+    assert all(re.fullmatch(re.escape(NS) + r"[a-z-]+=[A-Za-z0-9_.-]+", line) for line in lines)
+    assert f"{NS}dev-root={DEV_ROOT.strip('/').replace('/', '-')}" in lines

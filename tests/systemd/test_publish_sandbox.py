@@ -76,7 +76,11 @@ def test_labels_and_metrics_need_no_system_call_beyond_the_units_filter(
     env = child_env(NOTIFY_SOCKET=listener.address)
     with Daemon(argv, tmp_path / "stderr", env=env) as traced:
         pid = listener.until_field("READY", timeout=30).pid
-        assert (features / "gdw").read_text().startswith("gpu-device-watcher.checkpoint-ready=")
+        assert (
+            (features / "gdw")
+            .read_text()
+            .startswith("gpu-device-watcher.feature.node.kubernetes.io/checkpoint-ready=")
+        )
         for _ in range(3):
             assert scrape(port) == 200
         assert scrape(port, "/nowhere") == 404

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from watcher.contract import LABEL_NAMESPACE, gfd_product_label
 from watcher.core.model import DeviceMap, Gpu
 
 __all__ = [
@@ -21,7 +22,7 @@ __all__ = [
     "render",
 ]
 
-PREFIX: Final = "gpu-device-watcher."
+PREFIX: Final = LABEL_NAMESPACE
 # The grammar of a non-empty Kubernetes label value (apimachinery's IsValidLabelValue).
 LABEL_VALUE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 _MAX_VALUE: Final = 63
@@ -72,16 +73,25 @@ def _one_model(device_map: DeviceMap) -> str | None:
     return model
 
 
+def _major(version: str | None) -> str | None:
+    """`580` of `580.95.05`; None when the version does not start with a number."""
+    major = (version or "").split(".", 1)[0]
+    return major if major.isdigit() and major.isascii() else None
+
+
 def compute_labels(device_map: DeviceMap) -> dict[str, str]:
     """The labels of this map, in the order they are written; absent values are omitted."""
     driver = device_map.driver
+    model = _one_model(device_map)
     values: dict[str, str | None] = {
         "checkpoint-ready": _bool(checkpoint_ready(device_map)),
         "driver-version": label_value(driver.version) if driver.version else None,
+        "driver-major": _major(driver.version),
         "dev-root": label_value(driver.dev_root) if driver.dev_root else None,
         "gpu-count": str(len(_nvidia_gpus(device_map))),
-        # Only when every GPU is known to be of one model; spaces (and the like) become `-`.
-        "gpu-model": label_value(model) if (model := _one_model(device_map)) else None,
+        # Only when every GPU is known to be of one model, written as GPU Feature Discovery
+        # writes `nvidia.com/gpu.product`, so that one selector can combine both.
+        "gpu-model": (gfd_product_label(model) or None) if model else None,
         "cuda-checkpoint": _bool(driver.cuda_checkpoint is not None),
     }
     return {PREFIX + name: value for name, value in values.items() if value is not None}
