@@ -39,6 +39,7 @@ from anyio.abc import TaskStatus
 
 from watcher.core.mountinfo import PathFilter
 from watcher.sources._fdwait import FdWait
+from watcher.sources.mountapi import STATMOUNT_MNT_BASIC, STATMOUNT_MNT_POINT, MountApi
 
 __all__ = [
     "FAN_MNT_ATTACH",
@@ -68,29 +69,14 @@ _METADATA: Final = struct.Struct("=IBBHQii")
 _INFO_HEADER: Final = struct.Struct("=BBH")  # info_type, pad, len
 _MNT_ID: Final = struct.Struct("=Q")  # 8 bytes into a FAN_EVENT_INFO_TYPE_MNT record
 
-# Syscall numbers from the unified table (asm-generic and x86_64 alike since 6.8).
-SYS_STATMOUNT: Final = 457
-SYS_LISTMOUNT: Final = 458
-LSMT_ROOT: Final = 0xFFFFFFFFFFFFFFFF
-STATMOUNT_MNT_BASIC: Final = 0x2
-STATMOUNT_MNT_POINT: Final = 0x10
 _WANTED: Final = STATMOUNT_MNT_BASIC | STATMOUNT_MNT_POINT
 _MOUNT_EVENTS: Final = FAN_MNT_ATTACH | FAN_MNT_DETACH
-# struct mnt_id_req (MNT_ID_REQ_SIZE_VER1): size, mnt_ns_fd, mnt_id, param, mnt_ns_id
-_REQUEST: Final = struct.Struct("=IIQQQ")
-# struct statmount: the fixed part is 512 bytes; strings follow, at offsets into str[].
-_STATMOUNT_HEADER: Final = 512
-_SM_SIZE: Final = struct.Struct("=I")  # at 0
-_SM_MASK: Final = struct.Struct("=Q")  # at 8
-_SM_BASIC: Final = struct.Struct("=QQIIQ")  # at 40: mnt_id, parent, old id, old parent, attr
-_SM_POINT: Final = struct.Struct("=I")  # at 108: offset of mnt_point in str[]
 
 _READ_SIZE: Final = 64 * 1024
 # As for inotify: bounds the work per wake-up; the fd stays readable for the next turn.
 _READS_PER_WAKE: Final = 16
 # Reasons reported per wake-up; one relevant change is enough to rescan.
 _MAX_REASONS: Final = 4
-_LISTMOUNT_BATCH: Final = 4096
 
 
 class MountEventsUnavailable(Exception):
@@ -181,50 +167,19 @@ class _Mount:
     attributes: int
 
 
-StringBuffer = ctypes.Array[ctypes.c_char]
-
-
-def statmount_into(
-    syscall: Callable[..., int],
-    request: StringBuffer,
-    buffer: StringBuffer,
-    mount_id: int,
-    mask: int,
-) -> StringBuffer | None:
-    """statmount(2) of `mount_id` for the fields in `mask`, answered in `buffer`, or in a
-    larger one (returned) when the answer does not fit; None once the mount is gone (ENOENT).
-    Raises OSError for any other error."""
-    _REQUEST.pack_into(request, 0, _REQUEST.size, 0, mount_id, mask, 0)
-    while True:
-        size = len(buffer)
-        if syscall(SYS_STATMOUNT, request, buffer, ctypes.c_size_t(size), ctypes.c_uint(0)) == 0:
-            return buffer
-        code = ctypes.get_errno()
-        if code == errno.ENOENT:
-            return None
-        if code == errno.EOVERFLOW and size < 1 << 20:
-            # A mount point (or options) longer than the buffer: grow and ask again.
-            buffer = ctypes.create_string_buffer(size * 4)
-            continue
-        raise OSError(code, f"statmount({mount_id}): {os.strerror(code)}")
-
-
 class _Syscalls:
-    """fanotify_init/mark, statmount and listmount through ctypes, with reused buffers.
-
-    ctypes releases the GIL around each call, so a statmount never stalls the event loop's
-    other threads; the buffers are only used from the thread that owns the tracker.
-    """
+    """fanotify_init/mark through ctypes, and the mount API (one instance per thread)."""
 
     def __init__(self) -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            self._syscall = libc.syscall
+            syscall = libc.syscall
             self._fanotify_init = libc.fanotify_init
             self._fanotify_mark = libc.fanotify_mark
         except (OSError, AttributeError) as error:
             raise MountEventsUnavailable(f"no fanotify in the C library: {error}") from None
-        self._syscall.restype = ctypes.c_long
+        syscall.restype = ctypes.c_long
+        self._api = MountApi(syscall)
         self._fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
         self._fanotify_init.restype = ctypes.c_int
         self._fanotify_mark.argtypes = [
@@ -235,9 +190,6 @@ class _Syscalls:
             ctypes.c_char_p,
         ]
         self._fanotify_mark.restype = ctypes.c_int
-        self._request = ctypes.create_string_buffer(_REQUEST.size)
-        self._buffer = ctypes.create_string_buffer(8192)
-        self._ids = (ctypes.c_uint64 * _LISTMOUNT_BATCH)()
 
     def fanotify_mount_group(self) -> int:
         fd: int = self._fanotify_init(FAN_REPORT_MNT | FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY)
@@ -263,41 +215,17 @@ class _Syscalls:
 
     def statmount(self, mount_id: int) -> _Mount | None:
         """The mount's point, parent and attributes; None once it is gone (ENOENT)."""
-        answer = statmount_into(self._syscall, self._request, self._buffer, mount_id, _WANTED)
-        if answer is None:
+        reply = self._api.statmount(mount_id, _WANTED)
+        if reply is None:
             return None
-        self._buffer = answer
-        raw = self._buffer.raw
-        (mask,) = _SM_MASK.unpack_from(raw, 8)
-        if mask & _WANTED != _WANTED:
+        if not reply.has(_WANTED):
             raise OSError(errno.EINVAL, f"statmount({mount_id}) left out the mount point")
-        (total,) = _SM_SIZE.unpack_from(raw, 0)
-        _id, parent, _old, _old_parent, attributes = _SM_BASIC.unpack_from(raw, 40)
-        (point_offset,) = _SM_POINT.unpack_from(raw, 108)
-        start = _STATMOUNT_HEADER + point_offset
-        end = raw.find(b"\0", start, total)
-        point = os.fsdecode(raw[start : end if end >= 0 else total])
-        return _Mount(point, parent, attributes)
+        basic = reply.basic()
+        return _Mount(reply.string(STATMOUNT_MNT_POINT), basic.parent, basic.attributes)
 
     def listmount(self) -> list[int]:
         """Every mount id of this namespace (below our root), in ascending order."""
-        found: list[int] = []
-        after = 0
-        while True:
-            _REQUEST.pack_into(self._request, 0, _REQUEST.size, 0, LSMT_ROOT, after, 0)
-            count = self._syscall(
-                SYS_LISTMOUNT,
-                self._request,
-                self._ids,
-                ctypes.c_size_t(_LISTMOUNT_BATCH),
-                ctypes.c_uint(0),
-            )
-            if count < 0:
-                raise _os_error("listmount")
-            found.extend(self._ids[:count])
-            if count < _LISTMOUNT_BATCH:
-                return found
-            after = found[-1]
+        return self._api.listmount()
 
 
 def _os_error(what: str) -> OSError:

@@ -41,11 +41,18 @@ from dataclasses import dataclass
 from typing import Final
 
 from watcher.core.mountinfo import MountEntry, MountTable, PathFilter, parse_mountinfo
-from watcher.sources.fanotify import (
+from watcher.sources.fanotify import same_mount_namespace
+from watcher.sources.mountapi import (
     LSMT_ROOT,
-    SYS_LISTMOUNT,
-    same_mount_namespace,
-    statmount_into,
+    STATMOUNT_FS_SUBTYPE,
+    STATMOUNT_FS_TYPE,
+    STATMOUNT_MNT_BASIC,
+    STATMOUNT_MNT_OPTS,
+    STATMOUNT_MNT_POINT,
+    STATMOUNT_MNT_ROOT,
+    STATMOUNT_SB_BASIC,
+    STATMOUNT_SB_SOURCE,
+    MountApi,
 )
 
 __all__ = [
@@ -63,15 +70,6 @@ AT_FDCWD: Final = -100
 AT_SYMLINK_NOFOLLOW: Final = 0x100
 _STATX_MASK: Final = struct.Struct("=I")  # stx_mask at 0
 _STATX_MNT_ID: Final = struct.Struct("=Q")  # stx_mnt_id at 0x90
-# <linux/mount.h>: what statmount is asked for.
-STATMOUNT_SB_BASIC: Final = 0x1
-STATMOUNT_MNT_BASIC: Final = 0x2
-STATMOUNT_MNT_ROOT: Final = 0x8
-STATMOUNT_MNT_POINT: Final = 0x10
-STATMOUNT_FS_TYPE: Final = 0x20
-STATMOUNT_MNT_OPTS: Final = 0x80
-STATMOUNT_FS_SUBTYPE: Final = 0x100
-STATMOUNT_SB_SOURCE: Final = 0x200
 _WANTED: Final = (
     STATMOUNT_SB_BASIC
     | STATMOUNT_MNT_BASIC
@@ -107,19 +105,10 @@ MOUNT_ATTR_NOSYMFOLLOW: Final = 0x200000
 _SB_RDONLY: Final = 0x1
 _SB_OPTIONS: Final = ((0x10, "sync"), (0x80, "dirsync"), (1 << 25, "lazytime"))
 
-# struct mnt_id_req: size, mnt_ns_fd, mnt_id, param (mask / last id), mnt_ns_id
-_REQUEST: Final = struct.Struct("=IIQQQ")
-_HEADER: Final = 512  # strings follow the fixed part, at offsets into str[]
 _U32: Final = struct.Struct("=I")
-_U64: Final = struct.Struct("=Q")
-_SB_DEVICE: Final = struct.Struct("=II")  # at 16: sb_dev_major, sb_dev_minor
-_MNT_BASIC: Final = struct.Struct("=QQIIQ")  # at 40: id, parent, old id, old parent, attr
-_MNT_OPTS_AT, _SB_FLAGS_AT, _FS_TYPE_AT = 4, 32, 36
-_MNT_ROOT_AT, _MNT_POINT_AT, _FS_SUBTYPE_AT, _SB_SOURCE_AT = 104, 108, 120, 124
 
 # <linux/nsfs.h>: _IOR(0xb7, 10, struct mnt_ns_info {u32 size, nr_mounts; u64 mnt_ns_id})
 NS_MNT_GET_INFO: Final = 0x8010B70A
-_BATCH: Final = 4096
 # Below a mount with more mounts than this under it, only new ids are listed per wake-up.
 SMALL_SUBTREE: Final = 32
 
@@ -207,12 +196,9 @@ class MountSyscalls:
                 libc.statx.restype = ctypes.c_int
             except (OSError, AttributeError) as error:
                 raise StatmountUnavailable(f"no statx in the C library: {error}") from None
-        self._syscall = libc.syscall
         self._statx = libc.statx
-        self._request = ctypes.create_string_buffer(_REQUEST.size)
-        self._buffer = ctypes.create_string_buffer(4096)
+        self._api = MountApi(libc.syscall)
         self._statx_buffer = ctypes.create_string_buffer(256)
-        self._ids = (ctypes.c_uint64 * _BATCH)()
         self._info = bytearray(16)
 
     def mount_id(self, path: str) -> int:
@@ -236,40 +222,28 @@ class MountSyscalls:
 
     def statmount(self, mount_id: int) -> MountRecord | None:
         """The mount's attributes; None once it is gone (ENOENT)."""
-        answer = statmount_into(self._syscall, self._request, self._buffer, mount_id, _WANTED)
-        if answer is None:
+        reply = self._api.statmount(mount_id, _WANTED)
+        if reply is None:
             return None
-        self._buffer = answer
-        raw = self._buffer.raw
-        (mask,) = _U64.unpack_from(raw, 8)
-        if mask & _REQUIRED != _REQUIRED:
-            raise OSError(errno.EINVAL, f"statmount({mount_id}) answered only {mask:#x}")
-        (total,) = _U32.unpack_from(raw, 0)
-
-        def text(flag: int, at: int) -> str:
-            if not mask & flag:
-                return ""
-            start = _HEADER + _U32.unpack_from(raw, at)[0]
-            end = raw.find(b"\0", start, total)
-            return os.fsdecode(raw[start : end if end >= 0 else total])
-
-        _id, parent, old_id, old_parent, attributes = _MNT_BASIC.unpack_from(raw, 40)
-        major, minor = _SB_DEVICE.unpack_from(raw, 16)
-        fstype = text(STATMOUNT_FS_TYPE, _FS_TYPE_AT)
-        if subtype := text(STATMOUNT_FS_SUBTYPE, _FS_SUBTYPE_AT):
+        if not reply.has(_REQUIRED):
+            raise OSError(errno.EINVAL, f"statmount({mount_id}) answered only {reply.mask:#x}")
+        basic = reply.basic()
+        major, minor = reply.sb_device()
+        fstype = reply.string(STATMOUNT_FS_TYPE)
+        if subtype := reply.string(STATMOUNT_FS_SUBTYPE):
             fstype = f"{fstype}.{subtype}"  # as mountinfo writes it: fuse.sshfs
         return MountRecord(
             mount_id=mount_id,
-            parent=parent,
-            old_id=old_id,
-            old_parent=old_parent,
-            attributes=attributes,
-            point=text(STATMOUNT_MNT_POINT, _MNT_POINT_AT),
-            root=text(STATMOUNT_MNT_ROOT, _MNT_ROOT_AT),
+            parent=basic.parent,
+            old_id=basic.old_id,
+            old_parent=basic.old_parent,
+            attributes=basic.attributes,
+            point=reply.string(STATMOUNT_MNT_POINT),
+            root=reply.string(STATMOUNT_MNT_ROOT),
             fstype=fstype,
-            source=text(STATMOUNT_SB_SOURCE, _SB_SOURCE_AT),
-            options=text(STATMOUNT_MNT_OPTS, _MNT_OPTS_AT),
-            sb_flags=_U32.unpack_from(raw, _SB_FLAGS_AT)[0],
+            source=reply.string(STATMOUNT_SB_SOURCE),
+            options=reply.string(STATMOUNT_MNT_OPTS),
+            sb_flags=reply.sb_flags(),
             major=major,
             minor=minor,
         )
@@ -291,19 +265,7 @@ class MountSyscalls:
 
     def listmount(self, mount_id: int, after: int = 0) -> list[int]:
         """The ids of every mount below `mount_id` (recursively) greater than `after`."""
-        found: list[int] = []
-        while True:
-            _REQUEST.pack_into(self._request, 0, _REQUEST.size, 0, mount_id, after, 0)
-            count = self._syscall(
-                SYS_LISTMOUNT, self._request, self._ids, ctypes.c_size_t(_BATCH), ctypes.c_uint(0)
-            )
-            if count < 0:
-                code = ctypes.get_errno()
-                raise OSError(code, f"listmount({mount_id}): {os.strerror(code)}")
-            found.extend(self._ids[:count])
-            if count < _BATCH:
-                return found
-            after = found[-1]
+        return self._api.listmount(mount_id, after)
 
 
 def _under(point: str, path: str) -> bool:
