@@ -110,7 +110,7 @@ def test_labels_and_metrics_need_no_system_call_beyond_the_units_filter(
     # renameat: the feature file is replaced relative to its directory fd (watcher.atomicfile).
     assert {"bind", "listen", "accept4", "renameat", "fsync", "unlink"} <= used, sorted(used)
     # The statmount judge's calls may be refused (EPERM): the daemon falls back to
-    # rescanning at every mount-table wake-up (tests/test_statmount_judge.py).
+    # rescanning at every mount-table wake-up (tests/daemon/test_statmount_judge.py).
     used -= REFUSAL_TOLERATED
     assert not used - allowed, f"blocked by SystemCallFilter=: {sorted(used - allowed)}"
     assert "AF_INET" in families

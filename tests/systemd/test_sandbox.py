@@ -202,6 +202,6 @@ def test_every_system_call_is_allowed_by_the_units_filter(
             used.add(match.group(1))
     assert {"inotify_add_watch", "epoll_wait", "accept4", "sendto"} <= used, sorted(used)
     # The statmount judge's calls may be refused (EPERM): the daemon falls back to
-    # rescanning at every mount-table wake-up (tests/test_statmount_judge.py).
+    # rescanning at every mount-table wake-up (tests/daemon/test_statmount_judge.py).
     used -= REFUSAL_TOLERATED
     assert not used - allowed, f"blocked by SystemCallFilter=: {sorted(used - allowed)}"

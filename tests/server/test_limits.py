@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.test_server import (
+from tests.server.test_requests import (
     NOBODY,
     TIMEOUT,
     _abstract_listener,
@@ -94,7 +94,7 @@ print(json.dumps(seen))
 async def test_a_forbidden_client_reads_forbidden_not_unreachable(tmp_path: Path) -> None:
     listener, name = _abstract_listener()
     async with serving(tmp_path, listener=listener, allowed_uids=frozenset({4242})):
-        repo = str(Path(__file__).resolve().parents[1])
+        repo = str(Path(__file__).resolve().parents[2])
         with anyio.fail_after(60):
             done = await anyio.run_process(
                 [sys.executable, "-c", _AS_NOBODY, repo, name, str(TRIES)], check=False

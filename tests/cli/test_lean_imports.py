@@ -9,7 +9,8 @@
   mounts give the same maps; with fanotify the storm costs no rescans.
 
 Scenarios that mount run in a fresh interpreter under `unshare --mount` (see
-tests/test_sources.py for why), `python -m tests.test_perf_paths SCENARIO DIR`.
+tests/sources/test_watches.py for why):
+`python -m tests.cli.test_lean_imports SCENARIO DIR`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from watcher.sources.fanotify import (
     unsuitable,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODE_ENV = "GPU_DEVICE_WATCHER_MOUNT_EVENTS"
 WAIT_S = 10.0
 
@@ -236,7 +237,7 @@ def mount_events_kernel() -> None:
 
 
 def run_scenario(name: str, scratch: Path) -> None:
-    result = run_scenario_module("tests.test_perf_paths", name, scratch, timeout=120)
+    result = run_scenario_module("tests.cli.test_lean_imports", name, scratch, timeout=120)
     assert result.returncode == 0, f"scenario {name} failed:\n{result.stdout}{result.stderr}"
     assert mounts_under(scratch) == [], "a mount leaked"
 

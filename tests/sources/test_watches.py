@@ -1,8 +1,8 @@
 """Kernel event sources against the real kernel: inotify, mountinfo polling, tmpfs mounts.
 
 Tests that mount run their body in a fresh interpreter started by
-`unshare --mount --propagation private` (`python -m tests.test_sources SCENARIO DIR`). A child
-process, rather than unsharing the pytest process or a fork of it, because:
+`unshare --mount --propagation private` (`python -m tests.sources.test_watches SCENARIO DIR`).
+A child process, rather than unsharing the pytest process or a fork of it, because:
 
 * unsharing pytest itself would move every later test into that namespace;
 * `os.fork()` of a pytest process that may hold threads (anyio worker threads from other
@@ -346,7 +346,7 @@ def private_mount_namespace() -> None:
 
 
 def run_in_private_mount_namespace(scenario: str, scratch: Path) -> None:
-    result = run_scenario_module("tests.test_sources", scenario, scratch, timeout=60)
+    result = run_scenario_module("tests.sources.test_watches", scenario, scratch, timeout=60)
     assert result.returncode == 0, f"scenario {scenario} failed:\n{result.stdout}{result.stderr}"
     assert str(scratch) not in Path("/proc/self/mountinfo").read_text(), "a mount leaked"
 

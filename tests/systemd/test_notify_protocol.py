@@ -17,7 +17,7 @@ import pytest
 
 from watcher.systemd import Notifier, NotifyError, listen_fds, watchdog_interval
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SOCKET_ACTIVATE = Path("/usr/bin/systemd-socket-activate")
 TIMEOUT = 10.0
 

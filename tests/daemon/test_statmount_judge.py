@@ -35,7 +35,7 @@ from watcher.sources.statmount import (
     targeted_mismatch,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 
 
@@ -146,7 +146,7 @@ def _nobody_python() -> list[str] | None:
         "-I",
         "-c",
         f"import sys; sys.path[:0] = [{str(REPO)!r}, {site!r}]; "
-        "from tests.test_statmount_judge import serve; serve()",
+        "from tests.daemon.test_statmount_judge import serve; serve()",
     ]
     probe = subprocess.run(
         command, input='{"op": "ping"}\n', capture_output=True, text=True, timeout=30, check=False
@@ -174,7 +174,7 @@ def test_the_judge_sees_every_relevant_change_and_no_other(scratch: Path, user: 
         if command is None:
             pytest.skip("setpriv(1) missing or no interpreter uid 65534 can run")
         (scratch.parent / "nobody").write_text(json.dumps(command))
-    result = run_scenario_module("tests.test_statmount_judge", "judge", scratch, timeout=180)
+    result = run_scenario_module("tests.daemon.test_statmount_judge", "judge", scratch, timeout=180)
     assert result.returncode == 0, f"scenario failed:\n{result.stdout}{result.stderr}"
 
 

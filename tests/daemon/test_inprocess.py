@@ -19,9 +19,9 @@ import anyio
 import anyio.abc
 import pytest
 
+from tests.server.test_requests import NOBODY, _abstract_listener, _as_user, needs_root
 from tests.support.hostfiles import drm_render, proc_devices_text
 from tests.support.inprocess import Host, running_daemon
-from tests.test_server import NOBODY, _abstract_listener, _as_user, needs_root
 from watcher.config import RELOAD_LIVE, RELOAD_ON_RESTART, ConfigError, ConfigFile
 
 TIMEOUT = 10.0

@@ -1010,7 +1010,7 @@ def test_bind_refuses_a_path_too_long_for_a_unix_socket(tmp_path: Path) -> None:
 
 
 def test_bind_in_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
-    # The socket's own directory is created (tests/test_socket_directory.py); its parent not.
+    # The socket's own directory is created (tests/server/test_socket_directory.py); its parent not.
     with pytest.raises(SocketSetupError, match="No such file or directory"):
         bind_unix_socket(str(tmp_path / "missing" / "sub" / "gdw.sock"), 0o660)
 

@@ -25,7 +25,7 @@ import pytest
 from watcher import proctree
 from watcher.proctree import DeviceUse, open_char_devices, process_tree, used_devices
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 15.0
 
 NULL = (1, 3)  # /dev/null
