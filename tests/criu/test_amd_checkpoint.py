@@ -46,10 +46,16 @@ def dumped(make_host: Callable[..., SimHost], trees: Callable[..., Tree], tmp_pa
     assert live["problems"] == []
     images = tmp_path / "images"
     images.mkdir()
-    done = run_action("pre-dump", source.env(), images, trees("/dev/zero").root)
+    tree = trees("/dev/zero")
+    done = run_action("pre-dump", source.env(), images, tree.root)
     assert done.returncode == 0, done.stderr
     # No cuda-checkpoint check: an AMD render node is no NVIDIA GPU.
     assert "cuda-checkpoint" not in done.stdout + done.stderr
+    # The log line counts the nodes by family.
+    assert done.stdout.startswith(
+        "gpu-device-watcher: recorded generation 1: 1 AMD device(s) (dri/renderD5) used by "
+        f"the tree of pid {tree.root}, in "
+    ), done.stdout
     source.stop()
     return images
 

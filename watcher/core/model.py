@@ -10,6 +10,8 @@ from typing import Literal
 
 import msgspec
 
+from watcher.core.names import FamilyName, Kind, Severity
+
 __all__ = [
     "Amd",
     "Device",
@@ -25,22 +27,6 @@ __all__ = [
     "Severity",
 ]
 
-Severity = Literal["error", "warning", "info"]
-Kind = Literal[
-    "control",
-    "modeset",
-    "gpu",
-    "uvm",
-    "uvm-tools",
-    "cap",
-    "imex-channel",
-    "nvswitch",
-    "nvswitch-control",
-    "kfd",
-    "render",
-]
-# Which driver family a device, GPU or problem belongs to (watcher.core.devices).
-FamilyName = Literal["nvidia", "amd"]
 DriverSource = Literal["validations", "config", "detected"]
 ProblemCode = Literal[
     "driver-not-loaded",
