@@ -74,6 +74,9 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     uuid: str | None
     device: str | None
     family: FamilyName = "nvidia"
+    # A compute partition of an AMD GPU (amdgpu_xcp.K): K, with the physical GPU's bus_id,
+    # model and uuid. Left out of the JSON for a whole GPU, which looks as it always did.
+    partition: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):
