@@ -110,6 +110,9 @@ class Family:
     ready_dev_key: str = "NVIDIA_DEV_ROOT"
     # The tool that opens the control node and misses it outside /dev, for `not-in-dev`.
     opened_by: str = "CRIU's CUDA plugin"
+    # Names in /proc/devices that are the driver's whatever spec knows them (NVIDIA's modules
+    # all start `nvidia`): without the daemon, a tree holding one such node stops a dump.
+    major_prefix: str | None = None
     # The devices of a GPU's compute partitions, which no driver is bound to (the pattern's
     # `k` group is the partition's number): a `sys_driver` node on one is the family's when
     # the driver's topology names its minor.
@@ -185,6 +188,7 @@ NVIDIA = Family(
     ),
     subdirs=("nvidia-caps", "nvidia-caps-imex-channels"),
     core_majors=_CORE,
+    major_prefix="nvidia",
     expected=(
         Expected("nvidiactl", "error", "every CUDA process opens it"),
         Expected("nvidia-uvm", "error", "the nvidia-uvm module is loaded", "nvidia-uvm"),

@@ -145,7 +145,10 @@ def used_summary(used: list[dict[str, Any]]) -> str:
     by_family: dict[str, list[str]] = {}
     for device in used:
         family = device.get("family")
-        display = _FAMILY_DISPLAY.get(family, "NVIDIA") if isinstance(family, str) else "NVIDIA"
+        # Maps before the AMD family have no `family`: every device there is NVIDIA's.
+        display = (
+            _FAMILY_DISPLAY.get(family, shown(family)) if isinstance(family, str) else "NVIDIA"
+        )
         by_family.setdefault(display, []).append(shown(device["name"]))
     parts = [
         f"{len(names)} {display} device(s) ({', '.join(names)})"

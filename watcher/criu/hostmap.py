@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
     from typing import Any
 
+    from watcher.core.devices import Family
+
 # Long enough for a daemon busy rescanning a 10,000-mount table, short enough that a hung
 # daemon delays a dump by seconds, not minutes (the direct scan then takes over).
 DAEMON_TIMEOUT_S = 5.0
@@ -127,42 +129,47 @@ def held_gpu_devices(
     """`major:minor` of each held device that belongs to a family, by the family's display
     name ("NVIDIA", "AMD"), from the family table as the scanner reads it.
 
-    A major whose name starts with `nvidia` counts whatever table knows it: a module newer
-    than this table still stops a dump it cannot record. A node that several drivers make
-    (the DRM render nodes, `NodeSpec.sys_driver`) counts when sysfs says that driver made it,
-    or when it is a compute partition of the family's GPU that the driver's topology names.
+    A major named with a family's `major_prefix` counts whatever spec knows it: a module
+    newer than this table still stops a dump it cannot record. A node that several drivers
+    make (the DRM render nodes, `NodeSpec.sys_driver`) counts when sysfs says that driver
+    made it, or when it is a compute partition of the family's GPU that KFD's topology names.
     """
     from watcher.core.devices import FAMILIES  # noqa: PLC0415 (only without the daemon)
 
+    names_of: dict[int, list[str]] = {}
+    for name, number in majors.items():
+        names_of.setdefault(number, []).append(name)
+    kfd_minors: list[set[int]] = []  # read once, on the first partition met
+
+    def owns(family: Family, names: list[str], minor: int) -> bool:
+        prefix = family.major_prefix
+        if prefix is not None and any(name.startswith(prefix) for name in names):
+            return True
+        for spec in family.specs:
+            if not any(name in spec.majors for name in names):
+                continue
+            if spec.sys_driver is None:
+                return True
+            node = family.gpu_node_name(minor)
+            matched = family.match(node)
+            if matched is None or matched[0] is not spec:
+                continue
+            driver, device = _sys_driver(sys, node.rpartition("/")[2])
+            if driver == spec.sys_driver:
+                return True
+            if driver is None and family.partition_of(device) is not None:
+                if not kfd_minors:
+                    kfd_minors.append(_kfd_render_minors(sys))
+                if minor in kfd_minors[0]:
+                    return True
+        return False
+
     found: dict[str, list[str]] = {}
-    kfd_minors: set[int] | None = None
     for major, minor in sorted(held):
-        for family in FAMILIES:
-            names = [name for name, number in majors.items() if number == major]
-            wide = family.name == "nvidia" and any(name.startswith("nvidia") for name in names)
-            owned = False
-            for spec in family.specs:
-                if not any(name in spec.majors for name in names):
-                    continue
-                if spec.sys_driver is None:
-                    owned = True
-                    break
-                node = family.gpu_node_name(minor)
-                matched = family.match(node)
-                if matched is None or matched[0] is not spec:
-                    continue
-                driver, device = _sys_driver(sys, node.rpartition("/")[2])
-                if driver == spec.sys_driver:
-                    owned = True
-                elif driver is None and family.partition_of(device) is not None:
-                    if kfd_minors is None:
-                        kfd_minors = _kfd_render_minors(sys)
-                    owned = minor in kfd_minors
-                if owned:
-                    break
-            if wide or owned:
-                found.setdefault(family.display, []).append(f"{major}:{minor}")
-                break
+        names = names_of.get(major, [])
+        family = next((family for family in FAMILIES if owns(family, names, minor)), None)
+        if family is not None:
+            found.setdefault(family.display, []).append(f"{major}:{minor}")
     return found
 
 
@@ -186,6 +193,7 @@ def _sys_driver(sys: str, name: str) -> tuple[str | None, str | None]:
 def _kfd_render_minors(sys: str) -> set[int]:
     """The render minors KFD's topology names (`drm_render_minor` of each node)."""
     import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
 
     from watcher.core.devices import KFD_TOPOLOGY_NODES, parse_kfd_properties  # noqa: PLC0415
 
@@ -197,10 +205,19 @@ def _kfd_render_minors(sys: str) -> set[int]:
     minors: set[int] = set()
     for node in nodes:
         try:
-            with open(f"{base}/{node}/properties", "rb") as file:
-                text = file.read(1 << 16).decode("ascii", "replace")
+            # O_NONBLOCK: a FIFO planted where a properties file should be must not hang
+            # CRIU's dump.
+            fd = os.open(f"{base}/{node}/properties", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            text = os.read(fd, 1 << 16).decode("ascii", "replace")
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
         minor = parse_kfd_properties(text).get("drm_render_minor", 0)
         if minor:
             minors.add(minor)
