@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from watcher.contract import utc_timestamp
-from watcher.core.devices import FAMILIES, Family
+from watcher.core.devices import FAMILIES, KFD_TOPOLOGY_NODES, Family, parse_kfd_properties
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, PathFilter, parse_mountinfo
 from watcher.core.procfs import GpuInformation, parse_gpu_information
@@ -28,6 +28,7 @@ from watcher.core.scan import (
     FileType,
     HostSnapshot,
     HostView,
+    KfdNode,
     NodeEntry,
     build_map,
     candidates_for,
@@ -40,6 +41,7 @@ __all__ = [
     "list_dev_root",
     "open_dir_nofollow",
     "read_host",
+    "read_kfd_topology",
     "read_sys_drm",
     "read_text",
     "resolve_in",
@@ -250,6 +252,7 @@ def read_host(
         for candidate in candidates
         if os.path.isdir(view.fs_path(candidate.driver_root))
     }
+    sys_drm = read_sys_drm(view.sys) if any(f.gpus_from == "sys" for f in families) else ()
     return HostSnapshot(
         proc_devices=proc_devices,
         proc_devices_error=proc_devices_error,
@@ -264,7 +267,8 @@ def read_host(
         cuda_checkpoints=frozenset(
             path for path in cuda_checkpoint_candidates(candidates) if _is_executable(view, path)
         ),
-        sys_drm=read_sys_drm(view.sys) if any(f.gpus_from == "sys" for f in families) else (),
+        sys_drm=sys_drm,
+        kfd_nodes=read_kfd_topology(view.sys) if _partitions_listed(sys_drm, families) else (),
     )
 
 
@@ -461,6 +465,64 @@ def read_sys_drm(sys: str) -> tuple[DrmNode, ...]:
                 bus_id=posixpath.basename(device) if device else None,
                 product_name=_sys_value(sys, device, "product_name") if device else None,
                 unique_id=unique_id if unique_id and _UNIQUE_ID.fullmatch(unique_id) else None,
+            )
+        )
+    return tuple(found)
+
+
+def _partitions_listed(sys_drm: tuple[DrmNode, ...], families: tuple[Family, ...]) -> bool:
+    """Whether a render node sits on a compute partition's device: only then is KFD's
+    topology read (a host whose GPUs are not split reads nothing more than before)."""
+    return any(
+        node.driver is None and family.partition_of(node.bus_id) is not None
+        for node in sys_drm
+        for family in families
+    )
+
+
+# A topology node's properties file is about 1.5 KiB; a bound keeps a planted file cheap.
+_KFD_PROPERTIES_LIMIT = 16 << 10
+
+
+def read_kfd_topology(sys: str) -> tuple[KfdNode, ...]:
+    """The GPU nodes of KFD's topology (<sys>/class/kfd/kfd/topology/nodes/*/properties):
+    the render minor each names, with its GPU's PCI domain, location and unique id. CPU
+    nodes (`drm_render_minor 0`) and unreadable nodes are left out."""
+    resolved = resolve_in(sys, KFD_TOPOLOGY_NODES)
+    if resolved is None:
+        return ()
+    base = posixpath.join(sys, resolved)
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return ()
+    found: list[KfdNode] = []
+    for name in names:
+        try:
+            fd = os.open(
+                posixpath.join(base, name, "properties"),
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            data = os.read(fd, _KFD_PROPERTIES_LIMIT)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        properties = parse_kfd_properties(data.decode("ascii", "replace"))
+        minor = properties.get("drm_render_minor", 0)
+        if minor <= 0 or "location_id" not in properties:
+            continue
+        found.append(
+            KfdNode(
+                render_minor=minor,
+                domain=properties.get("domain", 0),
+                location_id=properties["location_id"],
+                unique_id=properties.get("unique_id", 0),
             )
         )
     return tuple(found)

@@ -56,6 +56,14 @@ def _columns(rows: list[list[str]]) -> list[str]:
     ]
 
 
+def _gpu_cell(gpu: dict[str, Any]) -> str:
+    """The GPU's minor; a compute partition says which (its bus id, model and uuid are
+    its physical GPU's, so the row would otherwise read as a second copy of that GPU)."""
+    minor = "-" if gpu.get("minor") is None else str(gpu["minor"])
+    partition = gpu.get("partition")
+    return minor if partition is None else f"{minor} (partition {partition})"
+
+
 def as_table(device_map: dict[str, Any]) -> str:
     """For people: the driver line, aligned devices and GPUs, then the problems."""
     driver = device_map.get("driver") or {}
@@ -110,7 +118,7 @@ def as_table(device_map: dict[str, Any]) -> str:
         rows = [["GPU", "BUS ID", "MODEL", "UUID", "DEVICE", *(["FAMILY"] if mixed else [])]]
         rows.extend(
             [
-                "-" if gpu.get("minor") is None else str(gpu["minor"]),
+                _gpu_cell(gpu),
                 gpu.get("bus_id") or "-",
                 gpu.get("model") or "-",
                 gpu.get("uuid") or "-",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hostfiles import drm_render, mknod, proc_devices_text
+from tests.support.hostfiles import drm_render, mknod, partitioned_gpu, proc_devices_text
 from watcher.contract import CHANGE_WORDS, summary_line
 from watcher.render import describe_update
 
@@ -158,3 +158,28 @@ def test_watch_lines_and_the_summary_name_amd_only_where_it_is() -> None:
         amd_devices=1,
     )
     assert both == "driver 580.95.05, 2 devices in /dev, AMD kfd not loaded, 1 AMD devices in /dev"
+
+
+@needs_root
+def test_scan_of_a_host_with_a_partitioned_gpu(amd_host: list[str], tmp_path: Path) -> None:
+    """The MI210 host above plus an MI300X in CPX: its own render node 136 and partition
+    amdgpu_xcp.0 on renderD137, which KFD names (tests/realfs/test_amd_partitions.py has
+    the layout's sources)."""
+    root, sys_dir = tmp_path / "root", tmp_path / "sys"
+    for minor in (136, 137):
+        mknod(root / f"dev/dri/renderD{minor}", 226, minor)
+    partitioned_gpu(
+        sys_dir, bus_id="0000:02:00.0", minors=(136, 137), first_partition=0, unique_id=42
+    )
+    done = scan(*amd_host)
+    assert done.returncode == 0, done.stderr
+    gpus = json.loads(done.stdout)["gpus"]
+    assert [(g["minor"], g.get("partition"), g["bus_id"]) for g in gpus] == [
+        (128, None, "0000:83:00.0"),
+        (136, None, "0000:02:00.0"),
+        (137, 0, "0000:02:00.0"),
+    ]
+    assert "partition" not in gpus[0]
+    table = scan(*amd_host, "--format", "table").stdout
+    [row] = [line for line in table.splitlines() if "renderD137" in line and "0000:02" in line]
+    assert row.startswith("137 (partition 0)  0000:02:00.0  AMD Instinct MI300X")

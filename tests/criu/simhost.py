@@ -31,7 +31,14 @@ from types import TracebackType
 from typing import Any
 
 from tests.support.daemonproc import DaemonProcess
-from tests.support.host import MS_PRIVATE, MS_REC, FakeHost, drm_render, mount
+from tests.support.host import (
+    MS_PRIVATE,
+    MS_REC,
+    FakeHost,
+    drm_render,
+    mount,
+    partitioned_gpu,
+)
 from tests.support.processes import PRIVATE_MOUNTS
 from watcher import client
 
@@ -79,6 +86,8 @@ class HostSpec:
     # (minor, bus id, driver, product_name, unique_id).
     majors: dict[str, int] = field(default_factory=dict)
     renders: list[tuple[int, str, str, str | None, str | None]] = field(default_factory=list)
+    # MI300-class GPUs in compute partitions (`tests.support.host.partitioned_gpu` options).
+    partitioned: list[dict[str, Any]] = field(default_factory=list)
 
 
 class HostError(RuntimeError):
@@ -131,6 +140,8 @@ class SimHost:
             drm_render(
                 self.sys, minor, bus_id, driver=driver, product_name=product, unique_id=unique_id
             )
+        for options in self.spec.partitioned:
+            partitioned_gpu(self.sys, **options)
 
     def write_config(self) -> None:
         lines = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -20,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hostfiles import proc_devices_text
+from tests.support.hostfiles import drm_partition, drm_render, kfd_node, proc_devices_text
 from watcher import actionfile
 
-from .harness import Tree
+from .harness import Criu, Tree, alive
 from .simhost import SimHost
 
 TIMEOUT = 30.0
@@ -275,3 +276,98 @@ def test_without_the_daemon_a_dump_goes_on_only_for_a_tree_without_a_gpu(
     assert "cannot read" in blind.stderr
     assert "dump stopped" in blind.stderr
     assert not (images / RECORD).exists()
+
+
+def test_without_the_daemon_a_dump_of_an_amd_tree_is_refused(
+    bare_python: Path, trees: Callable[..., Tree], tmp_path: Path
+) -> None:
+    """AMD through the family table, with the bare file: the tree holds /dev/ptmx, whose
+    major /proc/devices calls `drm` (the render nodes' major) or `kfd`. A render node counts
+    when sysfs says amdgpu made it, or when it is a compute partition (amdgpu_xcp.K) that
+    KFD's topology names; another driver's render node, or a partition KFD does not name,
+    lets the dump go on."""
+    action, images = installed(tmp_path)
+    rdev = os.stat("/dev/ptmx").st_rdev
+    major, minor = os.major(rdev), os.minor(rdev)
+    proc, sys_dir = tmp_path / "proc", tmp_path / "sys"
+    proc.mkdir()
+    (proc / "devices").write_text(proc_devices_text({"drm": major, "kfd": 510}))
+    config = tmp_path / "config.toml"
+    config.write_text(f'proc = "{proc}"\nsys = "{sys_dir}"\n')
+    config.chmod(0o600)
+    gone = str(tmp_path / "no-daemon.sock")
+    tree = trees("/dev/ptmx")
+
+    def dump() -> subprocess.CompletedProcess[str]:
+        return run_bare(bare_python, action, "pre-dump", gone, images, pid=tree.root, config=config)
+
+    def refused(done: subprocess.CompletedProcess[str]) -> None:
+        assert done.returncode == 1, done.stderr
+        assert f"holds AMD device(s) {major}:{minor}" in done.stderr
+        assert "dump stopped" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not (images / RECORD).exists()
+
+    def goes_on(done: subprocess.CompletedProcess[str]) -> None:
+        assert done.returncode == 0, done.stderr
+        assert "no GPU device in use" in done.stdout
+        assert not (images / RECORD).exists()
+
+    # An amdgpu render node.
+    drm_render(sys_dir, minor, "0000:c1:00.0", product_name="AMD Instinct MI300X")
+    refused(dump())
+    # Another driver's render node under the same major: not AMD's.
+    shutil.rmtree(sys_dir)
+    drm_render(sys_dir, minor, "0000:00:02.0", driver="i915")
+    goes_on(dump())
+    # A compute partition's render node that KFD names: AMD's.
+    shutil.rmtree(sys_dir)
+    drm_partition(sys_dir, minor, 0)
+    kfd_node(sys_dir, 1, {"location_id": 0xC100, "domain": 0, "drm_render_minor": minor})
+    refused(dump())
+    # The same platform device that no KFD node names (the GPU is not split): not listed.
+    kfd_node(sys_dir, 1, {"location_id": 0xC100, "domain": 0, "drm_render_minor": 128})
+    goes_on(dump())
+    # /dev/kfd's major: AMD's whatever sysfs says.
+    (proc / "devices").write_text(proc_devices_text({"kfd": major}))
+    refused(dump())
+
+
+@pytest.mark.criu
+def test_a_real_criu_dump_of_an_amd_tree_stops_while_the_daemon_is_down(
+    bare_python: Path, criu: Criu, trees: Callable[..., Tree], tmp_path: Path
+) -> None:
+    """CRIU 4.1.1 runs the installed file at pre-dump with no daemon to ask: the tree holds
+    /dev/zero, whose major /proc/devices calls `drm`, and renderD5 is an amdgpu render node
+    in sysfs. The dump stops before CRIU freezes anything, and the tree lives on. The
+    control: the same tree where renderD5 is another driver's is dumped (and so killed)."""
+    action, _ = installed(tmp_path)
+    rdev = os.stat("/dev/zero").st_rdev
+    major, minor = os.major(rdev), os.minor(rdev)
+    proc, sys_dir = tmp_path / "proc", tmp_path / "sys"
+    proc.mkdir()
+    (proc / "devices").write_text(proc_devices_text({"drm": major, "kfd": 510}))
+    config = tmp_path / "config.toml"
+    config.write_text(f'proc = "{proc}"\nsys = "{sys_dir}"\n')
+    config.chmod(0o600)
+    env = {
+        # The file's `#!/usr/bin/env python3` finds the bare interpreter: no msgspec there.
+        "PATH": f"{bare_python.parent}:/usr/bin:/bin",
+        "GPU_DEVICE_WATCHER_SOCKET": str(tmp_path / "no-daemon.sock"),
+        "GPU_DEVICE_WATCHER_CONFIG": str(config),
+    }
+    drm_render(sys_dir, minor, "0000:c1:00.0", product_name="AMD Instinct MI300X")
+    tree = trees("/dev/zero")
+    stopped = criu.dump(tree.root, tmp_path / "images", env, action=action)
+    assert not stopped.ok, stopped.explain()
+    assert f"holds AMD device(s) {major}:{minor}" in stopped.log, stopped.explain()
+    assert "cannot reach the daemon" in stopped.log
+    assert not (tmp_path / "images" / RECORD).exists()
+    assert alive(tree.root) and alive(tree.child)
+
+    shutil.rmtree(sys_dir)
+    drm_render(sys_dir, minor, "0000:00:02.0", driver="i915")
+    dumped = criu.dump(tree.root, tmp_path / "images-i915", env, action=action)
+    assert dumped.ok, dumped.explain()
+    assert "no GPU device in use" in dumped.log
+    tree.gone()

@@ -46,10 +46,16 @@ def dumped(make_host: Callable[..., SimHost], trees: Callable[..., Tree], tmp_pa
     assert live["problems"] == []
     images = tmp_path / "images"
     images.mkdir()
-    done = run_action("pre-dump", source.env(), images, trees("/dev/zero").root)
+    tree = trees("/dev/zero")
+    done = run_action("pre-dump", source.env(), images, tree.root)
     assert done.returncode == 0, done.stderr
     # No cuda-checkpoint check: an AMD render node is no NVIDIA GPU.
     assert "cuda-checkpoint" not in done.stdout + done.stderr
+    # The log line counts the nodes by family.
+    assert done.stdout.startswith(
+        "gpu-device-watcher: recorded generation 1: 1 AMD device(s) (dri/renderD5) used by "
+        f"the tree of pid {tree.root}, in "
+    ), done.stdout
     source.stop()
     return images
 
@@ -92,3 +98,76 @@ def test_restore_check_refuses_another_model(
     assert [r["code"] for r in json.loads(done.stdout)["reasons"]] == ["gpu-model"]
     pre_restore = run_action("pre-restore", target.env(), dumped)
     assert pre_restore.returncode == 1
+
+
+# --- a compute partition (an MI300X in CPX) ---------------------------------------------
+
+MI300X = "AMD Instinct MI300X"
+UNIQUE_C = 7843934696581995200  # KFD's decimal unique_id; sysfs writes it %016x
+
+
+def partition_spec(minor: int, numbers: tuple[int, int], *, split: bool = True) -> HostSpec:
+    """An MI300X whose own render node is renderD4 (/dev/port's numbers) and whose next
+    partition is `minor`, on platform device amdgpu_xcp.3; `split=False`: the GPU is not
+    split, KFD names renderD4 alone."""
+    return HostSpec(
+        driver_loaded=False,
+        nodes={"kfd": (4, 0), "dri/renderD4": (1, 4), f"dri/renderD{minor}": numbers},
+        gpus=[],
+        majors={"kfd": 4, "drm": 1},
+        partitioned=[
+            {
+                "bus_id": "0000:02:00.0",
+                "minors": (4, minor),
+                "first_partition": 3,
+                "unique_id": UNIQUE_C,
+                "kfd_names_partitions": split,
+            }
+        ],
+    )
+
+
+@pytest.fixture
+def dumped_partition(
+    make_host: Callable[..., SimHost], trees: Callable[..., Tree], tmp_path: Path
+) -> Path:
+    source = make_host(partition_spec(5, DEV_ZERO), name="source")
+    live = source.get()["map"]
+    assert live["problems"] == []
+    assert [(g["minor"], g.get("partition")) for g in live["gpus"]] == [(4, None), (5, 3)]
+    images = tmp_path / "images"
+    images.mkdir()
+    tree = trees("/dev/zero")
+    done = run_action("pre-dump", source.env(), images, tree.root)
+    assert done.returncode == 0, done.stderr
+    source.stop()
+    return images
+
+
+def test_pre_dump_records_the_partition_with_its_physical_gpu(dumped_partition: Path) -> None:
+    [used] = read_record(dumped_partition)["used"]
+    assert (used["name"], used["family"]) == ("dri/renderD5", "amd")
+    assert used["gpu"] == {
+        "uuid": f"{UNIQUE_C:016x}",
+        "bus_id": "0000:02:00.0",
+        "model": MI300X,
+        "minor": 5,
+        "partition": 3,
+    }
+
+
+def test_a_partition_lands_on_a_partition_and_never_on_an_unsplit_gpu(
+    make_host: Callable[..., SimHost], dumped_partition: Path
+) -> None:
+    target = make_host(partition_spec(7, DEV_FULL), name="target")
+    done = restore_check(dumped_partition, "--socket", str(target.socket), "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["devices"] == [
+        {"name": "dri/renderD5", "path": "/dev/dri/renderD5", "here": "/dev/dri/renderD7"}
+    ]
+    target.stop()
+    unsplit = make_host(partition_spec(7, DEV_FULL, split=False), name="unsplit")
+    assert [g["minor"] for g in unsplit.get()["map"]["gpus"]] == [4]
+    refused = restore_check(dumped_partition, "--socket", str(unsplit.socket), "--format", "json")
+    assert refused.returncode == 1
+    assert [r["code"] for r in json.loads(refused.stdout)["reasons"]] == ["gpu-count"]

@@ -244,3 +244,85 @@ def test_two_render_nodes_under_one_unique_id_are_read() -> None:
     assert codes(verdict) == []
     assert landed(verdict)["dri/renderD128"] == "/dev/dri/renderD128"
     assert landed(verdict)["dri/renderD129"] == "/dev/dri/renderD129"
+
+
+# --------------------------------------------------------------------- compute partitions
+# An MI300X split into partitions (CPX): its own render node (a whole-GPU entry) and one
+# entry per partition render node, each with "partition": K and the physical GPU's unique id
+# and model (docs/map.md, "AMD compute partitions").
+
+
+def split(value: dict[str, Any], partitions: dict[int, int]) -> dict[str, Any]:
+    """`value` (a map from amd_here, or a record from amd_record) with the GPUs of the render
+    minors in `partitions` marked as compute partitions (minor -> K)."""
+    for gpu in value.get("gpus", []):
+        if gpu.get("family") == "amd" and gpu["minor"] in partitions:
+            gpu["partition"] = partitions[gpu["minor"]]
+    for entry in value.get("used", []):
+        if entry.get("gpu") is not None and entry["minor"] in partitions:
+            entry["gpu"]["partition"] = partitions[entry["minor"]]
+    if "map" in value:
+        split(value["map"], partitions)
+    return value
+
+
+# One MI300X (unique id A) in CPX on each host: renderD128 whole, 129..131 partitions 0..2.
+CPX_A = [(128, MI300X, A), (129, MI300X, A), (130, MI300X, A), (131, MI300X, A)]
+CPX_B = [(136, MI300X, B), (137, MI300X, B), (138, MI300X, B), (139, MI300X, B)]
+PARTS_A = {129: 0, 130: 1, 131: 2}
+PARTS_B = {137: 7, 138: 8, 139: 9}
+
+
+def partition_record(minor: int, at: dict[str, Any] | None = None) -> dict[str, Any]:
+    here = split(amd_here(CPX_A), PARTS_A)
+    [used] = [gpu for gpu in CPX_A if gpu[0] == minor]
+    return split(amd_record([used], at=at or here), PARTS_A)
+
+
+def test_a_partition_record_is_the_published_model() -> None:
+    decoded = msgspec.convert(partition_record(130), RecordModel, strict=True)
+    [render] = [u for u in decoded.used if u.kind == "render"]
+    assert render.gpu is not None and render.gpu.partition == 1
+
+
+def test_a_used_partition_lands_on_the_same_partition_of_the_same_gpu() -> None:
+    here = split(amd_here(list(reversed(CPX_A))), PARTS_A)  # map order must not matter
+    verdict = check(partition_record(130), here)
+    assert codes(verdict) == []
+    assert landed(verdict)["dri/renderD130"] == "/dev/dri/renderD130"
+
+
+def test_a_used_partition_lands_on_another_partition_of_its_gpu_before_another_gpu() -> None:
+    """Partition 1 is gone here (the GPU was split another way): another partition of the
+    same GPU is preferred to a partition of another GPU of the same model, even one with
+    the same minor."""
+    here = split(amd_here([*CPX_B[:2], (128, MI300X, A), (131, MI300X, A)]), {137: 7, 131: 2})
+    here["gpus"].append({**here["gpus"][1], "minor": 130, "device": "/dev/dri/renderD130"})
+    here["gpus"][-1]["partition"] = 8
+    here["devices"].append({**here["devices"][0], "name": "dri/renderD130", "minor": 130})
+    here["devices"][-1]["path"] = "/dev/dri/renderD130"
+    verdict = check(partition_record(130), here)
+    assert codes(verdict) == []
+    assert landed(verdict)["dri/renderD130"] == "/dev/dri/renderD131"
+
+
+def test_a_used_partition_moves_to_a_partition_of_another_gpu_of_the_model() -> None:
+    here = split(amd_here(CPX_B), PARTS_B)
+    verdict = check(partition_record(130), here)
+    assert codes(verdict) == []
+    # Not renderD136: that is a whole GPU, and a partition lands on a partition.
+    assert landed(verdict)["dri/renderD130"] == "/dev/dri/renderD137"
+
+
+def test_a_used_partition_never_lands_on_a_whole_gpu_nor_a_whole_gpu_on_a_partition() -> None:
+    unsplit = amd_here([(128, MI300X, A)])  # the same GPU, not split here
+    verdict = check(partition_record(130), unsplit)
+    assert codes(verdict) == ["gpu-count"]
+    only_partitions = split(amd_here(CPX_B[1:]), PARTS_B)
+    whole = check(partition_record(128), only_partitions)
+    assert codes(whole) == ["gpu-count"]
+
+
+def test_a_used_partition_of_another_model_refuses() -> None:
+    here = split(amd_here([(m, MI210, u) for m, _, u in CPX_B]), PARTS_B)
+    assert codes(check(partition_record(130), here)) == ["gpu-model"]

@@ -148,6 +148,10 @@ class HostLayout:
             **attributes,
         )
 
+    def partitioned_gpu(self, **options: Any) -> HostLayout:
+        """An MI300-class GPU in compute partitions (`tests.support.host.partitioned_gpu`)."""
+        return self._step("partitioned_gpu", "sys", **options)
+
     # ------------------------------------------------------------ /proc and GPU Operator files
 
     def proc_devices(

@@ -40,12 +40,15 @@ __all__ = [
     "MS_PRIVATE",
     "MS_REC",
     "FakeHost",
+    "drm_partition",
     "drm_render",
     "information_text",
+    "kfd_node",
     "make_nodes",
     "mknod",
     "mount",
     "mounts_under",
+    "partitioned_gpu",
     "proc_devices_text",
     "umount",
     "version_text",
@@ -220,6 +223,79 @@ def drm_render(
             write_text(sys_dir / device / name, value + "\n", atomic=True)
 
 
+def drm_partition(sys_dir: Path, minor: int, number: int, *, separator: str = ".") -> None:
+    """The render node of a compute partition, as amdgpu makes it for an MI300-class GPU in
+    CPX (and other) modes: class/drm/renderDN -> devices/platform/amdgpu_xcp.K/drm/renderDN,
+    whose `device` is the platform device, which has no `driver` link (newer kernels name it
+    amdgpu_xcp_K: `separator="_"`)."""
+    device = f"devices/platform/amdgpu_xcp{separator}{number}"
+    node = f"{device}/drm/renderD{minor}"
+    (sys_dir / node).mkdir(parents=True)
+    _sys_link(sys_dir, f"class/drm/renderD{minor}", node)
+    _sys_link(sys_dir, f"{node}/device", device)
+
+
+def kfd_node(sys_dir: Path, index: int, properties: Mapping[str, int]) -> None:
+    """KFD topology node `index` (class/kfd/kfd/topology/nodes/N/properties): one
+    `name value` line per property, values in decimal, as the kernel writes them."""
+    text = "".join(f"{name} {value}\n" for name, value in properties.items())
+    write_text(sys_dir / f"class/kfd/kfd/topology/nodes/{index}/properties", text, atomic=True)
+
+
+def _kfd_gpu(render_minor: int, domain: int, location_id: int, unique_id: int) -> dict[str, int]:
+    # The properties of an MI300X node as KFD writes them (those around the four the map
+    # reads, in the kernel's order, so that the parser meets a real file's shape).
+    return {
+        "cpu_cores_count": 0,
+        "simd_count": 1216,
+        "gfx_target_version": 90402,
+        "vendor_id": 4098,
+        "device_id": 29857,
+        "location_id": location_id,
+        "domain": domain,
+        "drm_render_minor": render_minor,
+        "hive_id": 0,
+        "num_sdma_engines": 2,
+        "unique_id": unique_id,
+        "num_xcc": 1,
+    }
+
+
+def partitioned_gpu(
+    sys_dir: Path,
+    *,
+    bus_id: str,
+    minors: tuple[int, ...],
+    first_partition: int,
+    unique_id: int,
+    product_name: str | None = "AMD Instinct MI300X",
+    kfd_names_partitions: bool = True,
+    first_kfd_node: int = 1,
+) -> None:
+    """One MI300-class GPU as a CPX host shows it: its PCI device's render node (`minors[0]`,
+    driver amdgpu, the first partition) and one platform device amdgpu_xcp.K per other
+    partition (K from `first_partition` on: the kernel numbers them across all GPUs). With
+    `kfd_names_partitions`, KFD lists one topology node per partition, each naming its render
+    minor with the GPU's PCI address and unique id; without, the GPU is not split (SPX) and
+    KFD names its PCI render node alone, while the platform devices linger."""
+    drm_render(
+        sys_dir,
+        minors[0],
+        bus_id,
+        product_name=product_name,
+        unique_id=f"{unique_id:016x}",
+    )
+    for offset, minor in enumerate(minors[1:]):
+        drm_partition(sys_dir, minor, first_partition + offset)
+    domain, bus, slot_function = bus_id.split(":")
+    slot, function = slot_function.split(".")
+    location_id = int(bus, 16) << 8 | int(slot, 16) << 3 | int(function)
+    named = minors if kfd_names_partitions else minors[:1]
+    for offset, minor in enumerate(named):
+        properties = _kfd_gpu(minor, int(domain, 16), location_id, unique_id)
+        kfd_node(sys_dir, first_kfd_node + offset, properties)
+
+
 # --- the builder ------------------------------------------------------------------------
 
 # The GPU Operator's shape: the driver container's root at /run/nvidia/driver, its /dev the
@@ -380,6 +456,17 @@ class FakeHost:
     def drm_render(self, minor: int, bus_id: str, **options: Any) -> None:
         """A render node in the fake sysfs (see `drm_render`)."""
         drm_render(self.sys, minor, bus_id, **options)
+
+    def drm_partition(self, minor: int, number: int, **options: Any) -> None:
+        """A compute partition's render node in the fake sysfs (see `drm_partition`)."""
+        drm_partition(self.sys, minor, number, **options)
+
+    def kfd_node(self, index: int, properties: Mapping[str, int]) -> None:
+        kfd_node(self.sys, index, properties)
+
+    def partitioned_gpu(self, **options: Any) -> None:
+        """An MI300-class GPU split into partitions (see `partitioned_gpu`)."""
+        partitioned_gpu(self.sys, **options)
 
     def sys_link(self, relative: str, target: str) -> None:
         _sys_link(self.sys, relative, target)

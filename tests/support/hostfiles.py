@@ -5,6 +5,22 @@ Kept importable from here; the code lives in `tests.support.host`, the one host 
 
 from __future__ import annotations
 
-from tests.support.host import drm_render, make_nodes, mknod, proc_devices_text
+from tests.support.host import (
+    drm_partition,
+    drm_render,
+    kfd_node,
+    make_nodes,
+    mknod,
+    partitioned_gpu,
+    proc_devices_text,
+)
 
-__all__ = ["drm_render", "make_nodes", "mknod", "proc_devices_text"]
+__all__ = [
+    "drm_partition",
+    "drm_render",
+    "kfd_node",
+    "make_nodes",
+    "mknod",
+    "partitioned_gpu",
+    "proc_devices_text",
+]

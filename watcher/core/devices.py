@@ -11,17 +11,21 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from watcher.core.model import FamilyName, Kind, Severity
+from watcher.core.names import FamilyName, Kind, Severity
 
 __all__ = [
     "AMD",
     "FAMILIES",
+    "KFD_TOPOLOGY_NODES",
     "NVIDIA",
     "Expected",
     "Family",
     "NodeSpec",
     "ProcDevicesError",
+    "amd_unique_id",
+    "parse_kfd_properties",
     "parse_proc_devices",
+    "pci_address",
 ]
 
 
@@ -106,6 +110,20 @@ class Family:
     ready_dev_key: str = "NVIDIA_DEV_ROOT"
     # The tool that opens the control node and misses it outside /dev, for `not-in-dev`.
     opened_by: str = "CRIU's CUDA plugin"
+    # Names in /proc/devices that are the driver's whatever spec knows them (NVIDIA's modules
+    # all start `nvidia`): without the daemon, a tree holding one such node stops a dump.
+    major_prefix: str | None = None
+    # The devices of a GPU's compute partitions, which no driver is bound to (the pattern's
+    # `k` group is the partition's number): a `sys_driver` node on one is the family's when
+    # the driver's topology names its minor.
+    partition_device: re.Pattern[str] | None = None
+
+    def partition_of(self, device_name: str | None) -> int | None:
+        """K when a device called `device_name` is one of the family's partitions."""
+        if self.partition_device is None or device_name is None:
+            return None
+        found = self.partition_device.fullmatch(device_name)
+        return int(found.group("k")) if found is not None else None
 
     def gpu_node_name(self, minor: int) -> str:
         return self.gpu_node.format(minor=minor)
@@ -170,6 +188,7 @@ NVIDIA = Family(
     ),
     subdirs=("nvidia-caps", "nvidia-caps-imex-channels"),
     core_majors=_CORE,
+    major_prefix="nvidia",
     expected=(
         Expected("nvidiactl", "error", "every CUDA process opens it"),
         Expected("nvidia-uvm", "error", "the nvidia-uvm module is loaded", "nvidia-uvm"),
@@ -212,7 +231,42 @@ AMD = Family(
     ready_root_key="",
     ready_dev_key="",
     opened_by="CRIU's amdgpu plugin",
+    # MI300-class GPUs split into compute partitions (CPX and other modes) give each extra
+    # partition a render node on a platform device: `amdgpu_xcp.K` (amdgpu_xcp_drv.c calls
+    # platform_device_register_simple("amdgpu_xcp", K)); newer kernels name it
+    # `amdgpu_xcp_K` (registered with id -1). Neither has a `driver` link.
+    partition_device=re.compile(r"amdgpu_xcp[._](?P<k>0|[1-9][0-9]{0,3})"),
 )
+
+# KFD's topology (<sys>/class/kfd/kfd/topology/nodes/N/properties, one `name value` line per
+# property, values in decimal): a GPU node names its render minor (`drm_render_minor`; a
+# partition's own), the PCI address of the physical GPU (`domain`, and `location_id`, i.e.
+# bus << 8 | devfn) and that GPU's `unique_id`. CPU nodes say `drm_render_minor 0`.
+KFD_TOPOLOGY_NODES = "class/kfd/kfd/topology/nodes"
+
+
+def parse_kfd_properties(text: str) -> dict[str, int]:
+    """The integer properties of one KFD topology node; lines of another shape are skipped
+    (a newer kernel may add some)."""
+    properties: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].isascii() and fields[1].isdigit():
+            properties.setdefault(fields[0], int(fields[1]))
+    return properties
+
+
+def pci_address(domain: int, location_id: int) -> str:
+    """`0000:c1:00.0` from KFD's `domain` and `location_id`, as sysfs names PCI devices."""
+    bus, slot, function = location_id >> 8 & 0xFF, location_id >> 3 & 0x1F, location_id & 0x7
+    return f"{domain:04x}:{bus:02x}:{slot:02x}.{function:x}"
+
+
+def amd_unique_id(value: int) -> str | None:
+    """KFD's decimal `unique_id` as amdgpu's sysfs `unique_id` writes it (16 hex digits);
+    None for 0, which both use for "unknown"."""
+    return f"{value:016x}" if 0 < value < 1 << 64 else None
+
 
 # Every family the scanner, the probe and the event filter walk, NVIDIA first: it is the
 # one reported when no family shows any sign of life on the host.

@@ -10,6 +10,8 @@ from typing import Literal
 
 import msgspec
 
+from watcher.core.names import FamilyName, Kind, Severity
+
 __all__ = [
     "Amd",
     "Device",
@@ -25,22 +27,6 @@ __all__ = [
     "Severity",
 ]
 
-Severity = Literal["error", "warning", "info"]
-Kind = Literal[
-    "control",
-    "modeset",
-    "gpu",
-    "uvm",
-    "uvm-tools",
-    "cap",
-    "imex-channel",
-    "nvswitch",
-    "nvswitch-control",
-    "kfd",
-    "render",
-]
-# Which driver family a device, GPU or problem belongs to (watcher.core.devices).
-FamilyName = Literal["nvidia", "amd"]
 DriverSource = Literal["validations", "config", "detected"]
 ProblemCode = Literal[
     "driver-not-loaded",
@@ -88,6 +74,9 @@ class Gpu(msgspec.Struct, frozen=True, kw_only=True):
     uuid: str | None
     device: str | None
     family: FamilyName = "nvidia"
+    # A compute partition of an AMD GPU (amdgpu_xcp.K): K, with the physical GPU's bus_id,
+    # model and uuid. Left out of the JSON for a whole GPU, which looks as it always did.
+    partition: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):

@@ -26,6 +26,8 @@ class GpuInformation:
     model: str | None
     uuid: str | None
     minor: int | None
+    # A compute partition of an AMD GPU: its number (amdgpu_xcp.K); None for a whole GPU.
+    partition: int | None = None
 
 
 def parse_gpu_information(text: str, bus_dir: str) -> GpuInformation:

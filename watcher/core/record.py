@@ -47,6 +47,13 @@ class UsedGpu(msgspec.Struct, frozen=True, kw_only=True):
     bus_id: Annotated[str, msgspec.Meta(description="PCI bus id at dump")]
     model: Annotated[str | None, msgspec.Meta(description="model name, e.g. NVIDIA H200")]
     minor: Annotated[int | None, msgspec.Meta(description="device minor at dump")]
+    partition: Annotated[
+        int | None,
+        msgspec.Meta(
+            description="AMD: the compute partition's number (amdgpu_xcp.K) when the render "
+            "node was a partition of the GPU; absent for a whole GPU"
+        ),
+    ] = None
 
 
 class Check(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 import msgspec
 
-from watcher.core.devices import FAMILIES, NVIDIA, Family, ProcDevicesError, parse_proc_devices
+from watcher.core.devices import (
+    FAMILIES,
+    NVIDIA,
+    Family,
+    ProcDevicesError,
+    amd_unique_id,
+    parse_proc_devices,
+    pci_address,
+)
 from watcher.core.model import (
     Amd,
     Device,
@@ -40,6 +48,7 @@ __all__ = [
     "FileType",
     "HostSnapshot",
     "HostView",
+    "KfdNode",
     "NodeEntry",
     "build_map",
     "candidates_for",
@@ -147,6 +156,17 @@ class DrmNode:
     unique_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class KfdNode:
+    """One GPU node of KFD's topology: the render minor it names (a partition's own) and the
+    physical GPU's PCI domain, `location_id` (bus << 8 | devfn) and unique id (0: unknown)."""
+
+    render_minor: int
+    domain: int
+    location_id: int
+    unique_id: int = 0
+
+
 @dataclass(slots=True)
 class HostSnapshot:
     """Everything one scan read, gathered before any decision is made."""
@@ -166,6 +186,8 @@ class HostSnapshot:
     cuda_checkpoints: frozenset[str] = frozenset()
     # The render nodes <sys>/class/drm lists, whatever their driver.
     sys_drm: tuple[DrmNode, ...] = ()
+    # KFD's GPU nodes, read only when a render node sits on a compute partition's device.
+    kfd_nodes: tuple[KfdNode, ...] = ()
 
 
 CUDA_CHECKPOINT_HOST_PATHS = ("/usr/local/bin/cuda-checkpoint", "/usr/bin/cuda-checkpoint")
@@ -483,7 +505,29 @@ def _candidates(snapshot: HostSnapshot, family: Family) -> list[Candidate]:
 
 
 def _sys_drivers(snapshot: HostSnapshot) -> dict[str, str]:
-    return {node.name: node.driver for node in snapshot.sys_drm if node.driver is not None}
+    """The driver of each render node by basename; a compute partition's node, which has no
+    driver link, is its family's driver's when KFD names its minor."""
+    drivers = {node.name: node.driver for node in snapshot.sys_drm if node.driver is not None}
+    for family in FAMILIES:
+        if family.sys_driver is not None:
+            for node, _, _ in _partitions(snapshot, family):
+                drivers[node.name] = family.sys_driver
+    return drivers
+
+
+def _partitions(snapshot: HostSnapshot, family: Family) -> list[tuple[DrmNode, int, KfdNode]]:
+    """(render node, K, KFD node) of each compute partition of the family's GPUs that KFD's
+    topology names; a partition device no KFD node names (the GPU is not split) is left out."""
+    if family.partition_device is None or not snapshot.kfd_nodes:
+        return []
+    by_minor = {kfd.render_minor: kfd for kfd in snapshot.kfd_nodes}
+    found: list[tuple[DrmNode, int, KfdNode]] = []
+    for node in snapshot.sys_drm:
+        number = family.partition_of(node.bus_id) if node.driver is None else None
+        kfd = by_minor.get(node.minor)
+        if number is not None and kfd is not None:
+            found.append((node, number, kfd))
+    return found
 
 
 def _family_listing(snapshot: HostSnapshot, family: Family, dev_root: str) -> DevRootListing:
@@ -503,13 +547,38 @@ def _family_listing(snapshot: HostSnapshot, family: Family, dev_root: str) -> De
 def _gpu_information(snapshot: HostSnapshot, family: Family) -> list[GpuInformation]:
     if family.gpus_from == "proc":
         return snapshot.gpu_information
-    return [
+    whole = [
         GpuInformation(
             bus_id=node.bus_id or "", model=node.product_name, uuid=node.unique_id, minor=node.minor
         )
         for node in snapshot.sys_drm
         if node.driver is not None and node.driver == family.sys_driver
     ]
+    return whole + _partition_information(snapshot, family, whole)
+
+
+def _partition_information(
+    snapshot: HostSnapshot, family: Family, whole: list[GpuInformation]
+) -> list[GpuInformation]:
+    """A GPU entry per compute partition, with the identity of the physical GPU it belongs
+    to: the PCI address KFD gives, and that GPU's model and unique id from its own render
+    node (KFD's unique id where sysfs has none)."""
+    by_bus = {gpu.bus_id: gpu for gpu in whole}
+    found: list[GpuInformation] = []
+    for node, number, kfd in _partitions(snapshot, family):
+        bus_id = pci_address(kfd.domain, kfd.location_id)
+        physical = by_bus.get(bus_id)
+        found.append(
+            GpuInformation(
+                bus_id=bus_id,
+                model=physical.model if physical is not None else None,
+                uuid=(physical.uuid if physical is not None else None)
+                or amd_unique_id(kfd.unique_id),
+                minor=node.minor,
+                partition=number,
+            )
+        )
+    return found
 
 
 def _present(snapshot: HostSnapshot, family: Family, majors: dict[str, int]) -> bool:
@@ -710,6 +779,7 @@ def _gpus(information: list[GpuInformation], devices: list[Device], family: Fami
                 uuid=info.uuid,
                 device=node.path if node is not None else None,
                 family=family.name,
+                partition=msgspec.UNSET if info.partition is None else info.partition,
             )
         )
     return gpus

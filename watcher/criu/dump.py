@@ -121,15 +121,40 @@ def run_checks(
 
 
 def _gpu_identities(device_map: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Device path -> {"uuid", "bus_id", "model", "minor"}, from the map's `gpus`."""
+    """Device path -> {"uuid", "bus_id", "model", "minor"}, from the map's `gpus`; and
+    "partition" for a compute partition of an AMD GPU (absent for a whole GPU)."""
     found: dict[str, dict[str, Any]] = {}
     gpus = device_map.get("gpus")
     for gpu in gpus if isinstance(gpus, (list, tuple)) else []:
         if isinstance(gpu, dict) and isinstance(gpu.get("device"), str):
-            found[gpu["device"]] = {
-                key: gpu.get(key) for key in ("uuid", "bus_id", "model", "minor")
-            }
+            identity = {key: gpu.get(key) for key in ("uuid", "bus_id", "model", "minor")}
+            if gpu.get("partition") is not None:
+                identity["partition"] = gpu["partition"]
+            found[gpu["device"]] = identity
     return found
+
+
+# How each family is called in the pre-dump line (watcher.core.devices' `display`, which the
+# daemon path does not import).
+_FAMILY_DISPLAY = {"nvidia": "NVIDIA", "amd": "AMD"}
+
+
+def used_summary(used: list[dict[str, Any]]) -> str:
+    """`1 NVIDIA device(s) (nvidia5) and 2 AMD device(s) (dri/renderD128, kfd)`, or
+    `no GPU device` when the tree used none."""
+    by_family: dict[str, list[str]] = {}
+    for device in used:
+        family = device.get("family")
+        # Maps before the AMD family have no `family`: every device there is NVIDIA's.
+        display = (
+            _FAMILY_DISPLAY.get(family, shown(family)) if isinstance(family, str) else "NVIDIA"
+        )
+        by_family.setdefault(display, []).append(shown(device["name"]))
+    parts = [
+        f"{len(names)} {display} device(s) ({', '.join(names)})"
+        for display, names in by_family.items()
+    ]
+    return " and ".join(parts) or "no GPU device"
 
 
 def pre_dump(environ: Mapping[str, str]) -> int:
@@ -226,9 +251,8 @@ def pre_dump(environ: Mapping[str, str]) -> int:
             f"{shown(error.strerror or error)}"
         )
         return EXIT_REFUSE
-    names = ", ".join(shown(device["name"]) for device in used) or "none"
     tell(
-        f"recorded generation {generation}: {len(used)} NVIDIA device(s) used by the tree of "
-        f"pid {pid} ({names}) in {shown(image_dir_name(image_dir), 400)}/{RECORD_NAME}"
+        f"recorded generation {generation}: {used_summary(used)} used by the tree of pid {pid}"
+        f", in {shown(image_dir_name(image_dir), 400)}/{RECORD_NAME}"
     )
     return EXIT_OK

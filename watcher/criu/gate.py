@@ -11,8 +11,10 @@ of the same model that no other used GPU took, the same minor first. Every used 
 GPU of its own. Other used nodes (`nvidiactl`, `nvidia-uvm`, caps, `kfd`, ...) must be
 present and valid here by name; so must a used GPU whose identity the record does not know.
 AMD GPUs (used render nodes) are matched the same way among this host's AMD GPUs, by
-`unique_id` then model, and each reports the render node it lands on; the device map for
-cuda-checkpoint is NVIDIA's alone (CRIU's amdgpu plugin remaps render nodes itself).
+`unique_id` then model, and each reports the render node it lands on; a compute partition
+lands on a partition (same `unique_id` and partition number first), a whole GPU on a whole
+GPU. The device map for cuda-checkpoint is NVIDIA's alone (CRIU's amdgpu plugin remaps
+render nodes itself).
 
 Every value from the record in a message goes through `shown()`: messages are printed into
 CRIU's log.
@@ -102,7 +104,7 @@ def _dicts(value: object) -> list[dict[str, Any]]:
 
 
 class _HostGpu:
-    __slots__ = ("bus_id", "device", "family", "minor", "model", "uuid")
+    __slots__ = ("bus_id", "device", "family", "minor", "model", "partition", "uuid")
 
     def __init__(self, gpu: dict[str, Any]) -> None:
         self.family = _str(gpu.get("family")) or "nvidia"  # maps before AMD: NVIDIA's
@@ -112,6 +114,7 @@ class _HostGpu:
         self.minor = _int(gpu.get("minor"))
         self.bus_id = _str(gpu.get("bus_id"))
         self.device = _str(gpu.get("device"))
+        self.partition = _int(gpu.get("partition"))
 
     def label(self) -> str:
         return shown(self.uuid or self.bus_id or f"minor {self.minor}")
@@ -284,19 +287,30 @@ def _match_gpus(
         taken.add(host_index)
         landing[used_index] = host_index
 
-    # 1. The same GPU, by UUID (a GPU of another model under that UUID is not the same GPU).
+    # 1. The same GPU, by UUID (a GPU of another model under that UUID is not the same GPU);
+    # a compute partition by UUID and partition number (its GPU's partitions share the UUID).
     for i, (_, want) in enumerate(gpus_used):
         for j, gpu in enumerate(host):
             if (
                 j not in taken
                 and want.uuid is not None
                 and gpu.uuid == want.uuid
+                and gpu.partition == want.partition
                 and (want.model is None or gpu.model is None or gpu.model == want.model)
             ):
                 take(i, j)
                 break
-    # 2. A free GPU of the same model, the same minor first, then in the map's order.
-    for same_minor in (True, False):
+    # 2. A free GPU of the same model, a whole GPU for a whole GPU and a partition for a
+    # partition: another partition of the same GPU first, then the same minor, then any in
+    # the map's order.
+    preferences: tuple[Callable[[GpuId, _HostGpu], bool], ...] = (
+        lambda want, gpu: (
+            want.partition is not None and want.uuid is not None and gpu.uuid == want.uuid
+        ),
+        lambda want, gpu: want.minor is not None and gpu.minor == want.minor,
+        lambda want, gpu: True,
+    )
+    for preferred in preferences:
         for i, (_, want) in enumerate(gpus_used):
             if i in landing or want.model is None:
                 continue
@@ -304,7 +318,8 @@ def _match_gpus(
                 if (
                     j not in taken
                     and gpu.model == want.model
-                    and (not same_minor or (want.minor is not None and gpu.minor == want.minor))
+                    and (gpu.partition is None) == (want.partition is None)
+                    and preferred(want, gpu)
                 ):
                     take(i, j)
                     break

@@ -7,8 +7,10 @@ from watcher.criu.text import say, shown, tell
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
     from typing import Any
+
+    from watcher.core.devices import Family
 
 # Long enough for a daemon busy rescanning a 10,000-mount table, short enough that a hung
 # daemon delays a dump by seconds, not minutes (the direct scan then takes over).
@@ -68,11 +70,12 @@ def without_scanner(environ: Mapping[str, str]) -> int:
     """The exit code of a stage that needs a map this action file cannot make.
 
     `pre-restore` of a record that lists used devices has nothing to check them against:
-    refused. `pre-dump` still tells, from `/proc/devices` and the tree's fds and maps alone,
-    whether the tree holds any NVIDIA device: with none there is nothing to record (a restore
-    without a record goes anywhere, which is right for a tree without a GPU), and the dump goes
-    on, so that a daemon restarting does not stop every checkpoint on the node; with some it
-    is refused, since a GPU checkpoint without a record would be restored anywhere unchecked.
+    refused. `pre-dump` still tells, from `/proc/devices`, sysfs and the tree's fds and maps
+    alone, whether the tree holds a device of any family (`watcher.core.devices.FAMILIES`):
+    with none there is nothing to record (a restore without a record goes anywhere, which is
+    right for a tree without a GPU), and the dump goes on, so that a daemon restarting does
+    not stop every checkpoint on the node; with some it is refused, since a GPU checkpoint
+    without a record would be restored anywhere unchecked.
     """
     from watcher.criu import EXIT_OK, EXIT_REFUSE  # noqa: PLC0415 (the package imports this module)
 
@@ -82,10 +85,10 @@ def without_scanner(environ: Mapping[str, str]) -> int:
     # pre_dump checked it: digits, a running process.
     pid = int(environ["CRTOOLS_INIT_PID"])
     from watcher import proctree  # noqa: PLC0415
-    from watcher.criu.settings import proc_dir  # noqa: PLC0415
+    from watcher.criu.settings import proc_dir, sys_dir  # noqa: PLC0415
 
     devices = f"{proc_dir(environ)}/devices"
-    majors = nvidia_majors(devices)
+    majors = character_majors(devices)
     if isinstance(majors, str):
         say(
             f"cannot read {shown(devices)} ({shown(majors)}), so cannot tell whether the tree of "
@@ -94,13 +97,16 @@ def without_scanner(environ: Mapping[str, str]) -> int:
         return EXIT_REFUSE
     unreadable: list[int] = []
     held = proctree.open_char_devices(proctree.process_tree(pid), unreadable=unreadable)
-    gpu = [f"{major}:{minor}" for major, minor in held if major in majors]
+    gpu = held_gpu_devices(held, majors, sys_dir(environ))
     if gpu:
+        listed = "; ".join(
+            f"{display} device(s) {', '.join(numbers)}" for display, numbers in gpu.items()
+        )
         say(
-            f"the tree of pid {pid} holds NVIDIA device(s) {', '.join(gpu)}, and this action "
-            "file cannot record them without the daemon (it has no scanner of its own); dump "
-            "stopped: a GPU checkpoint without a record would be restored on any host "
-            "unchecked. Start the daemon and dump again"
+            f"the tree of pid {pid} holds {listed}, and this action file cannot record them "
+            "without the daemon (it has no scanner of its own); dump stopped: a GPU checkpoint "
+            "without a record would be restored on any host unchecked. Start the daemon and "
+            "dump again"
         )
         return EXIT_REFUSE
     if unreadable:
@@ -117,27 +123,122 @@ def without_scanner(environ: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
-def nvidia_majors(path: str) -> set[int] | str:
-    """The character-device majors of `/proc/devices` whose name starts with `nvidia`
-    (`nvidia`, `nvidia-frontend`, `nvidia-uvm`, `nvidia-caps`, `nvidia-nvswitch`, ...), or
-    why the file could not be read. Wider than the scanner's table on purpose: a major named
-    for NVIDIA that no table knows yet still stops a dump it cannot record."""
+def held_gpu_devices(
+    held: Iterable[tuple[int, int]], majors: Mapping[str, int], sys: str
+) -> dict[str, list[str]]:
+    """`major:minor` of each held device that belongs to a family, by the family's display
+    name ("NVIDIA", "AMD"), from the family table as the scanner reads it.
+
+    A major named with a family's `major_prefix` counts whatever spec knows it: a module
+    newer than this table still stops a dump it cannot record. A node that several drivers
+    make (the DRM render nodes, `NodeSpec.sys_driver`) counts when sysfs says that driver
+    made it, or when it is a compute partition of the family's GPU that KFD's topology names.
+    """
+    from watcher.core.devices import FAMILIES  # noqa: PLC0415 (only without the daemon)
+
+    names_of: dict[int, list[str]] = {}
+    for name, number in majors.items():
+        names_of.setdefault(number, []).append(name)
+    kfd_minors: list[set[int]] = []  # read once, on the first partition met
+
+    def owns(family: Family, names: list[str], minor: int) -> bool:
+        prefix = family.major_prefix
+        if prefix is not None and any(name.startswith(prefix) for name in names):
+            return True
+        for spec in family.specs:
+            if not any(name in spec.majors for name in names):
+                continue
+            if spec.sys_driver is None:
+                return True
+            node = family.gpu_node_name(minor)
+            matched = family.match(node)
+            if matched is None or matched[0] is not spec:
+                continue
+            driver, device = _sys_driver(sys, node.rpartition("/")[2])
+            if driver == spec.sys_driver:
+                return True
+            if driver is None and family.partition_of(device) is not None:
+                if not kfd_minors:
+                    kfd_minors.append(_kfd_render_minors(sys))
+                if minor in kfd_minors[0]:
+                    return True
+        return False
+
+    found: dict[str, list[str]] = {}
+    for major, minor in sorted(held):
+        names = names_of.get(major, [])
+        family = next((family for family in FAMILIES if owns(family, names, minor)), None)
+        if family is not None:
+            found.setdefault(family.display, []).append(f"{major}:{minor}")
+    return found
+
+
+def _sys_driver(sys: str, name: str) -> tuple[str | None, str | None]:
+    """(driver, device): the basenames of the directories `<sys>/class/drm/NAME/device/driver`
+    and `.../device` lead to, None where there is no such link."""
+    import os  # noqa: PLC0415
+
+    device_link = f"{sys}/class/drm/{name}/device"
+    try:
+        device = os.path.basename(os.path.realpath(device_link, strict=True))
+    except (OSError, ValueError):
+        return None, None
+    try:
+        driver = os.path.basename(os.path.realpath(f"{device_link}/driver", strict=True))
+    except (OSError, ValueError):
+        return None, device
+    return driver, device
+
+
+def _kfd_render_minors(sys: str) -> set[int]:
+    """The render minors KFD's topology names (`drm_render_minor` of each node)."""
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    from watcher.core.devices import KFD_TOPOLOGY_NODES, parse_kfd_properties  # noqa: PLC0415
+
+    base = f"{sys}/{KFD_TOPOLOGY_NODES}"
+    try:
+        nodes = os.listdir(base)
+    except OSError:
+        return set()
+    minors: set[int] = set()
+    for node in nodes:
+        try:
+            # O_NONBLOCK: a FIFO planted where a properties file should be must not hang
+            # CRIU's dump.
+            fd = os.open(f"{base}/{node}/properties", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            text = os.read(fd, 1 << 16).decode("ascii", "replace")
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        minor = parse_kfd_properties(text).get("drm_render_minor", 0)
+        if minor:
+            minors.add(minor)
+    return minors
+
+
+def character_majors(path: str) -> dict[str, int] | str:
+    """Character-device majors by name from `/proc/devices` (the first major of a name), or
+    why the file could not be read. Lines of another shape are skipped: without the daemon a
+    stray line must not hide the majors around it."""
     try:
         with open(path, "rb") as file:
             text = file.read(1 << 20)
     except OSError as error:
         return error.strerror or type(error).__name__
-    majors: set[int] = set()
+    majors: dict[str, int] = {}
     character = False
     for line in text.splitlines():
         fields = line.split()
         if line.endswith(b":"):
             character = line.strip().lower() == b"character devices:"
-        elif (
-            character
-            and len(fields) == 2
-            and fields[0].isdigit()
-            and fields[1].startswith(b"nvidia")
-        ):
-            majors.add(int(fields[0]))
+        elif character and len(fields) == 2 and fields[0].isdigit():
+            majors.setdefault(fields[1].decode("ascii", "replace"), int(fields[0]))
     return majors

@@ -136,17 +136,24 @@ def decode(data: bytes) -> object:
 
 
 class GpuId:
-    """What identifies a used GPU: its UUID and model (either may be unknown)."""
+    """What identifies a used GPU: its UUID and model (either may be unknown), and for a
+    compute partition of an AMD GPU its number (None: a whole GPU)."""
 
-    __slots__ = ("bus_id", "minor", "model", "uuid")
+    __slots__ = ("bus_id", "minor", "model", "partition", "uuid")
 
     def __init__(
-        self, uuid: str | None, model: str | None, minor: int | None, bus_id: str | None
+        self,
+        uuid: str | None,
+        model: str | None,
+        minor: int | None,
+        bus_id: str | None,
+        partition: int | None = None,
     ) -> None:
         self.uuid = uuid
         self.model = model
         self.minor = minor
         self.bus_id = bus_id
+        self.partition = partition
 
 
 # The kinds of a GPU's own node: NVIDIA's nvidiaN, AMD's render node.
@@ -263,6 +270,7 @@ def _gpu_id(value: object, context: str) -> GpuId:
         _optional_str(value, "model", context),
         _optional_int(value, "minor", context),
         _optional_str(value, "bus_id", context),
+        _optional_int(value, "partition", context),
     )
 
 

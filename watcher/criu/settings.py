@@ -1,8 +1,8 @@
 """The few config keys the CRIU action reads, with tomllib alone.
 
 The daemon validates the whole file (watcher.config, which needs msgspec); the action must
-stay light, reads only `restore_version_match`, `dump_checks` and `proc`, and only when they
-can matter (tomllib and its imports cost milliseconds). Anything doubtful (an unsafe,
+stay light, reads only `restore_version_match`, `dump_checks`, `proc` and `sys`, and only
+when they can matter (tomllib and its imports cost milliseconds). Anything doubtful (an unsafe,
 unreadable or invalid file, an unknown value) keeps the default and says why in CRIU's log.
 """
 
@@ -82,3 +82,9 @@ def proc_dir(environ: Mapping[str, str]) -> str:
     """`proc` of the host view: where `driver/nvidia/capabilities` is read."""
     value = _load(environ).get("proc")
     return value if isinstance(value, str) and value.startswith("/") else "/proc"
+
+
+def sys_dir(environ: Mapping[str, str]) -> str:
+    """`sys` of the host view: where a render node's driver is read without the daemon."""
+    value = _load(environ).get("sys")
+    return value if isinstance(value, str) and value.startswith("/") else "/sys"
