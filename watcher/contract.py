@@ -21,12 +21,14 @@ __all__ = [
     "CONFIG_ENV",
     "DEFAULT_CONFIG",
     "DEFAULT_SOCKET",
+    "LABEL_NAMESPACE",
     "MOUNT_EVENTS_ENV",
     "PREFIX",
     "RECORD_NAME",
     "RECORD_VERSION",
     "SOCKET_ENV",
     "config_file_problem",
+    "gfd_product_label",
     "socket_path",
     "summary_line",
     "utc_timestamp",
@@ -53,10 +55,41 @@ RECORD_VERSION = 2
 PREFIX = "gpu-device-watcher:"
 """Every line printed for a person (stderr, CRIU's log) starts with this."""
 
+LABEL_NAMESPACE = "gpu-device-watcher.feature.node.kubernetes.io/"
+"""The node labels' namespace: a sub-namespace of Node Feature Discovery's own, which every NFD
+release since 0.9 accepts without configuration (names without a namespace are deprecated)."""
+
 
 def socket_path(explicit: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
     """The socket to use: the one named explicitly, else the environment's, else the default."""
     return explicit or environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+# --- label values ----------------------------------------------------------------------------
+
+_GFD_KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_. ")
+_LABEL_VALUE_MAX = 63
+
+
+def gfd_product_label(model: str) -> str:
+    """A GPU model as GPU Feature Discovery writes `nvidia.com/gpu.product`.
+
+    Characters outside `A-Za-z0-9-_. ` are removed and each run of spaces becomes one `-`
+    (`NVIDIA H100 80GB HBM3` -> `NVIDIA-H100-80GB-HBM3`), so that a node selector may combine
+    our `gpu-model` label with GFD's. Then it is made a valid Kubernetes label value, which
+    GFD's value always is for real model names: cut to 63 characters, non-alphanumeric ends
+    trimmed. The node labels and `inspect` both use this, so a checkpoint's affinity names
+    exactly the value its node was labelled with. "" when nothing survives.
+    """
+    kept = "".join(char for char in model if char in _GFD_KEPT)
+    value = "-".join(part for part in kept.split(" ") if part)
+    value = value[:_LABEL_VALUE_MAX]
+    start, end = 0, len(value)
+    while start < end and not value[start].isalnum():
+        start += 1
+    while end > start and not value[end - 1].isalnum():
+        end -= 1
+    return value[start:end]
 
 
 # --- the config file safety rule ---------------------------------------------------------------
