@@ -217,6 +217,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             f"{DEFAULT_CONFIG}, if present)",
         )
         _format_option(check, ("text", "json"))
+    if wanted("inspect"):
+        inspect = commands.add_parser(
+            "inspect",
+            help="what a checkpoint needs, from its record (no daemon, nothing of this host)",
+        )
+        _checkpoint_argument(inspect)
+        _format_option(inspect, ("text", "json", "affinity", "selector"))
+        inspect.add_argument(
+            "--version-match",
+            choices=("exact", "major"),
+            help="affinity and selector: the driver-version label, or driver-major (default the "
+            "config's restore_version_match, else exact)",
+        )
     if wanted("install-action"):
         install = commands.add_parser(
             "install-action",
@@ -342,6 +355,12 @@ def command_restore_check(arguments: argparse.Namespace) -> int:
     return restore_check(arguments.checkpoint, environ, arguments.format)
 
 
+def command_inspect(arguments: argparse.Namespace) -> int:
+    from watcher.criu.inspect import inspect  # noqa: PLC0415
+
+    return inspect(arguments.checkpoint, arguments.format, arguments.version_match)
+
+
 # -- install-action: the CRIU action as one self-contained file (deploy/kubernetes) ---------
 
 
@@ -377,6 +396,7 @@ COMMANDS = {
     "status": command_status,
     "criu-action": command_criu_action,
     "restore-check": command_restore_check,
+    "inspect": command_inspect,
     "install-action": command_install_action,
 }
 
