@@ -353,7 +353,7 @@ def _walk_members(reader: _Reader, path: str, what: str) -> bytes | None:
         block = reader.read(_BLOCK)
         if len(block) < _BLOCK or block == bytes(_BLOCK):
             if index == 0:
-                raise NotACheckpoint(f"{_named(path)}: not a tar archive, nor a directory")
+                raise NotACheckpoint(_not_a_tar(path, what))
             if len(block) < _BLOCK:
                 raise DamagedArchive(f"{_named(path)}: the {what} archive ends in mid-member")
             break
@@ -365,10 +365,7 @@ def _walk_members(reader: _Reader, path: str, what: str) -> bytes | None:
         header = _parse(block)
         if header is None:
             if index == 0:
-                raise NotACheckpoint(
-                    f"{_named(path)}: not a checkpoint: neither a directory nor a tar archive "
-                    "(plain, gzip, zstd, xz or bzip2)"
-                )
+                raise NotACheckpoint(_not_a_tar(path, what))
             raise DamagedArchive(
                 f"{_named(path)}: the {what} archive is damaged (a header's checksum is wrong)"
             )
@@ -400,6 +397,19 @@ def _walk_members(reader: _Reader, path: str, what: str) -> bytes | None:
             f"{_named(path)}: a {what} archive without checkpoint/: not a container checkpoint"
         )
     return None
+
+
+def _not_a_tar(path: str, what: str) -> str:
+    found = (
+        "neither a directory nor a tar archive"
+        if what == "tar"
+        else f"a {what.removesuffix(' tar')} stream that holds no tar archive"
+    )
+    return (
+        f"{_named(path)}: not a checkpoint: {found} "
+        "(give a CRIU image directory, a directory that holds checkpoint/, or the tar that "
+        "kubelet, CRI-O, containerd or Podman wrote: plain, gzip, zstd, xz or bzip2)"
+    )
 
 
 def _normalised(name: str) -> str:
