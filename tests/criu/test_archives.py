@@ -15,6 +15,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -203,3 +205,22 @@ def test_compression_is_told_by_magic_bytes() -> None:
     for compression in COMPRESSIONS:
         expected = None if compression == "none" else compression
         assert compression_of(compress(tar, compression)[:6]) == expected
+
+
+def test_zstd_without_a_zstd_library_says_what_to_install(tmp_path: Path) -> None:
+    archive = tmp_path / "checkpoint.tar.zst"
+    archive.write_bytes(compress(engine_tar(None), "zstd"))
+    # None in sys.modules makes the import fail, as on a host without the library.
+    code = (
+        "import sys\n"
+        "sys.modules['compression'] = None; sys.modules['backports.zstd'] = None\n"
+        "from watcher.cli import main\n"
+        f"sys.exit(main(['restore-check', {str(archive)!r}]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"gpu-device-watcher: CHECKPOINT {archive}: zstd-compressed, and ")
+    assert "pip install backports.zstd" in line

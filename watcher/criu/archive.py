@@ -179,7 +179,7 @@ def _from_archive(path: str) -> bytes | None:
         if compression is None:
             return _walk(_SeekableReader(raw), path, "tar")
         if compression == "zstd":
-            return _walk(_ZstdStream(raw, _zstd()), path, "zstd tar")
+            return _walk(_ZstdStream(raw, _zstd(path)), path, "zstd tar")
         with _decompressing(raw, compression) as stream:
             return _walk(_StreamReader(stream), path, f"{compression} tar")
 
@@ -199,7 +199,7 @@ def _decompressing(raw: BufferedReader, compression: str) -> BufferedIOBase:
     return lzma.LZMAFile(raw, "rb")
 
 
-def _zstd() -> Any:
+def _zstd(path: str) -> Any:
     # A dependency of its own before Python 3.14, imported only for a zstd archive.
     try:
         from compression import zstd  # type: ignore[import-not-found]  # noqa: PLC0415
@@ -208,7 +208,7 @@ def _zstd() -> Any:
             from backports import zstd  # noqa: PLC0415
         except ImportError:
             raise NotACheckpoint(
-                "this archive is zstd-compressed and neither compression.zstd (Python 3.14) "
+                f"{_named(path)}: zstd-compressed, and neither compression.zstd (Python 3.14) "
                 "nor backports.zstd is installed: pip install backports.zstd, or run "
                 "`zstd -d` on it and give the plain tar"
             ) from None
