@@ -11,7 +11,10 @@ Parts, each beside a baseline measured in the same run:
 - bench.suite (under `unshare -m`): query, whole processes, change detection, idle, storm,
   memory and throughput against the real daemon on a GPU-Operator-shaped host;
 - bench.criu_cost: what the action script adds to `criu dump` and `criu restore`, when the
-  CRIU that `tests/criu/fetch_criu.sh .criu` prepares is there (skipped otherwise).
+  CRIU that `tests/criu/fetch_criu.sh .criu` prepares is there (skipped otherwise);
+- bench.archive_cost: `restore-check` on checkpoint archives (plain and zstd, the record
+  first and last) against the same checkpoint unpacked; `--archive-gib 4` is the size the
+  docs report (the default keeps the run short).
 
 Writes bench/results.json and bench/bench-*.png; `--docs` also copies the plots into docs/.
 """
@@ -111,6 +114,23 @@ def run_criu(quick: bool, before: Path | None = None) -> dict[str, Any]:
     return {**measured, "baseline": baseline, "action": action, "before": before_variant}
 
 
+def run_archives(gib: float, quick: bool) -> dict[str, Any]:
+    if shutil.which("zstd") is None or not os.access("/usr/bin/time", os.X_OK):
+        return {"skipped": "needs zstd and GNU time (/usr/bin/time)"}
+    with tempfile.TemporaryDirectory(prefix="gdw-bench-results-") as directory:
+        output = Path(directory) / "archives.json"
+        command = [sys.executable, "-m", "bench.archive_cost", "--gib", str(gib)]
+        command += ["--runs", "3" if quick else "7", "--json", str(output)]
+        done = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, timeout=3600, check=False
+        )
+        if done.returncode != 0 or not output.exists():
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            return {"skipped": f"bench.archive_cost failed: {lines[-1]}"}
+        measured: dict[str, Any] = json.loads(output.read_text())
+        return measured
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a run of a few minutes")
@@ -119,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         "--docs", action="store_true", help="copy the plots into docs/ (for docs/benchmarks.md)"
     )
     parser.add_argument("--only", default="abcdefgi", help="live phases to run, by letter")
+    parser.add_argument(
+        "--archive-gib",
+        type=float,
+        default=0.25,
+        help="pages in the checkpoint archives of bench.archive_cost (the docs report 4)",
+    )
+    parser.add_argument("--no-archives", action="store_true", help="skip the archives part")
     parser.add_argument(
         "--before",
         type=Path,
@@ -137,10 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("bench: h. CRIU", file=sys.stderr, flush=True)
         results["criu"] = run_criu(arguments.quick, arguments.before)
+    if arguments.no_archives:
+        results["archives"] = {"skipped": "--no-archives"}
+    else:
+        print("bench: j. checkpoint archives", file=sys.stderr, flush=True)
+        results["archives"] = run_archives(arguments.archive_gib, arguments.quick)
     results["seconds"] = round(time.monotonic() - started, 1)
     arguments.results.write_text(json.dumps(results, indent=1) + "\n")
 
     print(report.table(results))
+    if "cases" in results["archives"]:
+        from bench.archive_cost import table as archive_table  # noqa: PLC0415
+
+        print("\n" + archive_table(results["archives"]))
     print(
         f"\n{results['machine']['nproc']} CPUs ({results['machine']['cpu']}), kernel "
         f"{results['machine']['kernel']}, Python {results['machine']['python']}; "

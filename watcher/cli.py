@@ -137,6 +137,15 @@ def _format_option(parser: argparse.ArgumentParser, choices: tuple[str, ...]) ->
     )
 
 
+def _checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a CRIU image directory, a directory that holds checkpoint/, or a checkpoint "
+        "archive (tar: plain, gzip, zstd, xz or bzip2)",
+    )
+
+
 def _socket_option(parser: argparse.ArgumentParser, *, server: bool = False) -> None:
     sources = f"${SOCKET_ENV}, the config's socket," if server else f"${SOCKET_ENV}"
     parser.add_argument(
@@ -199,7 +208,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         check = commands.add_parser(
             "restore-check", help="can this host take a checkpoint back, with which device map"
         )
-        check.add_argument("image_dir", metavar="IMAGE_DIR", help="the checkpoint's image dir")
+        _checkpoint_argument(check)
         _socket_option(check)
         check.add_argument(
             "--config",
@@ -208,6 +217,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             f"{DEFAULT_CONFIG}, if present)",
         )
         _format_option(check, ("text", "json"))
+    if wanted("inspect"):
+        inspect = commands.add_parser(
+            "inspect",
+            help="what a checkpoint needs, from its record (no daemon, nothing of this host)",
+        )
+        _checkpoint_argument(inspect)
+        _format_option(inspect, ("text", "json", "affinity", "selector"))
+        inspect.add_argument(
+            "--version-match",
+            choices=("exact", "major"),
+            help="affinity and selector: the driver-version label, or driver-major (default the "
+            "config's restore_version_match, else exact)",
+        )
     if wanted("install-action"):
         install = commands.add_parser(
             "install-action",
@@ -313,8 +335,6 @@ def command_criu_action(_: argparse.Namespace) -> int:
 
 
 def command_restore_check(arguments: argparse.Namespace) -> int:
-    if not os.path.isdir(arguments.image_dir):
-        raise UsageError(f"IMAGE_DIR {arguments.image_dir}: not a directory")
     if arguments.config is not None and not os.path.isfile(arguments.config):
         raise UsageError(f"--config {arguments.config}: no such file")
     from watcher.criu.restore import restore_check  # noqa: PLC0415
@@ -332,7 +352,13 @@ def command_restore_check(arguments: argparse.Namespace) -> int:
         from watcher.config import load_config_file  # noqa: PLC0415 (msgspec)
 
         load_config_file(environ[CONFIG_ENV], required=True)
-    return restore_check(arguments.image_dir, environ, arguments.format)
+    return restore_check(arguments.checkpoint, environ, arguments.format)
+
+
+def command_inspect(arguments: argparse.Namespace) -> int:
+    from watcher.criu.inspect import inspect  # noqa: PLC0415
+
+    return inspect(arguments.checkpoint, arguments.format, arguments.version_match)
 
 
 # -- install-action: the CRIU action as one self-contained file (deploy/kubernetes) ---------
@@ -370,6 +396,7 @@ COMMANDS = {
     "status": command_status,
     "criu-action": command_criu_action,
     "restore-check": command_restore_check,
+    "inspect": command_inspect,
     "install-action": command_install_action,
 }
 

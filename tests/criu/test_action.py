@@ -575,6 +575,10 @@ HEAVY = {
     "watcher.config",
     "watcher.probe",
     "watcher.daemon",
+    # Archives are restore-check's and inspect's: at pre-restore CRIU hands over the images.
+    "watcher.criu.archive",
+    "tarfile",
+    "gzip",
 }
 
 

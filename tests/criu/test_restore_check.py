@@ -1,4 +1,4 @@
-"""`gpu-device-watcher restore-check IMAGE_DIR`: the gate for orchestrators, as a command.
+"""`gpu-device-watcher restore-check CHECKPOINT`: the gate for orchestrators, as a command.
 
 Against the daemons of simulated hosts (see simhost.py): a checkpoint dumped on one host is
 checked on another whose GPU has another minor and UUID (fits, with the device map), on one
@@ -144,11 +144,19 @@ def test_without_the_daemon_it_scans_directly(
 
 
 def test_no_record_fits_anywhere(tmp_path: Path) -> None:
+    # An image directory that CRIU wrote without our action: its inventory, no record.
+    (tmp_path / "inventory.img").write_bytes(b"")
     done = restore_check(tmp_path, "--socket", str(tmp_path / "nobody.sock"))
     assert done.returncode == 0
     assert done.stderr == ""  # nobody was asked: nothing to check
-    assert "any host can take it back" in done.stdout
-    as_json = json.loads(restore_check(tmp_path, "--format", "json").stdout)
+    assert done.stdout == (
+        f"gpu-device-watcher: no GPU record in {tmp_path}: it was taken without the "
+        "gpu-device-watcher action, so nothing can be checked\n"
+    )
+    as_json_done = restore_check(tmp_path, "--format", "json")
+    assert as_json_done.returncode == 0
+    assert as_json_done.stderr.startswith("gpu-device-watcher: no GPU record in ")
+    as_json = json.loads(as_json_done.stdout)
     assert as_json == {
         "fits": True,
         "remap": False,
@@ -157,6 +165,13 @@ def test_no_record_fits_anywhere(tmp_path: Path) -> None:
         "devices": [],
         "device_map": {},
     }
+
+
+def test_an_empty_used_fits_anywhere(tmp_path: Path) -> None:
+    (tmp_path / "gpu-device-watcher.json").write_text('{"version": 2, "map": {}, "used": []}')
+    done = restore_check(tmp_path, "--socket", str(tmp_path / "nobody.sock"))
+    assert done.returncode == 0
+    assert "an empty 'used' in its record): any host can take it back" in done.stdout
 
 
 def test_an_unreadable_record_does_not_fit(tmp_path: Path) -> None:
@@ -170,8 +185,10 @@ def test_an_unreadable_record_does_not_fit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arguments", "says"),
     [
-        ([], "IMAGE_DIR"),
-        (["/nonexistent/images"], "IMAGE_DIR /nonexistent/images: not a directory"),
+        ([], "CHECKPOINT"),
+        (["/nonexistent/images"], "CHECKPOINT /nonexistent/images: No such file or directory"),
+        (["{tmp}"], "neither a CRIU image directory (no inventory.img) nor a directory that"),
+        (["/dev/null"], "not a directory nor a file"),
         (["{tmp}", "--format", "yaml"], "invalid choice"),
         (["{tmp}", "--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
     ],

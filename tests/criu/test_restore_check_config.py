@@ -70,6 +70,7 @@ def test_a_bad_config_is_a_usage_error(
 def test_a_good_config_is_used(tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
+    (images / "inventory.img").write_bytes(b"")  # CRIU's images, taken without the action
     path = config(tmp_path, 'restore_version_match = "major"\n')
     done = restore_check(images, "--config", str(path), "--format", "json")
     assert done.returncode == 0, done.stderr

@@ -189,10 +189,13 @@ class Record:
     """The fields of a record the gate reads, checked."""
 
     __slots__ = (
+        "check_details",
         "checks",
         "created",
         "driver_version",
+        "environment",
         "hostname",
+        "kernel",
         "libraries",
         "used",
         "version",
@@ -208,6 +211,9 @@ class Record:
         used: list[Used],
         libraries: list[str],
         checks: list[str],
+        kernel: str | None = None,
+        environment: dict[str, str] | None = None,
+        check_details: list[tuple[str, str | None, str | None]] | None = None,
     ) -> None:
         self.version = version
         self.hostname = hostname
@@ -216,6 +222,10 @@ class Record:
         self.used = used
         self.libraries = libraries
         self.checks = checks
+        self.kernel = kernel
+        self.environment = environment or {}
+        # (code, severity, message) of each check, for `inspect`; the gate needs the codes.
+        self.check_details = check_details or [(code, None, None) for code in checks]
 
     def summary(self) -> dict[str, str | None]:
         return {"hostname": self.hostname, "driver": self.driver_version, "created": self.created}
@@ -339,10 +349,19 @@ def validate(value: object) -> Record:
     if not all(isinstance(library, str) for library in libraries):
         raise _unreadable(f'{RECORD_NAME}: "libraries" is not a list of file names')
     checks: list[str] = []
+    check_details: list[tuple[str, str | None, str | None]] = []
     for index, check in enumerate(_list(value, "checks")):
         if not isinstance(check, dict) or not isinstance(check.get("code"), str):
             raise _unreadable(f'{RECORD_NAME}: "checks"[{index}] has no code')
         checks.append(check["code"])
+        context = f'"checks"[{index}]'
+        check_details.append(
+            (
+                check["code"],
+                _optional_str(check, "severity", context),
+                _optional_str(check, "message", context),
+            )
+        )
     environment = value.get("environment", {})
     if not isinstance(environment, dict) or not all(
         isinstance(item, str) for item in environment.values()
@@ -356,6 +375,9 @@ def validate(value: object) -> Record:
         used=used,
         libraries=libraries,
         checks=checks,
+        kernel=_optional_str(value, "kernel"),
+        environment=environment,
+        check_details=check_details,
     )
 
 

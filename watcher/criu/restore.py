@@ -9,20 +9,30 @@ before it schedules a restore on a node, and prints the same lines or the verdic
 
 from __future__ import annotations
 
+import sys
+
 from watcher.criu import EXIT_OK, EXIT_REFUSE, EXIT_USAGE, RECORD_NAME
 from watcher.criu.gate import Verdict, check
-from watcher.criu.recordfile import Record, RecordError, load
+from watcher.criu.recordfile import Record, RecordError, decode, read_bytes, validate
 from watcher.criu.text import image_dir_name, one_line, say, shown, tell
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 
 def evaluate(image_dir: str, environ: Mapping[str, str]) -> tuple[Record | None, Verdict]:
     """(the record or None, the gate's verdict) for the checkpoint in `image_dir`."""
+    return judge(lambda: read_bytes(image_dir), environ)
+
+
+def judge(
+    read: Callable[[], bytes | None], environ: Mapping[str, str]
+) -> tuple[Record | None, Verdict]:
+    """(the record or None, the gate's verdict) for the record bytes `read` returns."""
     try:
-        record = load(image_dir)
+        data = read()
+        record = None if data is None else validate(decode(data))
     except RecordError as error:
         verdict = Verdict()
         verdict.refuse(error.code, error.message)
@@ -46,9 +56,15 @@ def evaluate(image_dir: str, environ: Mapping[str, str]) -> tuple[Record | None,
     return record, check(record, here, policy)
 
 
-def verdict_lines(record: Record | None, verdict: Verdict, image_dir: str) -> list[str]:
-    """The lines (without the `gpu-device-watcher:` prefix) that tell the verdict."""
-    where = f"{shown(image_dir_name(image_dir), 400)}/{RECORD_NAME}"
+def verdict_lines(
+    record: Record | None, verdict: Verdict, image_dir: str, where: str | None = None
+) -> list[str]:
+    """The lines (without the `gpu-device-watcher:` prefix) that tell the verdict.
+
+    `where` names the record for people; by default the record file in `image_dir`.
+    """
+    if where is None:
+        where = f"{shown(image_dir_name(image_dir), 400)}/{RECORD_NAME}"
     if not verdict.fits:
         lines = [f"{code}: {message}" for code, message in verdict.reasons]
         if record is None:
@@ -85,21 +101,44 @@ def pre_restore(environ: Mapping[str, str]) -> int:
     return EXIT_OK if verdict.fits else EXIT_REFUSE
 
 
-def restore_check(image_dir: str, environ: Mapping[str, str], output_format: str) -> int:
-    """`gpu-device-watcher restore-check`: 0 when this host fits, 1 when it does not."""
-    record, verdict = evaluate(image_dir, environ)
+def no_record_line(checkpoint: str) -> str:
+    """The contract's line for a checkpoint taken without the action."""
+    return (
+        f"no GPU record in {shown(checkpoint, 400)}: it was taken without the "
+        "gpu-device-watcher action, so nothing can be checked"
+    )
+
+
+def restore_check(checkpoint: str, environ: Mapping[str, str], output_format: str) -> int:
+    """`gpu-device-watcher restore-check`: 0 when this host fits, 1 when it does not.
+
+    CHECKPOINT is an image directory, a directory that holds `checkpoint/`, or an archive
+    (`watcher.criu.archive`, imported here only: the CRIU action reads image directories).
+    Raises `NotACheckpoint` (a usage error) for anything else.
+    """
+    from watcher.criu.archive import record_source  # noqa: PLC0415
+
+    source = record_source(checkpoint)
+    record, verdict = judge(source.read, environ)
+    no_record = record is None and verdict.fits
     if output_format == "json":
         from watcher.leanjson import dumps  # noqa: PLC0415 (loaded by the client already)
 
         # ensure_ascii: a value from a crafted record stays an escape, never a raw byte.
         print(dumps(verdict.as_json(), compact=False))
+        if no_record:
+            # stdout stays one JSON document; the person reading stderr is told why.
+            print(f"gpu-device-watcher: {one_line(no_record_line(checkpoint))}", file=sys.stderr)
+        return EXIT_OK if verdict.fits else EXIT_REFUSE
+    if no_record:
+        lines = [no_record_line(checkpoint)]
     else:
-        lines = verdict_lines(record, verdict, image_dir)
+        lines = verdict_lines(record, verdict, checkpoint, source.where)
         if not lines:
             lines = [
-                f"no GPU device used by the checkpoint in {shown(image_dir, 400)} (no "
-                f"{RECORD_NAME}, or an empty 'used'): any host can take it back"
+                f"no GPU device used by the checkpoint in {shown(checkpoint, 400)} (an empty "
+                "'used' in its record): any host can take it back"
             ]
-        for line in lines:
-            print(f"gpu-device-watcher: {one_line(line)}")
+    for line in lines:
+        print(f"gpu-device-watcher: {one_line(line)}")
     return EXIT_OK if verdict.fits else EXIT_REFUSE
