@@ -74,7 +74,7 @@ def ran(marker: Path) -> list[str]:
     return marker.read_text().split() if marker.exists() else []
 
 
-@pytest.fixture(params=["pip-script", "pip-script-link"])
+@pytest.fixture(params=["pip-script", "pip-script-link", "install-action-link"])
 def action(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """The action as CRIU's configuration names it: the installed file, or a link to it."""
     if request.param.startswith("pip-script"):

@@ -70,35 +70,36 @@ gdw_say() {{
     printf 'gpu-device-watcher: %s\\n' "$*"
 }}
 gdw_need="this host has no Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or later for the CRIU \
-action (python3.N, N >= {MIN_PYTHON[1]}, in /usr/local/bin, /usr/bin or /bin; found:\
-${{gdw_too_old:- none}}); install python3 {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or later \
-(e.g. apt-get install python3.{MIN_PYTHON[1]})"
+action (looked for python3.N, N >= {MIN_PYTHON[1]}, in /usr/local/bin, /usr/bin and /bin; \
+found:${{gdw_too_old:- none}})"
+gdw_fix="install python3 {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or later, e.g. apt-get install \
+python3.{MIN_PYTHON[1]}"
 case "${{CRTOOLS_SCRIPT_ACTION-}}" in
 pre-restore)
     gdw_record="${{CRTOOLS_IMAGE_DIR-}}/gpu-device-watcher.json"
     if [ -e "$gdw_record" ] || [ -L "$gdw_record" ]; then
-        gdw_say "the checkpoint holds a GPU record and $gdw_need; restore stopped" >&2
+        gdw_say "the checkpoint holds a GPU record and $gdw_need: $gdw_fix; restore stopped" >&2
         exit 1
     fi
     exit 0
     ;;
 pre-dump) ;;
 *)
-    gdw_say "CRTOOLS_SCRIPT_ACTION is not set: this command is run by CRIU's --action-script," \\
-        "and $gdw_need" >&2
+    gdw_say "CRTOOLS_SCRIPT_ACTION is not set: this command is run by CRIU's --action-script;" \\
+        "$gdw_need: $gdw_fix" >&2
     exit 2
     ;;
 esac
 gdw_root=${{CRTOOLS_INIT_PID-}}
 case "$gdw_root" in
 '' | *[!0-9]*)
-    gdw_say "pre-dump needs CRTOOLS_INIT_PID (a pid), and $gdw_need" >&2
+    gdw_say "pre-dump needs CRTOOLS_INIT_PID (a pid); $gdw_need: $gdw_fix" >&2
     exit 2
     ;;
 esac
 if [ ! -r /proc/devices ]; then
     gdw_say "cannot read /proc/devices, so cannot tell whether the tree of pid $gdw_root" \\
-        "uses a GPU, and $gdw_need; dump stopped" >&2
+        "uses a GPU, and $gdw_need: $gdw_fix; dump stopped" >&2
     exit 1
 fi
 gdw_majors=
@@ -120,7 +121,7 @@ while read -r gdw_number gdw_name; do
 done </proc/devices
 if [ -z "$gdw_majors" ]; then
     gdw_say "no GPU driver registered in /proc/devices: nothing to record for the tree of" \\
-        "pid $gdw_root (and $gdw_need)"
+        "pid $gdw_root, though $gdw_need"
     exit 0
 fi
 gdw_pending=$gdw_root
@@ -161,16 +162,16 @@ $gdw_stat
 gdw_end
     if [ -z "$gdw_seen" ]; then
         gdw_say "cannot read /proc/$gdw_pid (stat -L failed), so cannot tell whether the tree" \\
-            "of pid $gdw_root uses a GPU, and $gdw_need; dump stopped" >&2
+            "of pid $gdw_root uses a GPU, and $gdw_need: $gdw_fix; dump stopped" >&2
         exit 1
     fi
 done
 if [ -n "$gdw_held" ]; then
-    gdw_say "the tree of pid $gdw_root holds GPU device(s)$gdw_held and $gdw_need;" \\
-        "dump stopped" >&2
+    gdw_say "the tree of pid $gdw_root holds GPU device(s)$gdw_held and $gdw_need:" \\
+        "$gdw_fix; dump stopped" >&2
     exit 1
 fi
-gdw_say "no GPU device in use by the tree of pid $gdw_root; no record written" \\
-    "(and $gdw_need)"
+gdw_say "no GPU device in use by the tree of pid $gdw_root; no record written, though" \\
+    "$gdw_need"
 exit 0
 """
