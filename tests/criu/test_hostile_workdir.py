@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from watcher.criu import shfront
+
 from .harness import ACTION, REPO, Criu, Tree, alive
 from .simhost import SimHost
 
@@ -193,3 +195,10 @@ def test_no_stage_runs_code_from_the_working_directory_or_the_environment(
         assert "match this host: restore may go on" in done.stdout
     else:
         assert done.stdout == done.stderr == ""
+
+
+def test_the_pip_script_carries_the_shared_stage_filter() -> None:
+    """One stage filter for every front: the pip script's copy is shfront.STAGES, verbatim."""
+    script = (REPO / "scripts" / ACTION.name).read_text()
+    assert shfront.STAGES in script
+    assert 'exec "$python" -I -c ' in script

@@ -161,6 +161,8 @@ while [ -n "$gdw_pending" ]; do
 $gdw_stat
 gdw_end
     if [ -z "$gdw_seen" ]; then
+        # A child that exited while it was read is not part of the dump any more.
+        [ "$gdw_pid" != "$gdw_root" ] && [ ! -d "/proc/$gdw_pid" ] && continue
         gdw_say "cannot read /proc/$gdw_pid (stat -L failed), so cannot tell whether the tree" \\
             "of pid $gdw_root uses a GPU, and $gdw_need: $gdw_fix; dump stopped" >&2
         exit 1
