@@ -2,8 +2,12 @@
 
 In the container deployment the daemon lives in a pod, but CRIU runs on the host (under
 runc, CRI-O or containerd) and executes the action there, where nothing of ours is
-installed. The file written here is a zipapp: `#!/usr/bin/env python3`, then a zip of the
-`watcher` modules the action imports, which must need the standard library alone.
+installed. The file written here is a zipapp behind a /bin/sh front (`FRONT`): the front
+answers the stages that have nothing to do, finds the system's Python 3.11+ by absolute path
+and runs the file with it isolated (`python -I FILE`: the zip is `sys.path[0]`, nothing of
+CRIU's working directory or environment is), and without such a Python fails only a stage
+that needs a GPU record (the rules: `watcher.criu.shfront`). After the front comes a zip of
+the `watcher` modules the action imports, which must need the standard library alone.
 
 Which modules: those `watcher.criu` imports, at module level or inside its functions,
 followed through every module found, as read from their source (the action imports most of
@@ -35,13 +39,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watcher.atomicfile import write_atomically
+from watcher.criu.shfront import MIN_PYTHON, STAGES, SYSTEM_PYTHON, WITHOUT_PYTHON
 
 __all__ = ["ACTION_NAME", "ActionFileError", "Built", "action_modules", "build", "install"]
 
 ACTION_NAME = "gpu-device-watcher-criu-action"
 ENTRY = "watcher.criu"
-SHEBANG = b"#!/usr/bin/env python3\n"
-MIN_PYTHON = (3, 11)
+# sh reads a script a command at a time, so it never reaches the zip: every path through the
+# front ends in `exec` or `exit`. Python's zipimport finds the archive from its end.
+FRONT = f"""\
+#!/bin/sh
+# gpu-device-watcher's CRIU action (written by `gpu-device-watcher install-action`): this
+# /bin/sh front, then a zip of the action's Python modules, which the front runs with the
+# system's python3.N (N >= {MIN_PYTHON[1]}) by absolute path, isolated (-I). Stages with nothing
+# to do start no Python; without a usable Python only a stage that needs a GPU record fails.
+{STAGES}
+{SYSTEM_PYTHON}
+if [ -n "$gdw_python" ]; then
+    exec "$gdw_python" -I "$0" "$@"
+fi
+{WITHOUT_PYTHON}
+""".encode()
 # Fixed: the same checkout gives the same bytes, so a re-install is visibly a no-op.
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -263,8 +281,9 @@ def build(python: str = sys.executable) -> Built:
     modules, left_out = action_modules()
     _check_imports(modules, python)
     buffer = io.BytesIO()
-    # Zip offsets count from the start of the file, shebang included (as zipapp writes it).
-    buffer.write(SHEBANG)
+    # Zip offsets count from the start of the file, the front included (as zipapp writes a
+    # shebang).
+    buffer.write(FRONT)
     with (
         tempfile.TemporaryDirectory(prefix="gdw-action-") as scratch,
         zipfile.ZipFile(buffer, "w") as archive,

@@ -18,6 +18,7 @@ from watcher.contract import (
     DEFAULT_SOCKET,
     PREFIX,
     SOCKET_ENV,
+    printable,
     utc_timestamp,
 )
 from watcher.errors import UsageError
@@ -49,7 +50,8 @@ EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def fail(message: str) -> None:
-    print(f"{PREFIX} {message}", file=sys.stderr)
+    # A message may carry what the daemon or the host said: one line, no terminal escapes.
+    print(f"{PREFIX} {printable(message)}", file=sys.stderr)
 
 
 def _terminal_columns() -> int:
@@ -304,7 +306,7 @@ def command_status(arguments: argparse.Namespace) -> int:
     status = reply["status"]
     width = max(len(key) for key in status)
     for key, value in status.items():
-        print(f"{key:<{width}}  {value}")
+        print(f"{printable(key):<{width}}  {printable(str(value))}")
     return EXIT_OK
 
 

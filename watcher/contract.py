@@ -29,6 +29,8 @@ __all__ = [
     "SOCKET_ENV",
     "config_file_problem",
     "gfd_product_label",
+    "escape_char",
+    "printable",
     "socket_path",
     "summary_line",
     "utc_timestamp",
@@ -128,6 +130,33 @@ CHANGE_WORDS = {"added": "appeared at", "removed": "disappeared from", "changed"
 """How a change of the map reads in logs and `watch`: "nvidia0 appeared at /dev/nvidia0"."""
 
 
+def escape_char(char: str) -> str:
+    """One character as an escape a person can read: `\\xNN`, `\\uNNNN` or `\\UNNNNNNNN`
+    (a backslash as `\\\\`)."""
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """`text` fit for a terminal and a log line: every character that is not printable
+    (control characters, C1 controls such as CSI, line and paragraph separators, format
+    characters such as bidi overrides) as an escape; printable non-ASCII text stays.
+
+    Host data (a path named by driver-ready, a GPU's model) reaches tables, `watch`, `status`
+    and the daemon's log; unescaped, an ESC sequence in it would drive the reader's terminal
+    and a line break would forge a line.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else escape_char(char) for char in text)
+
+
 def utc_timestamp(now: float | None = None) -> str:
     """`2026-11-28T20:40:00.123456Z`: the map's `updated` and the record's `created`.
 
@@ -161,9 +190,9 @@ def summary_line(
     `invalid` count NVIDIA's. AMD is named only on a host that has it ("AMD kfd loaded,
     2 AMD devices in /dev"), and NVIDIA is left out on a host that has AMD and no NVIDIA.
     """
-    head = f"driver {version or '(unknown version)'}" if loaded else "driver not loaded"
+    head = f"driver {printable(version or '(unknown version)')}" if loaded else "driver not loaded"
     if dev_root:
-        where = f"{devices} devices in {dev_root}"
+        where = f"{devices} devices in {printable(dev_root)}"
         if invalid:
             where += f" ({invalid} not valid)"
     else:
@@ -174,7 +203,7 @@ def summary_line(
             parts = []
         parts.append("AMD kfd loaded" if amd_loaded else "AMD kfd not loaded")
         if amd_dev_root:
-            amd_where = f"{amd_devices} AMD devices in {amd_dev_root}"
+            amd_where = f"{amd_devices} AMD devices in {printable(amd_dev_root)}"
             parts.append(amd_where + (f" ({amd_invalid} not valid)" if amd_invalid else ""))
         else:
             parts.append("no AMD device root")

@@ -15,9 +15,13 @@ import types
 from collections.abc import Mapping
 from typing import TextIO
 
-from watcher.contract import PREFIX
+from watcher.contract import PREFIX, printable
 
-__all__ = ["JournalFormatter", "fatal", "on_journal", "setup"]
+_ExcInfo = (
+    tuple[type[BaseException], BaseException, types.TracebackType | None] | tuple[None, None, None]
+)
+
+__all__ = ["JournalFormatter", "OneLineFormatter", "fatal", "on_journal", "setup"]
 
 _SYSLOG_PRIORITY = {
     logging.CRITICAL: 2,
@@ -32,7 +36,21 @@ _HANDLER_NAME = "gpu-device-watcher"
 log = logging.getLogger("watcher")
 
 
-class JournalFormatter(logging.Formatter):
+class OneLineFormatter(logging.Formatter):
+    """Every message one line with nothing a terminal acts on: messages carry host data (a
+    dev root named by driver-ready, a mount point), which may hold ESC sequences or line
+    breaks. A traceback keeps its lines, each escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        # The traceback's lines too; another handler may have cached them unescaped on the
+        # record (exc_text), so they are escaped here, on the way out.
+        return "\n".join(printable(line) for line in super().format(record).splitlines())
+
+
+class JournalFormatter(OneLineFormatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
         text = super().format(record)
@@ -81,7 +99,7 @@ def setup(
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%dT%H:%M:%S")
+            OneLineFormatter("%(asctime)s %(levelname)-7s %(message)s", "%Y-%m-%dT%H:%M:%S")
         )
     # On the root logger, so that what asyncio, anyio or the warnings module report is
     # formatted (and prioritised) like our own lines; the root's own level keeps their debug
@@ -102,7 +120,7 @@ def fatal(
     starting `gpu-device-watcher: ` (on the journal with the "err" priority in front, which
     journald strips). Not a log line: nothing was served, and a person reads this one."""
     stream = sys.stderr if stream is None else stream
-    line = f"{PREFIX} {' '.join(message.splitlines())}"
+    line = f"{PREFIX} {printable(' '.join(message.splitlines()))}"
     if on_journal(stream, environ):
         line = f"<{_SYSLOG_PRIORITY[logging.ERROR]}>{line}"
     print(line, file=stream, flush=True)

@@ -1,4 +1,11 @@
-"""Output formats for a map, working on plain JSON dicts so the lean client can use them."""
+"""Output formats for a map, working on plain JSON dicts so the lean client can use them.
+
+Every text a person reads (the table, `watch`'s lines) passes through `contract.printable`:
+paths and names come from the host and may hold terminal escapes. JSON escapes what its
+encoder leaves raw (DEL, C1 controls, line separators, bidi overrides) as `\\uNNNN`, so it
+stays valid JSON with the same values. `env` is left exact: its values are quoted for sh
+(`shlex.quote`), and a sourced value must be the path itself.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import json
 import re
 import shlex
 
-from watcher.contract import CHANGE_WORDS, summary_line
+from watcher.contract import CHANGE_WORDS, printable, summary_line
 
 # Not `from typing import Any`: importing typing costs milliseconds at every client start.
 TYPE_CHECKING = False
@@ -16,10 +23,16 @@ if TYPE_CHECKING:
 __all__ = ["as_env", "as_json", "as_json_line", "as_table", "describe_update", "env_name", "render"]
 
 _NOT_NAME = re.compile(r"[^A-Z0-9]")
+# What json.dumps(ensure_ascii=False) leaves raw and a terminal may act on or break a line at.
+_JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _json_escaped(text: str) -> str:
+    return _JSON_RAW.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
 
 
 def as_json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False)
+    return _json_escaped(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def env_name(device_name: str) -> str:
@@ -49,6 +62,7 @@ def as_env(device_map: dict[str, Any]) -> str:
 
 
 def _columns(rows: list[list[str]]) -> list[str]:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -138,7 +152,7 @@ def as_table(device_map: dict[str, Any]) -> str:
         )
     else:
         lines.append("no problems")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def render(device_map: dict[str, Any], fmt: str) -> str:
@@ -150,7 +164,7 @@ def render(device_map: dict[str, Any], fmt: str) -> str:
 
 
 def as_json_line(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _json_escaped(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
 def _summary(device_map: dict[str, Any]) -> str:
@@ -185,6 +199,10 @@ def _device_line(change: dict[str, Any], device: dict[str, Any] | None) -> str:
 
 def describe_update(previous: dict[str, Any] | None, reply: dict[str, Any]) -> list[str]:
     """Lines a person watching the daemon reads: what appeared, went, broke or healed."""
+    return [printable(line) for line in _update_lines(previous, reply)]
+
+
+def _update_lines(previous: dict[str, Any] | None, reply: dict[str, Any]) -> list[str]:
     current = reply["map"]
     generation = reply["generation"]
     if previous is None:

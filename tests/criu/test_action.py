@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -587,21 +588,40 @@ def test_a_stage_the_action_ignores_starts_no_python(
     host: SimHost, images: Path, action: str
 ) -> None:
     """The installed script answers the other stages itself (/bin/sh, ~1 ms), before any
-    interpreter starts: no import is profiled, and the answer is CRIU's "go on"."""
-    env = host.env(PYTHONPROFILEIMPORTTIME="1")
-    done = run_action(action, env, images)
+    interpreter starts: the only program executed is the script, and the answer is CRIU's
+    "go on". (Python runs with -I, which ignores PYTHONPROFILEIMPORTTIME: strace tells.)"""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed: cannot see which programs the stage executes")
+    trace = images.parent / f"{action}.trace"
+    command = [strace, "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-o", str(trace)]
+    done = run_action(action, host.env(), images, command=[*command, str(ACTION)])
     assert done.returncode == 0, done.stderr
-    assert imported_modules(done.stderr) == set()
+    executed = [line for line in trace.read_text().splitlines() if "execve(" in line]
+    assert len(executed) == 1 and f'execve("{ACTION}"' in executed[0], executed
+    # The control: a stage with work does start Python, and the trace shows it.
+    record = images.parent / "pre-restore.trace"
+    command[command.index(str(trace))] = str(record)
+    work = run_action("pre-restore", host.env(), images, command=[*command, str(ACTION)])
+    assert work.returncode == 0, work.stderr
+    assert "python" in record.read_text()
     assert ACTION.read_bytes().startswith(b"#!/bin/sh\n")
+
+
+def action_command() -> list[str]:
+    """The command the installed script execs, with `-X importtime` added: the script runs
+    Python with `-I`, which ignores PYTHONPROFILEIMPORTTIME as it ignores every PYTHON*."""
+    found = re.search(r"""^exec "\$python" -I -c '([^']+)' "\$@"$""", ACTION.read_text(), re.M)
+    assert found is not None, "the script's exec line changed: update this test"
+    return [sys.executable, "-I", "-X", "importtime", "-c", found.group(1)]
 
 
 @pytest.mark.parametrize("action", ["pre-dump", "pre-restore"])
 def test_the_daemon_path_imports_no_asyncio_anyio_or_msgspec(
     host: SimHost, recorded: dict[str, Any], images: Path, action: str
 ) -> None:
-    env = host.env(PYTHONPROFILEIMPORTTIME="1")
     pid = recorded["pid"] if action == "pre-dump" else None
-    done = run_action(action, env, images, pid)
+    done = run_action(action, host.env(), images, pid, command=action_command())
     assert done.returncode == 0, done.stderr
     modules = imported_modules(done.stderr)
     assert "watcher.criu" in modules  # the profile really covers the action
@@ -628,12 +648,8 @@ def test_the_import_check_does_see_the_fallback(
     trees: Callable[..., Tree], images: Path, tmp_path: Path
 ) -> None:
     # The control for the test above: without a daemon, the direct scan does load msgspec.
-    env = dict(
-        os.environ,
-        PYTHONPROFILEIMPORTTIME="1",
-        GPU_DEVICE_WATCHER_SOCKET=str(tmp_path / "nobody.sock"),
-    )
-    done = run_action("pre-dump", env, images, trees(None).root)
+    env = dict(os.environ, GPU_DEVICE_WATCHER_SOCKET=str(tmp_path / "nobody.sock"))
+    done = run_action("pre-dump", env, images, trees(None).root, command=action_command())
     assert done.returncode == 0, done.stderr
     assert {"msgspec", "watcher.probe"} <= imported_modules(done.stderr)
 

@@ -18,6 +18,7 @@ import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,7 +133,7 @@ def test_install_action_writes_one_executable_zipapp(tmp_path: Path) -> None:
     assert stat.S_ISREG(info.st_mode)
     assert stat.S_IMODE(info.st_mode) == 0o755
     data = action.read_bytes()
-    assert data.startswith(b"#!/usr/bin/env python3\n")
+    assert data.startswith(b"#!/bin/sh\n")
     with zipfile.ZipFile(action) as archive:
         assert archive.testzip() is None
         names = set(archive.namelist())
@@ -371,3 +372,158 @@ def test_a_real_criu_dump_of_an_amd_tree_stops_while_the_daemon_is_down(
     assert dumped.ok, dumped.explain()
     assert "no GPU device in use" in dumped.log
     tree.gone()
+
+
+# ------------------------------------------------------------ a host without Python 3.11+
+
+# Run in a private mount namespace (unshare -m): every python3.N of /usr/bin, /usr/local/bin
+# and /bin is hidden under /dev/null (not a regular file), and with `fake` /usr/local/bin is
+# a tmpfs holding a `python3.10` (and `python3`, a link to it) that says it is 3.10 and
+# notes that it ran. `devices`: a file
+# mounted over /proc/devices, so that a major of this machine counts as a GPU driver's.
+_WITHOUT_PYTHON = """\
+set -e
+for python in /usr/bin/python3.* /usr/local/bin/python3.* /bin/python3.*; do
+    if [ -e "$python" ]; then mount --bind /dev/null "$python"; fi
+done
+if [ -n "$FAKE_RAN" ]; then
+    mount -t tmpfs fake /usr/local/bin
+    printf '#!/bin/sh\\necho "$0" >>%s\\necho Python 3.10.12\\n' "$FAKE_RAN" \\
+        >/usr/local/bin/python3.10
+    chmod 755 /usr/local/bin/python3.10
+    ln -s python3.10 /usr/local/bin/python3
+fi
+if [ -n "$FAKE_DEVICES" ]; then mount --bind "$FAKE_DEVICES" /proc/devices; fi
+shift
+exec env -i "$@"
+"""
+
+
+def run_without_python(
+    action: Path,
+    stage: str,
+    images: Path,
+    *,
+    fake: Path | None,
+    pid: int | None = None,
+    devices: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    environment = [f"CRTOOLS_SCRIPT_ACTION={stage}", f"CRTOOLS_IMAGE_DIR={images}"]
+    if pid is not None:
+        environment.append(f"CRTOOLS_INIT_PID={pid}")
+    fake_devices = ""
+    if devices is not None:
+        fake_devices = str(images.parent / "devices")
+        Path(fake_devices).write_text(devices)
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", _WITHOUT_PYTHON, "sh", "--", *environment, str(action)],
+        env={
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "FAKE_RAN": str(fake or ""),
+            "FAKE_DEVICES": fake_devices,
+        },
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+MAP_ONLY = """\
+import ctypes, mmap, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+fd = os.open("/dev/zero", os.O_RDONLY)
+address = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+os.close(fd)
+print("ready", flush=True)
+time.sleep(1000)
+"""
+
+
+@pytest.mark.parametrize("interpreter", ["absent", "3.10"])
+def test_without_python_only_a_stage_that_needs_a_record_fails(
+    namespaces_available: None,
+    trees: Callable[..., Tree],
+    tmp_path: Path,
+    interpreter: str,
+) -> None:
+    action, images = installed(tmp_path)
+    fake = tmp_path / "fake-python-ran" if interpreter == "3.10" else None
+    found = "/usr/local/bin/python3.10" if fake else "none"
+    install_hint = "install python3 3.11 or later, e.g. apt-get install python3.11"
+
+    def run(stage: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        done = run_without_python(action, stage, images, fake=fake, **kwargs)
+        assert "Traceback" not in done.stderr
+        assert all(line.startswith("gpu-device-watcher: ") for line in done.stderr.splitlines())
+        return done
+
+    # A stage with nothing to do, and pre-restore of a checkpoint without our record.
+    for stage in ("post-dump", "network-lock", "post-resume", "pre-restore"):
+        quiet = run(stage)
+        assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", ""), stage
+
+    # pre-dump of a tree holding no GPU node: /proc/devices here names no GPU driver, then
+    # one that names major 5 (/dev/ptmx) `nvidia-frontend`, which the tree does not hold.
+    plain = trees("/dev/null")
+    dumped = run("pre-dump", pid=plain.root)
+    assert dumped.returncode == 0, dumped.stderr
+    assert dumped.stdout.startswith("gpu-device-watcher: no GPU driver registered in /proc/")
+    ptmx = os.stat("/dev/ptmx").st_rdev
+    gpu_devices = proc_devices_text({"nvidia-frontend": os.major(ptmx), "nvidia-uvm": 509})
+    dumped = run("pre-dump", pid=plain.root, devices=gpu_devices)
+    assert dumped.returncode == 0, dumped.stderr
+    assert dumped.stdout.startswith(
+        f"gpu-device-watcher: no GPU device in use by the tree of pid {plain.root}; "
+        "no record written"
+    )
+    assert not (images / RECORD).exists()
+
+    # pre-dump of a tree whose child holds the "GPU" node: stopped, saying what to install.
+    gpu = trees("/dev/ptmx")
+    refused = run("pre-dump", pid=gpu.root, devices=gpu_devices)
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"gpu-device-watcher: the tree of pid {gpu.root} holds GPU device(s) ")
+    assert f" {os.major(ptmx)}:{os.minor(ptmx)} " in line
+    assert line.endswith(f"found: {found}): {install_hint}; dump stopped")
+
+    # A device only mapped, no longer open (major 1, /dev/zero's, named `nvidia`).
+    with subprocess.Popen(
+        [sys.executable, "-c", MAP_ONLY], stdout=subprocess.PIPE, text=True
+    ) as mapper:
+        try:
+            assert mapper.stdout is not None
+            assert mapper.stdout.readline() == "ready\n"
+            zero = os.stat("/dev/zero").st_rdev
+            mapped = run(
+                "pre-dump", pid=mapper.pid, devices=proc_devices_text({"nvidia": os.major(zero)})
+            )
+        finally:
+            mapper.kill()
+    assert mapped.returncode == 1
+    assert f" {os.major(zero)}:{os.minor(zero)} " in mapped.stderr
+
+    # A pid that is gone.
+    gone = run("pre-dump", pid=2**22 + 1, devices=gpu_devices)
+    assert gone.returncode == 1
+    assert "is not running; dump stopped" in gone.stderr
+
+    # pre-restore of a checkpoint that holds our record: stopped, saying what to install.
+    (images / RECORD).write_text("{}")
+    stopped = run("pre-restore")
+    assert stopped.returncode == 1
+    assert stopped.stdout == ""
+    [line] = stopped.stderr.splitlines()
+    assert line.startswith("gpu-device-watcher: the checkpoint holds a GPU record and this host ")
+    assert line.endswith(f"found: {found}): {install_hint}; restore stopped")
+
+    # The fake 3.10 was seen (it is named in the lines) but never run.
+    if fake is not None:
+        assert not fake.exists(), fake.read_text()

@@ -13,21 +13,10 @@ from __future__ import annotations
 import os
 import sys
 
-from watcher.contract import PREFIX
+from watcher.contract import PREFIX, escape_char
 
 # Long enough for a path or a UUID, short enough that a crafted value cannot flood the log.
 DEFAULT_LIMIT = 160
-
-
-def _escape(char: str) -> str:
-    if char == "\\":
-        return "\\\\"
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
 
 
 def shown(value: object, limit: int = DEFAULT_LIMIT) -> str:
@@ -39,7 +28,7 @@ def shown(value: object, limit: int = DEFAULT_LIMIT) -> str:
     # The common case (host names, device names, versions) costs one pass in C.
     if not (text.isascii() and text.isprintable() and "\\" not in text):
         text = "".join(
-            char if " " <= char <= "~" and char != "\\" else _escape(char) for char in text
+            char if " " <= char <= "~" and char != "\\" else escape_char(char) for char in text
         )
     return text + "..." if cut else text
 
@@ -48,7 +37,7 @@ def one_line(message: str) -> str:
     """`message` with anything that is not printable escaped: a guard behind `shown()`."""
     if message.isascii() and message.isprintable():
         return message
-    return "".join(char if " " <= char <= "~" else _escape(char) for char in message)
+    return "".join(char if " " <= char <= "~" else escape_char(char) for char in message)
 
 
 def say(message: str) -> None:
