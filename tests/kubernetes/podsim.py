@@ -110,8 +110,6 @@ def _image_paths() -> list[Path]:
 def _make_root(root: Path, mounts: list[dict[str, Any]]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     _run("mount", "-t", "tmpfs", "-o", "mode=0755", "pod-root", root)
-    for path in _image_paths():
-        _bind(path, root / path.relative_to("/"), read_only=True, propagation="rprivate")
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         node_path = Path("/") / name
         if node_path.is_symlink():
@@ -137,6 +135,10 @@ def _make_root(root: Path, mounts: list[dict[str, Any]]) -> None:
             read_only=bool(volume["read_only"]),
             propagation=str(volume["propagation"]),
         )
+    # The image last: a checkout under /tmp (a clone in a `mktemp -d` directory) stays
+    # visible in a container that mounts an emptyDir there.
+    for path in _image_paths():
+        _bind(path, root / path.relative_to("/"), read_only=True, propagation="rprivate")
     # readOnlyRootFilesystem: the image and the mount points, never written.
     _run("mount", "-o", "remount,ro", root)
 
