@@ -23,7 +23,7 @@ order, then the daemon) runs as a container runtime would run it:
 
 Host paths this machine lacks (NFD's features.d, the action's directory) are made in SCRATCH.
 With the daemon ready, the attacks of a compromised daemon run in its container with its
-privileges (`attack`), the probe runs there too, and the host changes (a `nodev` remount, a
+privileges (podattack.py), the probe runs there too, and the host changes (a `nodev` remount, a
 new mount on the dev root) the map must follow. One JSON line on stdout says what was seen.
 """
 

@@ -308,11 +308,11 @@ def test_the_config_map_is_the_daemon_s_config_at_the_default_path(tmp_path: Pat
     assert os.path.basename(DEFAULT_CONFIG) == source.name  # the key is the file name
     volume = _volume(mount["name"])["configMap"]
     assert volume["name"] == name
-    # The kubelet writes ConfigMap files owned by root with defaultMode: the daemon and the
-    # CRIU action (both root) must accept them under the config safety rule.
+    # The kubelet writes ConfigMap files owned by root with defaultMode: the daemon (its own
+    # uid) must accept them under the config safety rule.
     mode = volume["defaultMode"]
     kubelet_file = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, 0, 0, 0, 0, 0, 0))
-    assert config_file_problem(DEFAULT_CONFIG, kubelet_file, own_uid=0) is None
+    assert config_file_problem(DEFAULT_CONFIG, kubelet_file, own_uid=DAEMON_UID) is None
     # ...and the daemon loads it: every key known and of the right type.
     copy = tmp_path / "config.toml"
     shutil.copyfile(source, copy)
