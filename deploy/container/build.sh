@@ -53,7 +53,9 @@ if [[ -z "$base" ]]; then
             # The machine's own Debian mirror, when its apt sources name one.
             mirror=$(awk '/^URIs:/ && $2 ~ /debian\/?$/ {print $2; exit} /^deb / && $2 ~ /debian\/?$/ {print $2; exit}' \
                 /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true)
-            mmdebstrap --quiet --variant=minbase --include=python3,python3-venv \
+            # --format: mmdebstrap tells the format by the name's ending, and `.tmp` made it
+            # a directory.
+            mmdebstrap --quiet --variant=minbase --format=tar --include=python3,python3-venv \
                 "$SUITE" "$rootfs.tmp" ${mirror:+"$mirror"}
             mv "$rootfs.tmp" "$rootfs"
         fi

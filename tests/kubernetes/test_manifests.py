@@ -1,8 +1,10 @@
 """deploy/kubernetes: valid against the Kubernetes schemas (offline), and what the contract says.
 
-Then the pod itself, simulated with the kernel's own pieces (podsim.py): the daemon run with
-exactly the uid and capabilities the DaemonSet gives it must produce the right map, follow
-the host's mounts and answer its probe.
+Then the pod itself, simulated with the kernel's own pieces (podsim.py) from the manifest
+(its uid, capabilities, PID namespace, volumes and init containers): the daemon must produce
+the right map, follow the host's mounts, answer its probe, write its labels and serve its
+metrics, while code run in its container with its privileges can do none of what the
+security review did from the first version of the pod.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,7 @@ def test_the_kustomization_renders_to_valid_manifests() -> None:
         "ConfigMap",
         "DaemonSet",
         "Namespace",
+        "NetworkPolicy",
         "ServiceAccount",
     ]
     for document in documents:
@@ -148,40 +150,40 @@ def test_namespace_and_service_account() -> None:
     assert _pod()["automountServiceAccountToken"] is False
 
 
+# The daemon's uid and gid: its own (docs/kubernetes.md says why not 65534).
+DAEMON_UID = 65530
+# What the daemon reads of the host, each bound read-only at /host + its host path.
+HOST_READS = {"/dev", "/run/nvidia", "/usr", "/proc"}
+# Where the host mounts later and the pod must see it (the driver root, a new /dev tmpfs).
+FOLLOWS_HOST_MOUNTS = {"/dev", "/run/nvidia"}
+# The AMD GPU Operator's NodeFeatureRule (ROCm/gpu-operator,
+# helm-charts-k8s/templates/gpu-nfd-default-rule.yaml, rule `amd-gpu`) labels AMD GPU nodes so.
+AMD_GPU_LABEL = "feature.node.kubernetes.io/amd-gpu"
+
+
 def test_the_daemonset_is_the_contract_s() -> None:
     daemonset = _one("DaemonSet")
     assert daemonset["metadata"]["name"] == "gpu-device-watcher"
     assert daemonset["metadata"]["namespace"] == "gpu-device-watcher"
     pod = _pod()
-    assert pod["hostPID"] is True
     assert not pod.get("hostNetwork") and not pod.get("hostIPC")
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
         "tolerations"
     ]
-
     daemon = _container("gpu-device-watcher")
-    assert daemon["args"] == ["serve", "--root", "/host", "--mountinfo", "/proc/1/mountinfo"]
-    host = _mount(daemon, "/host")
-    assert host["readOnly"] is True
-    assert host["mountPropagation"] == "HostToContainer"
-    assert _volume(host["name"])["hostPath"]["path"] == "/"
     sockets = _mount(daemon, "/run/gpu-device-watcher")
     assert _volume(sockets["name"])["hostPath"] == {
         "path": "/run/gpu-device-watcher",
         "type": "DirectoryOrCreate",
     }
-
-    for container in (daemon, _container("install-action", init=True)):
+    for container in (daemon, *_pod()["initContainers"]):
         context = container["securityContext"]
         assert context["privileged"] is False
         assert context["allowPrivilegeEscalation"] is False
         assert context["readOnlyRootFilesystem"] is True
-        assert capabilities_added(container) == [], "measured: no capability is needed"
         resources = container["resources"]
         assert set(resources) == {"requests", "limits"}
         assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
-
     for probe in ("readinessProbe", "livenessProbe"):
         assert daemon[probe]["exec"]["command"] == ["gpu-device-watcher", "status"]
         assert daemon[probe]["timeoutSeconds"] >= 2
@@ -191,6 +193,89 @@ def test_the_daemonset_is_the_contract_s() -> None:
         "GPU_DEVICE_WATCHER_SOCKET", "/run/gpu-device-watcher/gpu-device-watcher.sock"
     )
     assert os.path.dirname(socket_path) == "/run/gpu-device-watcher"
+
+
+def test_the_daemon_is_not_root_on_its_node() -> None:
+    pod = _pod()
+    daemon = _container("gpu-device-watcher")
+    context = {**pod["securityContext"], **daemon["securityContext"]}
+    assert (context["runAsUser"], context["runAsGroup"]) == (DAEMON_UID, DAEMON_UID)
+    assert context["runAsNonRoot"] is True
+    assert capabilities_added(daemon) == [], "measured: the daemon needs no capability"
+    # Its own PID namespace: the host init's table comes through the host's procfs.
+    assert pod.get("hostPID", False) is False
+    assert daemon["args"] == ["serve", "--root", "/host", "--mountinfo", "/host/proc/1/mountinfo"]
+
+
+def test_of_the_host_the_daemon_sees_only_what_the_map_reads() -> None:
+    daemon = _container("gpu-device-watcher")
+    host_mounts = {
+        _volume(m["name"])["hostPath"]["path"]: m
+        for m in daemon["volumeMounts"]
+        if "hostPath" in _volume(m["name"])
+    }
+    writable = {path for path, m in host_mounts.items() if not m.get("readOnly", False)}
+    assert writable == {
+        "/run/gpu-device-watcher",
+        "/etc/kubernetes/node-feature-discovery/features.d",
+    }
+    assert set(host_mounts) - writable == HOST_READS
+    for path in HOST_READS:
+        assert host_mounts[path]["mountPath"] == "/host" + path
+        assert host_mounts[path]["readOnly"] is True
+    following = {
+        p for p in HOST_READS if host_mounts[p].get("mountPropagation") == "HostToContainer"
+    }
+    assert following == FOLLOWS_HOST_MOUNTS
+
+
+def test_the_init_steps_hold_only_the_capability_they_need() -> None:
+    steps = {c["name"]: c for c in _pod()["initContainers"]}
+    assert list(steps) == ["host-dirs", "install-action"]
+    for step in steps.values():
+        assert step["securityContext"]["runAsUser"] == 0
+    assert capabilities_added(steps["host-dirs"]) == ["CHOWN"]
+    assert capabilities_added(steps["install-action"]) == []
+    # Each sees only the host directories it changes.
+    assert {m["mountPath"] for m in steps["host-dirs"]["volumeMounts"]} == {
+        "/run/gpu-device-watcher",
+        "/etc/kubernetes/node-feature-discovery/features.d",
+    }
+    script = steps["host-dirs"]["command"][-1]
+    assert f"chown {DAEMON_UID}:{DAEMON_UID} /run/gpu-device-watcher" in script
+
+
+def test_the_daemonset_runs_on_nvidia_and_amd_gpu_nodes() -> None:
+    pod = _pod()
+    assert "nodeSelector" not in pod, "a nodeSelector ANDs its labels: one vendor only"
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    # nodeSelectorTerms are ORed: a node with either label gets a pod.
+    assert terms == [
+        {
+            "matchExpressions": [
+                {"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}
+            ]
+        },
+        {"matchExpressions": [{"key": AMD_GPU_LABEL, "operator": "In", "values": ["true"]}]},
+    ]
+    assert {"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert AMD_GPU_LABEL in (BASE / "daemonset.yaml").read_text()
+
+
+def test_the_network_policy_admits_only_scrapes() -> None:
+    policy = _one("NetworkPolicy")["spec"]
+    pod_labels = _one("DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    assert policy["egress"] == [], "the daemon talks to nothing on the network"
+    (rule,) = policy["ingress"]
+    (port,) = rule["ports"]
+    names = {p["name"] for p in _container("gpu-device-watcher")["ports"]}
+    assert port == {"port": "metrics", "protocol": "TCP"} and "metrics" in names
 
 
 def test_the_init_container_installs_the_action_on_the_host() -> None:
@@ -223,11 +308,11 @@ def test_the_config_map_is_the_daemon_s_config_at_the_default_path(tmp_path: Pat
     assert os.path.basename(DEFAULT_CONFIG) == source.name  # the key is the file name
     volume = _volume(mount["name"])["configMap"]
     assert volume["name"] == name
-    # The kubelet writes ConfigMap files owned by root with defaultMode: the daemon and the
-    # CRIU action (both root) must accept them under the config safety rule.
+    # The kubelet writes ConfigMap files owned by root with defaultMode: the daemon (its own
+    # uid) must accept them under the config safety rule.
     mode = volume["defaultMode"]
     kubelet_file = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, 0, 0, 0, 0, 0, 0))
-    assert config_file_problem(DEFAULT_CONFIG, kubelet_file, own_uid=0) is None
+    assert config_file_problem(DEFAULT_CONFIG, kubelet_file, own_uid=DAEMON_UID) is None
     # ...and the daemon loads it: every key known and of the right type.
     copy = tmp_path / "config.toml"
     shutil.copyfile(source, copy)
@@ -321,37 +406,59 @@ def test_the_monitoring_kustomization_renders() -> None:
 # -- the pod, run for real -----------------------------------------------------------------
 
 
-@pytest.fixture
-def scratch() -> Iterator[Path]:
+def _sim_problem() -> str | None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: unshare -m, tmpfs mounts, mknod, setpriv")
-    missing = [tool for tool in ("unshare", "setpriv", "mount") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-    directory = Path(tempfile.mkdtemp(prefix="gdw-pod-", dir="/tmp"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
+        return "needs root: unshare -m and -p, tmpfs and bind mounts, chroot, setpriv"
+    missing = [t for t in ("unshare", "nsenter", "setpriv", "mount") if shutil.which(t) is None]
+    return f"needs {', '.join(missing)}" if missing else None
 
 
-def _simulate(
-    scratch: Path, uid: int, capabilities: list[str], config: str = "", config_mode: int = 0o644
-) -> dict[str, Any]:
-    spec = json.dumps(
-        {"uid": uid, "capabilities": capabilities, "config": config, "config_mode": config_mode}
-    )
+def _scratch() -> Path:
+    return Path(tempfile.mkdtemp(prefix="gdw-pod-", dir="/tmp"))
+
+
+def _simulate(scratch: Path, pod: dict[str, Any], config: str = "") -> dict[str, Any]:
+    """The pod as `pod` describes it, with `config` as its ConfigMap's config.toml."""
+    mode = _volume(_mount(_container("gpu-device-watcher"), "/etc/gpu-device-watcher")["name"])[
+        "configMap"
+    ]["defaultMode"]
+    spec = json.dumps({"pod": pod, "config": config, "config_mode": mode})
     done = run_scenario_module("tests.kubernetes.podsim", spec, scratch, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.strip(), done.stderr
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
 
+def _base_config_on_loopback() -> str:
+    """The base's config.toml, its metrics moved to loopback and a free port (the simulated
+    pod shares the test's network namespace)."""
+    text = _generated_config()[1].read_text()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    moved = text.replace('"0.0.0.0:9402"', f'"127.0.0.1:{port}"')
+    assert moved != text
+    return moved
+
+
+@pytest.fixture(scope="module")
+def pod_run() -> Iterator[dict[str, Any]]:
+    """One run of the manifest's pod with the base's config, shared by the tests below."""
+    if (problem := _sim_problem()) is not None:
+        pytest.skip(problem)
+    scratch = _scratch()
+    try:
+        yield _simulate(scratch, _pod(), _base_config_on_loopback())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @pytest.mark.realfs
-def test_the_pod_s_privileges_are_enough(scratch: Path) -> None:
-    pod = _pod()
-    uid = pod["securityContext"]["runAsUser"]
-    capabilities = capabilities_added(_container("gpu-device-watcher"))
-    result = _simulate(scratch, uid, capabilities)
+def test_the_pod_s_privileges_are_enough(pod_run: dict[str, Any]) -> None:
+    result = pod_run
     assert result.get("ready"), result
+    assert result["init"] == {"host-dirs": 0, "install-action": 0}, result
     log = result["log"]
     assert "Traceback" not in log, log
     # Nodes attributed to the host's mounts, by host path, through the host init's table.
@@ -374,45 +481,71 @@ def test_the_pod_s_privileges_are_enough(scratch: Path) -> None:
 
 
 @pytest.mark.realfs
-def test_the_pod_s_config_turns_on_labels_and_metrics(scratch: Path) -> None:
+def test_the_pod_s_config_turns_on_labels_and_metrics(pod_run: dict[str, Any]) -> None:
     """The base's config.toml, as the kubelet writes it (root-owned, defaultMode), read by the
-    daemon with the pod's uid and capabilities: the feature file lands in a root-owned
-    directory and the metrics are served. Only the address and the directory are moved (to
-    loopback and a free port; to the simulated node's features.d)."""
-    daemon = _container("gpu-device-watcher")
-    mode = _volume(_mount(daemon, os.path.dirname(DEFAULT_CONFIG))["name"])["configMap"][
-        "defaultMode"
-    ]
-    text = _generated_config()[1].read_text()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    text = text.replace('"0.0.0.0:9402"', f'"127.0.0.1:{port}"')
-    text = text.replace("/etc/kubernetes/node-feature-discovery/features.d", "{features}")
-    assert f"127.0.0.1:{port}" in text and "{features}/gpu-device-watcher" in text
-    uid = _pod()["securityContext"]["runAsUser"]
-    result = _simulate(scratch, uid, capabilities_added(daemon), text, mode)
+    daemon with the pod's uid: the feature file lands in the node's features.d, owned by the
+    daemon, and the metrics are served."""
+    result = pod_run
     assert result.get("ready"), result
-    assert "Traceback" not in result["log"], result["log"]
     assert result["features"] == ["gpu-device-watcher"], result
+    owner = result["owners_running"]["SCRATCH/features.d/gpu-device-watcher"]
+    assert owner == [DAEMON_UID, DAEMON_UID, "0o644"], result["owners_running"]
     assert "gpu_device_watcher_checkpoint_ready" in result["metrics"], result
-    assert result["exit"] == 0
 
 
 @pytest.mark.realfs
-def test_without_root_the_socket_directory_cannot_be_made(scratch: Path) -> None:
-    # Why the pod runs as uid 0: the hostPath directory of the socket belongs to root.
-    runs = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", ""],
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
-    if runs.returncode != 0:
-        pytest.skip(f"uid 65534 cannot run {sys.executable} (a Python under /root?)")
-    result = _simulate(scratch, 65534, [])
-    assert not result["ready"]
-    assert (
-        "cannot create the socket directory /run/gpu-device-watcher: Permission denied"
-        in (result["log"])
-    )
+def test_the_init_steps_hand_over_only_what_the_daemon_owns(pod_run: dict[str, Any]) -> None:
+    owners = pod_run["owners"]
+    assert owners["/run/gpu-device-watcher"] == [DAEMON_UID, DAEMON_UID, "0o755"], owners
+    # NFD's directory stays root's: the daemon's group may add files, the sticky bit keeps
+    # it from replacing or removing those of others.
+    assert owners["SCRATCH/features.d"] == [0, DAEMON_UID, "0o1775"], owners
+    # What CRIU runs as root stays root's, out of the daemon's reach.
+    action = owners["SCRATCH/action/gpu-device-watcher-criu-action"]
+    assert action[:2] == [0, 0] and int(action[2], 8) & 0o022 == 0, owners
+    assert owners["SCRATCH/action"][:2] == [0, 0], owners
+
+
+# Each step of the review's attack, run in the daemon's container with its privileges, and
+# what must be true on the node afterwards.
+ATTACKS = [
+    "read-shadow",
+    "read-kubelet-key",
+    "write-host-run",
+    "write-host-run-nvidia",
+    "plant-cuda-checkpoint",
+    "stop-root-process",
+    "kill-root-process",
+    "write-core-pattern",
+]
+
+
+@pytest.mark.realfs
+@pytest.mark.parametrize("step", ATTACKS)
+def test_a_compromised_daemon_cannot(pod_run: dict[str, Any], step: str) -> None:
+    attack = pod_run["attack"]
+    assert set(attack) == set(ATTACKS), attack
+    assert attack[step] != "done", f"{step}: the pod could do it ({pod_run['uid']=})"
+    aftermath = pod_run["aftermath"]
+    if step.startswith(("write-host-run", "plant-")):
+        assert aftermath["planted"] == [], aftermath
+    if step.endswith("-root-process"):
+        # Alive and not stopped: S (sleeping) or R.
+        assert aftermath["victim"] in {"S", "R"}, aftermath
+
+
+@pytest.mark.realfs
+def test_without_the_init_step_the_daemon_cannot_make_its_socket() -> None:
+    """Why the init step is there: the kubelet makes the hostPath root's."""
+    if (problem := _sim_problem()) is not None:
+        pytest.skip(problem)
+    pod = _pod()
+    pod["initContainers"] = [c for c in pod["initContainers"] if c["name"] != "host-dirs"]
+    scratch = _scratch()
+    try:
+        result = _simulate(scratch, pod)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert result["init"] == {"install-action": 0}, result
+    assert not result["ready"], result
+    assert "cannot create socket in /run/gpu-device-watcher: Permission denied" in result["log"]
