@@ -27,6 +27,7 @@ __all__ = [
     "PROG",
     "build_parser",
     "command_criu_action",
+    "command_doctor",
     "command_get",
     "command_path",
     "command_scan",
@@ -158,7 +159,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    if wanted("serve") or wanted("scan"):
+    if wanted("serve") or wanted("scan") or wanted("doctor"):
         host_view = _host_view_options()
     if wanted("serve"):
         serve = commands.add_parser("serve", parents=[host_view], help="run the daemon")
@@ -208,6 +209,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             f"{DEFAULT_CONFIG}, if present)",
         )
         _format_option(check, ("text", "json"))
+    if wanted("doctor"):
+        doctor = commands.add_parser(
+            "doctor",
+            parents=[host_view],
+            help="is this node ready for GPU checkpoints, end to end; what to fix",
+        )
+        _socket_option(doctor)
+        _format_option(doctor, ("text", "json"))
     if wanted("install-action"):
         install = commands.add_parser(
             "install-action",
@@ -335,6 +344,23 @@ def command_restore_check(arguments: argparse.Namespace) -> int:
     return restore_check(arguments.image_dir, environ, arguments.format)
 
 
+def command_doctor(arguments: argparse.Namespace) -> int:
+    _check_host_view(arguments)
+    settings = _settings(arguments)
+    from watcher.doctor import diagnose, exit_code  # noqa: PLC0415 (msgspec, the scanner)
+    from watcher.doctor.report import as_json, as_text  # noqa: PLC0415
+
+    checks = diagnose(settings)
+    if arguments.format == "json":
+        print(as_json(checks))
+    else:
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        root = settings.view.root
+        header = f"{PROG} doctor: {'this host' if root == '/' else f'the host under {root}'}"
+        print(as_text(checks, colour=colour, width=_terminal_columns(), header=header))
+    return exit_code(checks)
+
+
 # -- install-action: the CRIU action as one self-contained file (deploy/kubernetes) ---------
 
 
@@ -371,6 +397,7 @@ COMMANDS = {
     "criu-action": command_criu_action,
     "restore-check": command_restore_check,
     "install-action": command_install_action,
+    "doctor": command_doctor,
 }
 
 

@@ -1,0 +1,111 @@
+"""`gpu-device-watcher doctor`: is this node ready for GPU checkpoints, end to end, and what
+exactly to fix.
+
+Gathering (`host`, `services`, and each group's `gather_*`) reads the host under `--root` and
+asks the daemon; the checks (`node`, `criu`, `cuda`, `runtimes`: `check_*`) are pure functions
+of what was gathered; `report` prints them. Nothing here writes to the host.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from watcher import client
+from watcher.doctor.model import CHECK_IDS, Check, exit_code, summary
+from watcher.errors import ServerError, Unreachable
+
+__all__ = ["CHECK_IDS", "Check", "diagnose", "exit_code", "summary"]
+
+
+def _daemon(socket: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """(status, map, why unreachable) from the daemon."""
+    try:
+        status = client.request(socket, {"op": "status"})["status"]
+        device_map = client.request(socket, {"op": "get"})["map"]
+    except (Unreachable, ServerError) as error:
+        return (
+            None,
+            None,
+            str(error).split(" (", 1)[0].removeprefix(f"cannot reach the daemon at {socket}: "),
+        )
+    return status, device_map, None
+
+
+def diagnose(settings: Any, environ: dict[str, str] | None = None) -> list[Check]:
+    """Every check, in the contract's order, for the host `settings.view` describes."""
+    import msgspec  # noqa: PLC0415
+
+    from watcher.core.model import DeviceMap  # noqa: PLC0415
+    from watcher.doctor import criu, cuda, node, runtimes  # noqa: PLC0415
+    from watcher.doctor.host import DEFAULT_PATH, HostTree  # noqa: PLC0415
+    from watcher.doctor.services import read_service  # noqa: PLC0415
+    from watcher.probe import scan  # noqa: PLC0415
+    from watcher.publish.labels import compute_labels  # noqa: PLC0415
+
+    environ = dict(os.environ) if environ is None else environ
+    status, device_map, unreachable = _daemon(settings.socket)
+    from_daemon = device_map is not None
+    if device_map is None:
+        device_map = msgspec.to_builtins(scan(settings.view, generation=0))
+    nvidia, amd = node.families_present(device_map)
+    driver = device_map.get("driver") or {}
+
+    host = HostTree(settings.view.root)
+    # Plain `criu` is typed at a shell: this one's PATH on this host, root's usual PATH on a
+    # host seen from elsewhere. The services' CRIU inherits the PATH their units give them.
+    plain_path = environ.get("PATH", DEFAULT_PATH) if host.is_own_root else DEFAULT_PATH
+    services = {name: read_service(host, name) for name in ("containerd", "crio")}
+    paths = {"criu": plain_path}
+    paths.update({name: s.path_env for name, s in services.items() if s.unit is not None})
+
+    runtime_names = tuple(
+        name for name in ("runc", "crun") if any(host.which(name, p) for p in paths.values())
+    )
+    criu_facts = criu.gather_criu(host, paths, nvidia=nvidia, amd=amd, runtimes=runtime_names)
+    callers = ("criu", *runtime_names)
+    config_facts = criu.gather_config(host, callers)
+    plugin_facts = criu.gather_plugins(host, criu_facts, config_facts, nvidia=nvidia, amd=amd)
+    cuda_facts = cuda.gather_cuda(
+        host,
+        paths,
+        nvidia=nvidia,
+        driver_version=driver.get("version"),
+        map_cuda_checkpoint=driver.get("cuda_checkpoint"),
+    )
+    every_path = list(dict.fromkeys(paths.values()))
+    runc = runtimes.gather_runtime(
+        host, "runc", every_path, criu_version=criu_facts.version, config=config_facts
+    )
+    crun = runtimes.gather_runtime(
+        host, "crun", every_path, criu_version=criu_facts.version, config=config_facts
+    )
+    crio = runtimes.gather_runtime(host, "crio", every_path, service=services["crio"])
+    containerd = runtimes.gather_runtime(
+        host, "containerd", every_path, service=services["containerd"]
+    )
+
+    features_file = settings.nfd_features_file
+    written = why = None
+    if features_file is not None:
+        try:
+            with open(features_file, encoding="utf-8", errors="replace") as file:
+                written = node.parse_feature_file(file.read(64 * 1024))
+        except OSError as error:
+            why = error.strerror or str(error)
+    expected = compute_labels(msgspec.convert(device_map, DeviceMap))
+    labels = node.LabelFacts(features_file, written, why, expected)
+
+    return [
+        node.check_daemon(node.DaemonFacts(settings.socket, status, unreachable)),
+        node.check_map(device_map, from_daemon=from_daemon),
+        criu.check_criu(criu_facts),
+        criu.check_criu_config(config_facts),
+        criu.check_criu_plugin(plugin_facts),
+        cuda.check_cuda_checkpoint(cuda_facts),
+        runtimes.check_runc(runc),
+        runtimes.check_crun(crun),
+        runtimes.check_crio(crio),
+        runtimes.check_containerd(containerd),
+        node.check_labels(labels),
+    ]

@@ -1,0 +1,182 @@
+"""What `doctor` reads of a host, and the few tools it runs there: the gathering side.
+
+Everything the checks decide on is gathered here, through one `HostTree`, so that the checks
+themselves are pure. Nothing here writes: files are opened read-only, directories listed,
+links resolved inside the root (as for a process chrooted into it).
+
+Running the host's tools (`criu --version`, `runc --version`, `cuda-checkpoint -h`, ...):
+with `--root /` they are this host's own tools, run as an operator would run them. Under
+another root the tree may be anything (a node's `/` mounted into the DaemonSet's pod, or a
+tree someone else wrote), and running a file of it is running its owner's code as us. So a
+tool under another root is run only when it and every directory from the root down to it are
+owned by root and writable by nobody else (the rule `config_file_problem` applies to the
+config): then only root could have put it there, and root on that host can run anything
+anyway. Every run: no shell, the argument list fixed here, a clean environment (a fixed
+`PATH`, `LC_ALL=C`), stdin from /dev/null, a timeout, the output cut at 64 KiB. A tool that
+is not run, or fails to run (a binary for the node's libraries will not start with the pod's),
+leaves its facts unknown, and the check that needs them says `skip` and why.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from dataclasses import dataclass
+
+from watcher.probe import resolve_in
+
+__all__ = ["DEFAULT_PATH", "SERVICE_PATH", "HostTree", "ToolOutput"]
+
+# root's PATH on a Debian, Ubuntu or RHEL host, for `criu` typed at a root shell.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# systemd's PATH for a service that sets none (systemd.exec(5), "Environment variables in
+# spawned processes"): what containerd and CRI-O, and the CRIU they start, search.
+SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+TOOL_TIMEOUT_S = 5.0
+_OUTPUT_LIMIT = 64 * 1024
+_READ_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ToolOutput:
+    """stdout and stderr of one run, or why there is none (`text` None)."""
+
+    text: str | None
+    why: str | None = None
+    returncode: int | None = None
+
+
+class HostTree:
+    """The host as seen under `root`; every path given or returned is a host path."""
+
+    def __init__(self, root: str = "/") -> None:
+        self.root = os.path.realpath(root)
+
+    @property
+    def is_own_root(self) -> bool:
+        return self.root == "/"
+
+    def fs(self, host_path: str) -> str:
+        """Where a host path is visible to this process."""
+        if self.is_own_root:
+            return host_path
+        return self.root + host_path if host_path != "/" else self.root
+
+    def resolve(self, host_path: str) -> str | None:
+        """The real host path of `host_path` (links resolved inside the root), or None."""
+        relative = resolve_in(self.root, host_path, rooted=True)
+        return None if relative is None else "/" + relative
+
+    def exists(self, host_path: str) -> bool:
+        return self.resolve(host_path) is not None
+
+    def is_file(self, host_path: str) -> bool:
+        real = self.resolve(host_path)
+        try:
+            return real is not None and stat.S_ISREG(os.stat(self.fs(real)).st_mode)
+        except OSError:
+            return False
+
+    def is_executable(self, host_path: str) -> bool:
+        real = self.resolve(host_path)
+        if real is None:
+            return False
+        try:
+            info = os.stat(self.fs(real))
+        except OSError:
+            return False
+        return stat.S_ISREG(info.st_mode) and bool(info.st_mode & 0o111)
+
+    def read_text(self, host_path: str, limit: int = _READ_LIMIT) -> tuple[str | None, str | None]:
+        """(text, None) or (None, why): a missing file, a directory, no permission."""
+        real = self.resolve(host_path)
+        if real is None:
+            return None, "no such file"
+        try:
+            fd = os.open(self.fs(real), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as error:
+            return None, error.strerror or str(error)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, "not a regular file"
+            data = os.read(fd, limit)
+        except OSError as error:
+            return None, error.strerror or str(error)
+        finally:
+            os.close(fd)
+        return data.decode("utf-8", "replace"), None
+
+    def read_bytes(self, host_path: str, limit: int = 64 * 1024 * 1024) -> bytes | None:
+        real = self.resolve(host_path)
+        if real is None:
+            return None
+        try:
+            with open(self.fs(real), "rb") as file:
+                return file.read(limit)
+        except OSError:
+            return None
+
+    def listdir(self, host_path: str) -> list[str]:
+        real = self.resolve(host_path)
+        if real is None:
+            return []
+        try:
+            return sorted(os.listdir(self.fs(real)))
+        except OSError:
+            return []
+
+    def which(self, name: str, path_env: str) -> str | None:
+        """The first executable `name` on `path_env` (execvp's search), as a host path."""
+        for directory in path_env.split(":"):
+            if not directory.startswith("/"):
+                continue  # a relative entry depends on the caller's directory: not a host path
+            candidate = directory.rstrip("/") + "/" + name
+            if self.is_executable(candidate):
+                return candidate
+        return None
+
+    def untrusted(self, host_path: str) -> str | None:
+        """Why a file under another root must not be run, or None (see the module's doc)."""
+        if self.is_own_root:
+            return None
+        real = self.resolve(host_path)
+        if real is None:
+            return "not found"
+        parts = [part for part in real.split("/") if part]
+        for depth in range(len(parts) + 1):
+            where = "/" + "/".join(parts[:depth])
+            try:
+                info = os.lstat(self.fs(where))
+            except OSError as error:
+                return f"{where}: {error.strerror or error}"
+            mode = stat.S_IMODE(info.st_mode)
+            if info.st_uid != 0:
+                return f"{where} is owned by uid {info.st_uid}, not root"
+            if mode & (stat.S_IWGRP | stat.S_IWOTH):
+                return f"{where} is writable by others (mode {mode:04o})"
+        return None
+
+    def run(self, host_path: str, *arguments: str) -> ToolOutput:
+        """Run a tool of the host (see the module's doc for when and how)."""
+        real = self.resolve(host_path)
+        if real is None:
+            return ToolOutput(None, f"{host_path}: not found")
+        refused = self.untrusted(real)
+        if refused is not None:
+            return ToolOutput(None, f"not run under --root {self.root}: {refused}")
+        try:
+            done = subprocess.run(
+                [self.fs(real), *arguments],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env={"PATH": DEFAULT_PATH, "LC_ALL": "C"},
+                timeout=TOOL_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return ToolOutput(None, f"{host_path} {' '.join(arguments)}: no answer in 5 s")
+        except OSError as error:
+            return ToolOutput(None, f"cannot run {host_path}: {error.strerror or error}")
+        output = (done.stdout + done.stderr)[:_OUTPUT_LIMIT].decode("utf-8", "replace")
+        return ToolOutput(output, None, done.returncode)
