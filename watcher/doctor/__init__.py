@@ -65,7 +65,9 @@ def diagnose(settings: Any, environ: dict[str, str] | None = None) -> list[Check
     criu_facts = criu.gather_criu(host, paths, nvidia=nvidia, amd=amd, runtimes=runtime_names)
     callers = ("criu", *runtime_names)
     config_facts = criu.gather_config(host, callers)
-    plugin_facts = criu.gather_plugins(host, criu_facts, config_facts, nvidia=nvidia, amd=amd)
+    plugin_facts = criu.gather_plugins(
+        host, criu_facts, config_facts, nvidia=nvidia, amd=amd, dev_root=driver.get("dev_root")
+    )
     cuda_facts = cuda.gather_cuda(
         host,
         paths,

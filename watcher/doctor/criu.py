@@ -166,11 +166,11 @@ def check_criu(facts: CriuFacts) -> Check:
             f"keep one criu: remove or relink {', '.join(sorted(elsewhere))}",
         )
     can = ["action scripts"]
-    if facts.version >= CUDA_PLUGIN_SINCE:
+    if facts.nvidia:
         can.append("the CUDA plugin")
-    if facts.version >= AMDGPU_PLUGIN_SINCE:
+    if facts.amd:
         can.append("the amdgpu plugin")
-    if facts.version >= RPC_CONFIG_SINCE:
+    if rpc:
         can.append("config files over RPC")
     return ok("criu", f"{found}; can run {', '.join(can)}")
 
@@ -312,29 +312,32 @@ def judge_action(action: ActionFacts) -> tuple[str, str, str | None]:
 
 
 def check_criu_config(facts: ConfigFacts) -> Check:
-    lines: list[str] = []
+    found_in: dict[str, list[str]] = {}
     worst = "ok"
     fix: str | None = None
     rank = {"ok": 0, "warn": 1, "fail": 2}
     served: list[str] = []
     for caller in facts.callers:
         config, present, actions = facts.files[caller]
+        name = config.rpartition("/")[2]
         if not present:
-            lines.append(f"{config}: absent")
+            found_in.setdefault("absent", []).append(name)
             continue
         if not actions:
-            lines.append(f"{config}: no action-script")
+            found_in.setdefault("no action-script", []).append(name)
             continue
         for action in actions:
             status, what, action_fix_line = judge_action(action)
-            lines.append(f"{config}: {what}")
+            found_in.setdefault(what, []).append(name)
             if rank[status] > rank[worst]:
                 worst, fix = status, action_fix_line
             if status != "fail" and action.ours is not None:
                 served.append(caller)
     for config, why in facts.unreadable.items():
         return skip("criu-config", f"{config}: {why}; cannot tell which action CRIU runs")
-    found = "; ".join(lines)
+    found = "/etc/criu/" + "; ".join(
+        f"{', '.join(names)}: {what}" for what, names in found_in.items()
+    )
     if not served:
         # The runtimes' file when one is there: Kubernetes checkpoints go through runc.
         target = "runc" if "runc" in facts.callers else facts.callers[0]
@@ -366,10 +369,20 @@ class PluginFacts:
     # family -> (library path, present)
     libraries: dict[str, tuple[str, bool]]
     criu_found: bool
+    # NVIDIA: whether /dev/nvidiactl exists on the host (links followed, as the plugin's
+    # access(2) does), and the map's dev root, where the node really is.
+    nvidiactl_in_dev: bool = True
+    dev_root: str | None = None
 
 
 def gather_plugins(
-    host: HostTree, criu: CriuFacts, config: ConfigFacts, *, nvidia: bool, amd: bool
+    host: HostTree,
+    criu: CriuFacts,
+    config: ConfigFacts,
+    *,
+    nvidia: bool,
+    amd: bool,
+    dev_root: str | None = None,
 ) -> PluginFacts:
     libdir, origin = criu.libdir_default, "CRIU's default"
     for caller in ("runc", "criu", "crun"):
@@ -381,7 +394,8 @@ def gather_plugins(
         if wanted:
             library = f"{libdir.rstrip('/')}/{PLUGINS[family]}"
             libraries[family] = (library, host.is_file(library))
-    return PluginFacts(libdir, origin, libraries, criu.path is not None)
+    in_dev = not nvidia or host.exists("/dev/nvidiactl")
+    return PluginFacts(libdir, origin, libraries, criu.path is not None, in_dev, dev_root)
 
 
 def check_criu_plugin(facts: PluginFacts) -> Check:
@@ -397,6 +411,17 @@ def check_criu_plugin(facts: PluginFacts) -> Check:
         )
         + f" (plugin directory {facts.libdir}: {facts.libdir_from})"
     )
+    if not facts.nvidiactl_in_dev:
+        # CRIU's CUDA plugin checks access("/dev/nvidiactl") before anything else and turns
+        # itself off when it is not there (the GPU Operator's layout: CRIU issue 2509).
+        where = f"{facts.dev_root}/nvidiactl" if facts.dev_root else None
+        return fail(
+            "criu-plugin",
+            f"{found}; but /dev/nvidiactl does not exist, so the CUDA plugin disables itself",
+            f"ln -s {where} /dev/nvidiactl"
+            if where and where != "/dev/nvidiactl"
+            else "mknod -m 0666 /dev/nvidiactl c 195 255",
+        )
     if missing:
         family, library = missing[0]
         plugin = PLUGINS[family].removesuffix(".so")

@@ -72,13 +72,12 @@ def _install_dir(lookup: Lookup) -> str:
 
 
 def _judge(lookup: Lookup, facts: CudaFacts) -> tuple[str, str, str | None]:
-    who = "criu" if lookup.caller == "criu" else f"{lookup.caller}'s CRIU"
     directory = _install_dir(lookup)
     if lookup.first is None:
         return (
             "fail",
             (
-                f"{who}: no cuda-checkpoint on PATH {lookup.path_env} (CRIU's CUDA plugin disables "
+                f"no cuda-checkpoint on PATH {lookup.path_env} (CRIU's CUDA plugin disables "
                 "itself and checkpoints carry no GPU state)"
             ),
             f"gpu-device-watcher install-action {directory}   (and NVIDIA's cuda-checkpoint)",
@@ -86,18 +85,18 @@ def _judge(lookup: Lookup, facts: CudaFacts) -> tuple[str, str, str | None]:
     if lookup.wrapper and lookup.real is None:
         return (
             "fail",
-            (f"{who}: {lookup.first} is our wrapper, with no real cuda-checkpoint behind it"),
+            (f"{lookup.first} is our wrapper, with no real cuda-checkpoint behind it"),
             "install -m 0755 cuda-checkpoint /usr/bin/   (NVIDIA's binary, driver 550+)",
         )
     chain = (
         f"{lookup.first} (our wrapper) -> {lookup.real}" if lookup.wrapper else f"{lookup.first}"
     )
     if lookup.help_text is None:
-        return "skip", f"{who}: {chain}; its -h not read: {lookup.help_why}", None
+        return "skip", f"{chain}; its -h not read: {lookup.help_why}", None
     if "--action" not in lookup.help_text:
         return (
             "fail",
-            (f"{who}: {chain} has no --action (CRIU's plugin needs driver r555 or later)"),
+            (f"{chain} has no --action (CRIU's plugin needs driver r555 or later)"),
             "upgrade the NVIDIA driver to 580 or later (cuda-checkpoint --action, --device-map)",
         )
     major = _major(facts.driver_version)
@@ -108,7 +107,7 @@ def _judge(lookup: Lookup, facts: CudaFacts) -> tuple[str, str, str | None]:
         return (
             "warn",
             (
-                f"{who}: {chain} is NVIDIA's binary, not our wrapper: a restore onto GPUs with "
+                f"{chain} is NVIDIA's binary, not our wrapper: a restore onto GPUs with "
                 "other UUIDs gets no --device-map"
             ),
             f"{move}gpu-device-watcher install-action {directory}",
@@ -117,14 +116,14 @@ def _judge(lookup: Lookup, facts: CudaFacts) -> tuple[str, str, str | None]:
         return (
             "warn",
             (
-                f"{who}: {chain}; driver {facts.driver_version or '(unknown)'} has no "
+                f"{chain}; driver {facts.driver_version or '(unknown)'} has no "
                 "--device-map: "
                 "restores only onto GPUs with the recorded UUIDs"
             ),
             "upgrade the NVIDIA driver to 580 or later",
         )
     driver = facts.driver_version
-    return "ok", f"{who}: {chain}, --action and --device-map (driver {driver})", None
+    return "ok", f"{chain}, --action and --device-map (driver {driver})", None
 
 
 def check_cuda_checkpoint(facts: CudaFacts) -> Check:
@@ -133,4 +132,9 @@ def check_cuda_checkpoint(facts: CudaFacts) -> Check:
     rank = {"ok": 0, "skip": 1, "warn": 2, "fail": 3}
     judged = [_judge(lookup, facts) for lookup in facts.lookups]
     status, _, fix = max(judged, key=lambda item: rank[item[0]])
-    return verdict("cuda-checkpoint", status, "; ".join(what for _, what, _ in judged), fix)
+    # Callers that meet the same binary are named together.
+    callers: dict[str, list[str]] = {}
+    for lookup, (_, what, _) in zip(facts.lookups, judged, strict=True):
+        callers.setdefault(what, []).append(lookup.caller)
+    found = "; ".join(f"{', '.join(names)}: {what}" for what, names in callers.items())
+    return verdict("cuda-checkpoint", status, found, fix)

@@ -28,7 +28,9 @@ def as_text(checks: list[Check], *, colour: bool, width: int = 100, header: str 
         status = f"{check.status:<4}"
         if colour:
             status = f"\033[{_COLOURS[check.status]}m{status}\033[0m"
-        found = textwrap.wrap(check.found, body, break_on_hyphens=False) or [""]
+        found = textwrap.wrap(
+            check.found, body, break_on_hyphens=False, break_long_words=False
+        ) or [""]
         lines.append(f"{check.id:<{id_width}}  {status}  {found[0]}")
         lines.extend(indent + more for more in found[1:])
         if check.fix is not None:
