@@ -203,7 +203,9 @@ class SimNode:
             *extra,
         ]
 
-    def doctor(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def doctor(
+        self, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "watcher", "doctor", *self.options(*extra)],
             capture_output=True, text=True, timeout=TIMEOUT, check=False, env=env,
@@ -216,11 +218,9 @@ class SimNode:
 
     def write_labels(self) -> None:
         """The feature file the daemon would write for this node's map now."""
-        import msgspec
-
+        from watcher.config import resolve_settings
         from watcher.probe import scan
         from watcher.publish.labels import compute_labels, render
-        from watcher.config import resolve_settings
 
         settings = resolve_settings(
             {"root": str(self.root), "proc": str(self.host.proc), "sys": str(self.host.sys),
@@ -228,7 +228,6 @@ class SimNode:
         )  # fmt: skip
         device_map = scan(settings.view)
         self.features.write_bytes(render(compute_labels(device_map)))
-        del msgspec
 
 
 def build(base: Path, action: bytes) -> SimNode:
@@ -257,12 +256,14 @@ def build(base: Path, action: bytes) -> SimNode:
     node.write("/etc/systemd/system/containerd.service", CONTAINERD_UNIT)
     node.write("/usr/lib/systemd/system/crio.service", CRIO_UNIT)
     node.write("/etc/systemd/system/crio.service.d/10-path.conf", CRIO_DROPIN)
-    node.write("/etc/crio/crio.conf", "[crio.runtime]\ndefault_runtime = \"runc\"\n")
-    node.write("/etc/crio/crio.conf.d/05-checkpoint.conf", "[crio.runtime]\nenable_criu_support = true\n")
+    node.write("/etc/crio/crio.conf", '[crio.runtime]\ndefault_runtime = "runc"\n')
+    node.write(
+        "/etc/crio/crio.conf.d/05-checkpoint.conf", "[crio.runtime]\nenable_criu_support = true\n"
+    )
     node.write(ACTION, action, 0o755)
     node.write("/etc/criu/runc.conf", f"# gpu-device-watcher\naction-script {ACTION}\n")
     node.write("/etc/criu/crun.conf", f"action-script={ACTION}\n")
-    node.write("/etc/criu/default.conf", f"--action-script \"{ACTION}\"\n")
+    node.write("/etc/criu/default.conf", f'--action-script "{ACTION}"\n')
     node.tool(f"{DRIVER}/usr/bin/cuda-checkpoint", tool_script({"-h|--help": CUDA_HELP_580}))
     node.tool("/usr/local/sbin/cuda-checkpoint", wrapper_script())
     node.write_labels()

@@ -345,7 +345,8 @@ def check_criu_config(facts: ConfigFacts) -> Check:
             "criu-config",
             f"{found}: no CRIU caller runs gpu-device-watcher's action (no record at dump, no "
             "restore gate)",
-            action_fix(CONFIG_FILES[target]),
+            # A named action that is broken is fixed where it is; none named, by naming one.
+            fix or action_fix(CONFIG_FILES[target]),
         )
     if worst == "ok":
         missing = [c for c in facts.callers if c not in served]
