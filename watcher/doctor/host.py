@@ -11,7 +11,10 @@ tree someone else wrote), and running a file of it is running its owner's code a
 tool under another root is run only when it and every directory from the root down to it are
 owned by root and writable by nobody else (the rule `config_file_problem` applies to the
 config): then only root could have put it there, and root on that host can run anything
-anyway. Every run: no shell, the argument list fixed here, a clean environment (a fixed
+anyway. A dynamically linked tool of another root is started through that root's own
+program interpreter (its ELF `PT_INTERP`, e.g. `/host/lib64/ld-linux-x86-64.so.2`) with that
+root's library directories, so it runs with the node's libraries, not the pod's (held to the
+same rule). Every run: no shell, the argument list fixed here, a clean environment (a fixed
 `PATH`, `LC_ALL=C`), stdin from /dev/null, a timeout, the output cut at 64 KiB. A tool that
 is not run, or fails to run (a binary for the node's libraries will not start with the pod's),
 leaves its facts unknown, and the check that needs them says `skip` and why.
@@ -21,12 +24,13 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import subprocess
 from dataclasses import dataclass
 
 from watcher.probe import resolve_in
 
-__all__ = ["DEFAULT_PATH", "SERVICE_PATH", "HostTree", "ToolOutput"]
+__all__ = ["DEFAULT_PATH", "SERVICE_PATH", "HostTree", "ToolOutput", "elf_interpreter"]
 
 # root's PATH on a Debian, Ubuntu or RHEL host, for `criu` typed at a root shell.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -36,6 +40,38 @@ SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
 TOOL_TIMEOUT_S = 5.0
 _OUTPUT_LIMIT = 64 * 1024
 _READ_LIMIT = 1024 * 1024
+# Where a root's shared libraries are (Debian's multiarch, then RHEL's, then the plain ones).
+_LIBRARY_DIRS = (
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+)
+_PT_INTERP = 3
+
+
+def elf_interpreter(head: bytes) -> str | None:
+    """The program interpreter a 64-bit little-endian ELF names (PT_INTERP), or None."""
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+        return None
+    (phoff,) = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    for index in range(phnum):
+        start = phoff + index * phentsize
+        if start + 0x28 > len(head):
+            return None
+        (kind,) = struct.unpack_from("<I", head, start)
+        if kind == _PT_INTERP:
+            (offset,) = struct.unpack_from("<Q", head, start + 8)
+            (size,) = struct.unpack_from("<Q", head, start + 0x20)
+            if offset + size > len(head) or size > 4096:
+                return None
+            return head[offset : offset + size].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return None
 
 
 @dataclass(frozen=True)
@@ -108,6 +144,7 @@ class HostTree:
         return data.decode("utf-8", "replace"), None
 
     def read_bytes(self, host_path: str, limit: int = 64 * 1024 * 1024) -> bytes | None:
+        """The first `limit` bytes of a file (links resolved inside the root), or None."""
         real = self.resolve(host_path)
         if real is None:
             return None
@@ -165,9 +202,20 @@ class HostTree:
         refused = self.untrusted(real)
         if refused is not None:
             return ToolOutput(None, f"not run under --root {self.root}: {refused}")
+        command = [self.fs(real), *arguments]
+        if not self.is_own_root:
+            interpreter = elf_interpreter(self.read_bytes(real, 64 * 1024) or b"")
+            if interpreter is not None:
+                loader = self.resolve(interpreter)
+                refused = "not found" if loader is None else self.untrusted(loader)
+                if loader is None or refused is not None:
+                    why = f"its interpreter {interpreter}: {refused}"
+                    return ToolOutput(None, f"not run under --root {self.root}: {why}")
+                libraries = ":".join(self.fs(d) for d in _LIBRARY_DIRS if self.resolve(d) == d)
+                command = [self.fs(loader), "--library-path", libraries, *command]
         try:
             done = subprocess.run(
-                [self.fs(real), *arguments],
+                command,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 env={"PATH": DEFAULT_PATH, "LC_ALL": "C"},
