@@ -9,6 +9,8 @@ of what was gathered; `report` prints them. Nothing here writes to the host.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from watcher import client
@@ -62,30 +64,39 @@ def diagnose(settings: Any, environ: dict[str, str] | None = None) -> list[Check
     runtime_names = tuple(
         name for name in ("runc", "crun") if any(host.which(name, p) for p in paths.values())
     )
-    criu_facts = criu.gather_criu(host, paths, nvidia=nvidia, amd=amd, runtimes=runtime_names)
     callers = ("criu", *runtime_names)
-    config_facts = criu.gather_config(host, callers)
+    every_path = list(dict.fromkeys(paths.values()))
+    # The tools' probes (each a process of its own) run side by side; the rest is reading.
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        criu_future = pool.submit(
+            criu.gather_criu, host, paths, nvidia=nvidia, amd=amd, runtimes=runtime_names
+        )
+        cuda_future = pool.submit(
+            cuda.gather_cuda,
+            host,
+            paths,
+            nvidia=nvidia,
+            driver_version=driver.get("version"),
+            map_cuda_checkpoint=driver.get("cuda_checkpoint"),
+        )
+        runtime_futures = {
+            name: pool.submit(
+                runtimes.gather_runtime, host, name, every_path, service=services.get(name)
+            )
+            for name in ("runc", "crun", "crio", "containerd")
+        }
+        config_facts = criu.gather_config(host, callers)
+        criu_facts = criu_future.result()
+        cuda_facts = cuda_future.result()
+        found = {name: future.result() for name, future in runtime_futures.items()}
     plugin_facts = criu.gather_plugins(
         host, criu_facts, config_facts, nvidia=nvidia, amd=amd, dev_root=driver.get("dev_root")
     )
-    cuda_facts = cuda.gather_cuda(
-        host,
-        paths,
-        nvidia=nvidia,
-        driver_version=driver.get("version"),
-        map_cuda_checkpoint=driver.get("cuda_checkpoint"),
+    runc, crun = (
+        replace(found[name], criu_version=criu_facts.version, config=config_facts)
+        for name in ("runc", "crun")
     )
-    every_path = list(dict.fromkeys(paths.values()))
-    runc = runtimes.gather_runtime(
-        host, "runc", every_path, criu_version=criu_facts.version, config=config_facts
-    )
-    crun = runtimes.gather_runtime(
-        host, "crun", every_path, criu_version=criu_facts.version, config=config_facts
-    )
-    crio = runtimes.gather_runtime(host, "crio", every_path, service=services["crio"])
-    containerd = runtimes.gather_runtime(
-        host, "containerd", every_path, service=services["containerd"]
-    )
+    crio, containerd = found["crio"], found["containerd"]
 
     features_file = settings.nfd_features_file
     written = why = None

@@ -250,6 +250,7 @@ def gather_config(host: HostTree, callers: tuple[str, ...]) -> ConfigFacts:
     files: dict[str, tuple[str, bool, tuple[ActionFacts, ...]]] = {}
     libdirs: dict[str, str] = {}
     unreadable: dict[str, str] = {}
+    seen: dict[str, ActionFacts] = {}
     for caller, config in CONFIG_FILES.items():
         text, why = host.read_text(config)
         if text is None:
@@ -258,11 +259,11 @@ def gather_config(host: HostTree, callers: tuple[str, ...]) -> ConfigFacts:
             files[caller] = (config, False, ())
             continue
         options = parse_config(text)
-        actions = tuple(
-            gather_action(host, value)
-            for name, value in options
-            if name == "action-script" and value
-        )
+        for name, value in options:
+            # The configs usually name one file: it is read (and unpacked) once.
+            if name == "action-script" and value and value not in seen:
+                seen[value] = gather_action(host, value)
+        actions = tuple(seen[value] for name, value in options if name == "action-script" and value)
         for name, value in options:
             if name in ("libdir", "L") and value:
                 libdirs[caller] = value
