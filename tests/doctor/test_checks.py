@@ -64,7 +64,7 @@ def test_the_whole_node(node: SimNode, capsys: pytest.CaptureFixture[str]) -> No
 def _no_nvidia(node: SimNode) -> None:
     (node.host.proc / "devices").write_text(proc_devices_text({"mem": 1}))
     shutil.rmtree(node.host.proc / "driver")
-    shutil.rmtree(node.fs(f"{DRIVER}/dev"))
+    shutil.rmtree(node.fs("/run/nvidia"))
     node.remove("/dev/nvidiactl")
 
 
@@ -578,3 +578,26 @@ def test_every_check_and_status_has_a_case() -> None:
     for case in CASES:
         covered[case.check].add(case.status)
     assert covered == POSSIBLE
+
+
+def test_an_amd_node(node: SimNode, capsys: pytest.CaptureFixture[str]) -> None:
+    _no_nvidia(node)
+    (node.host.proc / "devices").write_text(proc_devices_text({"drm": 226, "kfd": 235}))
+    mknod(node.fs("/dev/kfd"), 235, 0)
+    mknod(node.fs("/dev/dri/renderD128"), 226, 128)
+    node.host.drm_render(128, "0000:83:00.0", product_name="AMD Instinct MI210")
+    checks = run_doctor(node, capsys)
+    assert checks["map"]["status"] == "ok", checks["map"]["found"]
+    assert "AMD kfd, dev root /dev" in checks["map"]["found"]
+    assert checks["cuda-checkpoint"] == {
+        "id": "cuda-checkpoint", "status": "skip", "found": "no NVIDIA GPU on this host",
+        "fix": None,
+    }  # fmt: skip
+    plugin = checks["criu-plugin"]
+    assert plugin["status"] == "fail", plugin
+    assert "/usr/lib/criu/amdgpu_plugin.so missing" in plugin["found"]
+    assert "install CRIU's amdgpu_plugin into /usr/lib/criu" in plugin["fix"]
+    assert "plugins/amdgpu/amdgpu_plugin.so /usr/lib/criu/amdgpu_plugin.so" in plugin["fix"]
+    assert "the amdgpu plugin" in checks["criu"]["found"]
+    node.write("/usr/lib/criu/amdgpu_plugin.so", b"\x7fELF plugin stand-in")
+    assert run_doctor(node, capsys)["criu-plugin"]["status"] == "ok"

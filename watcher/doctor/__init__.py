@@ -21,16 +21,16 @@ __all__ = ["CHECK_IDS", "Check", "diagnose", "exit_code", "summary"]
 
 
 def _daemon(socket: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
-    """(status, map, why unreachable) from the daemon."""
+    """(status, map, why not) from the daemon."""
     try:
         status = client.request(socket, {"op": "status"})["status"]
         device_map = client.request(socket, {"op": "get"})["map"]
-    except (Unreachable, ServerError) as error:
-        return (
-            None,
-            None,
-            str(error).split(" (", 1)[0].removeprefix(f"cannot reach the daemon at {socket}: "),
-        )
+    except Unreachable as error:
+        # The error's own text goes on to say how to start one; the check's fix says that.
+        reason = str(error).split(" (is `", 1)[0]
+        return None, None, reason.removeprefix(f"cannot reach the daemon at {socket}: ")
+    except ServerError as error:
+        return None, None, f"it refused: {error.code}: {error}"
     return status, device_map, None
 
 

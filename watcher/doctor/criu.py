@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,8 +224,6 @@ def gather_action(host: HostTree, path: str) -> ActionFacts:
     head = data[:2048]
     if head.startswith(b"#!") and (b"watcher.criu" in head or b"from watcher" in head):
         interpreter = head[2:].split(b"\n", 1)[0].strip().decode("utf-8", "replace")
-        import sys  # noqa: PLC0415
-
         same = host.is_own_root and Path(interpreter).resolve() == Path(sys.executable).resolve()
         return ActionFacts(
             path,
