@@ -104,6 +104,8 @@ def diagnose(settings: Any, environ: dict[str, str] | None = None) -> list[Check
         try:
             with open(features_file, encoding="utf-8", errors="replace") as file:
                 written = node.parse_feature_file(file.read(64 * 1024))
+        except PermissionError as error:
+            why = f"permission: {error.strerror or error}"
         except OSError as error:
             why = error.strerror or str(error)
     expected = compute_labels(msgspec.convert(device_map, DeviceMap))

@@ -109,6 +109,8 @@ def parse_feature_file(text: str) -> dict[str, str]:
 def check_labels(facts: LabelFacts) -> Check:
     if facts.features_file is None:
         return skip("labels", "node labels are not configured (no nfd_features_file in the config)")
+    if facts.written is None and (facts.why or "").startswith("permission"):
+        return skip("labels", f"{facts.features_file}: cannot be read here ({facts.why})")
     if facts.written is None:
         return fail(
             "labels",
