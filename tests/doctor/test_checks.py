@@ -516,7 +516,7 @@ CASES = [
         lambda node: (node.host.proc / "driver/nvidia/version").write_text(
             version_text("580.105.08")
         ),
-        "driver-version=580.95.05 (now 580.105.08)",
+        "is stale: driver-version=580.95.05 (now 580.105.08)",
         "systemctl restart gpu-device-watcher",
         lambda node: node.write_labels(),
     ),

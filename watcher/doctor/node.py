@@ -106,6 +106,11 @@ def parse_feature_file(text: str) -> dict[str, str]:
     return labels
 
 
+def _short(label: str) -> str:
+    """A label's name without its namespace (`.../driver-version` -> `driver-version`)."""
+    return label.rpartition("/")[2].removeprefix("gpu-device-watcher.")
+
+
 def check_labels(facts: LabelFacts) -> Check:
     if facts.features_file is None:
         return skip("labels", "node labels are not configured (no nfd_features_file in the config)")
@@ -125,7 +130,7 @@ def check_labels(facts: LabelFacts) -> Check:
     )
     if stale:
         shown = ", ".join(
-            f"{name.rpartition('/')[2]}={facts.written.get(name)!s} "
+            f"{_short(name)}={facts.written.get(name)!s} "
             f"(now {facts.expected.get(name)!s})"
             for name in stale
         )
