@@ -130,8 +130,7 @@ def check_labels(facts: LabelFacts) -> Check:
     )
     if stale:
         shown = ", ".join(
-            f"{_short(name)}={facts.written.get(name)!s} "
-            f"(now {facts.expected.get(name)!s})"
+            f"{_short(name)}={facts.written.get(name)!s} (now {facts.expected.get(name)!s})"
             for name in stale
         )
         return warn(
