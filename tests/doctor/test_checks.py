@@ -525,7 +525,7 @@ CASES = [
         "labels",
         "fail",
         lambda node: node.features.unlink(),
-        "No such file or directory",
+        "features: no such file; Node Feature Discovery has no labels of ours",
         "systemctl enable --now gpu-device-watcher.socket",
         lambda node: node.write_labels(),
     ),

@@ -115,7 +115,7 @@ def test_a_fix_goes_with_warn_and_fail_only() -> None:
 
 
 def test_labels_that_cannot_be_read_are_skipped_not_failed() -> None:
-    facts = node.LabelFacts("/f", None, "permission: Permission denied", {})
+    facts = node.LabelFacts("/f", None, "Permission denied", {})
     assert node.check_labels(facts).status == "skip"
     assert node.check_labels(node.LabelFacts("/f", None, "No such file", {})).status == "fail"
 

@@ -98,17 +98,17 @@ def diagnose(settings: Any, environ: dict[str, str] | None = None) -> list[Check
     )
     crio, containerd = found["crio"], found["containerd"]
 
+    # The feature file is where the daemon writes it, in the daemon's own view (the pod
+    # mounts the host's features.d at the same path): not under --root.
     features_file = settings.nfd_features_file
     written = why = None
     if features_file is not None:
-        try:
-            with open(features_file, encoding="utf-8", errors="replace") as file:
-                written = node.parse_feature_file(file.read(64 * 1024))
-        except PermissionError as error:
-            why = f"permission: {error.strerror or error}"
-        except OSError as error:
-            why = error.strerror or str(error)
-    expected = compute_labels(msgspec.convert(device_map, DeviceMap))
+        text, why = HostTree("/").read_text(features_file, limit=64 * 1024)
+        written = node.parse_feature_file(text) if text is not None else None
+    try:
+        expected = compute_labels(msgspec.convert(device_map, DeviceMap))
+    except msgspec.ValidationError as error:
+        expected, why = None, f"the map is not one this version reads ({error})"
     labels = node.LabelFacts(features_file, written, why, expected)
 
     return [

@@ -94,7 +94,8 @@ class LabelFacts:
     # The file's name=value lines as read, or None with `why`.
     written: dict[str, str] | None
     why: str | None
-    expected: dict[str, str]
+    # The labels of the map now; None when the map could not be read as one (`why` says).
+    expected: dict[str, str] | None
 
 
 def parse_feature_file(text: str) -> dict[str, str]:
@@ -114,8 +115,10 @@ def _short(label: str) -> str:
 def check_labels(facts: LabelFacts) -> Check:
     if facts.features_file is None:
         return skip("labels", "node labels are not configured (no nfd_features_file in the config)")
-    if facts.written is None and (facts.why or "").startswith("permission"):
+    if facts.written is None and facts.why == "Permission denied":
         return skip("labels", f"{facts.features_file}: cannot be read here ({facts.why})")
+    if facts.expected is None:
+        return skip("labels", f"cannot tell the labels of the map now: {facts.why}")
     if facts.written is None:
         return fail(
             "labels",
@@ -123,14 +126,15 @@ def check_labels(facts: LabelFacts) -> Check:
             f"{START_DAEMON}   (the daemon writes the file; check its log: "
             "journalctl -u gpu-device-watcher)",
         )
+    expected = facts.expected
     stale = sorted(
         name
-        for name in set(facts.written) | set(facts.expected)
-        if facts.written.get(name) != facts.expected.get(name)
+        for name in set(facts.written) | set(expected)
+        if facts.written.get(name) != expected.get(name)
     )
     if stale:
         shown = ", ".join(
-            f"{_short(name)}={facts.written.get(name)!s} (now {facts.expected.get(name)!s})"
+            f"{_short(name)}={facts.written.get(name)!s} (now {expected.get(name)!s})"
             for name in stale
         )
         return warn(
@@ -140,7 +144,7 @@ def check_labels(facts: LabelFacts) -> Check:
             "of the map; a stale file means it is not running or cannot write there)",
         )
     ready = next(
-        (value for name, value in facts.expected.items() if name.endswith("checkpoint-ready")),
+        (value for name, value in expected.items() if name.endswith("checkpoint-ready")),
         None,
     )
     return ok(
