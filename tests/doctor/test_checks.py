@@ -190,7 +190,22 @@ CASES = [
         ),
         "containerd -> /opt/criu/bin/criu",
         "keep one criu: remove or relink /opt/criu/bin/criu",
-        _remove("/opt/criu/bin/criu"),
+        lambda node: (
+            node.remove("/opt/criu/bin/criu"),
+            node.fs("/opt/criu/bin/criu").symlink_to("/usr/sbin/criu"),
+        ),
+    ),
+    Case(
+        "criu-fail-not-on-a-service-path",
+        "criu",
+        "fail",
+        _write(
+            "/etc/systemd/system/containerd.service.d/20-path.conf",
+            '[Service]\nEnvironment="PATH=/opt/bin:/usr/bin"\n',
+        ),
+        "containerd find no criu on their PATH",
+        "ln -s /usr/sbin/criu /opt/bin/criu",
+        _remove("/etc/systemd/system/containerd.service.d/20-path.conf"),
     ),
     Case(
         "criu-skip-version-unknown",

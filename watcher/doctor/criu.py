@@ -104,6 +104,10 @@ class CriuFacts:
     nvidia: bool
     amd: bool
     runtimes: tuple[str, ...] = ()
+    # Each caller's PATH, to name where a missing criu should go.
+    paths: dict[str, str] = field(default_factory=dict)
+    # The file each found criu is (links resolved): two names of one file are one criu.
+    real: dict[str, str | None] = field(default_factory=dict)
 
 
 def gather_criu(
@@ -124,7 +128,8 @@ def gather_criu(
                 usage = host.run(path, "--help")
                 if usage.text and (match := _LIBDIR_DEFAULT.search(usage.text)):
                     libdir = match.group(1)
-    return CriuFacts(found, path, version, why, libdir, nvidia, amd, runtimes)
+    real = {p: host.resolve(p) for p in found.values() if p is not None}
+    return CriuFacts(found, path, version, why, libdir, nvidia, amd, runtimes, dict(paths), real)
 
 
 INSTALL_CRIU = "apt-get install criu   (or dnf install criu; CRIU 4.0 or later for the CUDA plugin)"
@@ -137,7 +142,10 @@ def check_criu(facts: CriuFacts) -> Check:
     if facts.version is None:
         return skip("criu", f"{facts.path} (version not known: {facts.why_unknown}); {callers}")
     version = dotted(facts.version)
-    elsewhere = {where for where in facts.found.values() if where and where != facts.path}
+    this = facts.real.get(facts.path, facts.path)
+    elsewhere = {
+        where for where in facts.found.values() if where and facts.real.get(where, where) != this
+    }
     found = f"{facts.path}, version {version}; {callers}"
     if facts.nvidia and facts.version < CUDA_PLUGIN_SINCE:
         return fail(
@@ -159,6 +167,17 @@ def check_criu(facts: CriuFacts) -> Check:
             f"{found}: over RPC ({', '.join(rpc)}) CRIU {version} reads no config file, so "
             "the action in /etc/criu/runc.conf is not run",
             INSTALL_CRIU,
+        )
+    unserved = [caller for caller, where in facts.found.items() if where is None]
+    if unserved:
+        caller = unserved[0]
+        directory = next(
+            (d for d in facts.paths.get(caller, "").split(":") if d.startswith("/")), "/usr/bin"
+        )
+        return fail(
+            "criu",
+            f"{found}: {', '.join(unserved)} find no criu on their PATH, so their checkpoints fail",
+            f"ln -s {facts.path} {directory}/criu",
         )
     if elsewhere:
         return warn(
