@@ -17,6 +17,7 @@ from watcher.criu.text import image_dir_name, one_line, say, shown, tell
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from typing import Any
 
 
 def evaluate(image_dir: str, environ: Mapping[str, str]) -> tuple[Record | None, Verdict]:
@@ -34,6 +35,11 @@ def evaluate(image_dir: str, environ: Mapping[str, str]) -> tuple[Record | None,
     from watcher.criu.hostmap import current_map  # noqa: PLC0415
 
     _, here = current_map(environ)
+    return record, verdict_for(record, here, environ)
+
+
+def verdict_for(record: Record, here: Mapping[str, Any], environ: Mapping[str, str]) -> Verdict:
+    """The gate's verdict on `record` against this host's map `here`."""
     driver = here.get("driver")
     version_here = driver.get("version") if isinstance(driver, dict) else None
     version_then = record.driver_version
@@ -43,7 +49,7 @@ def evaluate(image_dir: str, environ: Mapping[str, str]) -> tuple[Record | None,
         from watcher.criu.settings import version_policy  # noqa: PLC0415
 
         policy = version_policy(environ)
-    return record, check(record, here, policy)
+    return check(record, here, policy)
 
 
 def verdict_lines(record: Record | None, verdict: Verdict, image_dir: str) -> list[str]:
