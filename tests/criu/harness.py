@@ -32,12 +32,27 @@ CRIU_DIR = REPO / ".criu"
 FETCH_SCRIPT = REPO / "tests" / "criu" / "fetch_criu.sh"
 # The console script CRIU execs, installed next to this interpreter (the venv's bin).
 ACTION = Path(sys.executable).with_name("gpu-device-watcher-criu-action")
+# The cuda-checkpoint wrapper's /bin/sh front, as pip and install-action install it.
+WRAPPER = REPO / "watcher" / "criu" / "wrapper.sh"
 FETCH_TIMEOUT = 900.0
 CRIU_TIMEOUT = 60.0
 WAIT_TIMEOUT = 10.0
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
+
+
+def stage_wrapper(directory: Path) -> Path:
+    """The cuda-checkpoint wrapper laid out as pip installs it (`directory/cuda-checkpoint`
+    beside a `gpu-device-watcher` whose shebang names this interpreter); its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    console = directory / "gpu-device-watcher"
+    console.write_text(f"#!{sys.executable}\n# the console script's shebang is what counts\n")
+    console.chmod(0o755)
+    wrapper = directory / "cuda-checkpoint"
+    wrapper.write_bytes(WRAPPER.read_bytes())
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 class CriuUnavailable(Exception):

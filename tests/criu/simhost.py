@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.criu.harness import stage_wrapper
 from tests.support.daemonproc import DaemonProcess
 from tests.support.host import MS_PRIVATE, MS_REC, FakeHost, drm_render, mount
 from tests.support.processes import PRIVATE_MOUNTS
@@ -203,11 +204,15 @@ class SimHost:
 
     # ------------------------------------------------------------------ talking to it
 
-    def env(self, *, cuda_checkpoint: bool = True, **extra: str) -> dict[str, str]:
+    def env(
+        self, *, cuda_checkpoint: bool = True, wrapper: bool = False, **extra: str
+    ) -> dict[str, str]:
         """An environment for the action (and CRIU) that points at this daemon.
 
         With `cuda_checkpoint`, PATH starts with a directory holding a stand-in
-        `cuda-checkpoint` (pre-dump checks that CRIU's CUDA plugin would find one).
+        `cuda-checkpoint` (pre-dump checks that CRIU's CUDA plugin would find one). With
+        `wrapper`, the project's cuda-checkpoint wrapper stands before everything on PATH
+        (pre-restore lets a restore that needs a device map go on only then).
         """
         env = dict(os.environ)
         env[client.SOCKET_ENV] = str(self.socket)
@@ -225,6 +230,9 @@ class SimHost:
                 for part in env.get("PATH", "").split(os.pathsep)
                 if part and not os.path.exists(os.path.join(part, "cuda-checkpoint"))
             )
+        if wrapper:
+            staged = stage_wrapper(self.base / "wrapper")
+            env["PATH"] = os.pathsep.join(filter(None, [str(staged.parent), env.get("PATH")]))
         env.update(extra)
         return env
 

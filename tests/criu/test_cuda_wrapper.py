@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
+from tests.criu.harness import WRAPPER, stage_wrapper
 from tests.criu.test_gate import H200, U, host, record
 from watcher import actionfile
 from watcher.criu.cudacheckpoint import WRAPPER_MARKER, is_wrapper
 from watcher.criu.cudawrap import elf_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
-WRAPPER = REPO / "watcher" / "criu" / "wrapper.sh"
 TIMEOUT = 60
 BARE_PYTHON = Path("/usr/bin/python3")
 
@@ -97,10 +97,7 @@ def _executable(path: Path, text: str) -> Path:
 
 def pip_layout(directory: Path) -> Path:
     """The wrapper as pip installs it: bin/cuda-checkpoint beside bin/gpu-device-watcher."""
-    directory.mkdir(parents=True, exist_ok=True)
-    _executable(directory / "gpu-device-watcher", f"#!{sys.executable}\n# console script\n")
-    shutil.copy(WRAPPER, directory / "cuda-checkpoint")
-    return directory / "cuda-checkpoint"
+    return stage_wrapper(directory)
 
 
 def action_layout(directory: Path) -> Path:

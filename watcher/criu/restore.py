@@ -85,10 +85,34 @@ def pre_restore(environ: Mapping[str, str]) -> int:
         say("CRTOOLS_IMAGE_DIR is not set; this command is run by CRIU's --action-script")
         return EXIT_USAGE
     record, verdict = evaluate(image_dir, environ)
+    if verdict.fits and verdict.device_map:
+        refuse_without_wrapper(verdict, environ)
     lines = verdict_lines(record, verdict, image_dir)
     for line in lines:
         (tell if verdict.fits else say)(line)
     return EXIT_OK if verdict.fits else EXIT_REFUSE
+
+
+def refuse_without_wrapper(verdict: Verdict, environ: Mapping[str, str]) -> None:
+    """`remap-unsupported` when the device map cannot reach cuda-checkpoint: CRIU's CUDA
+    plugin never passes `--device-map`, only our wrapper adds it, so a restore through any
+    other `cuda-checkpoint` would fail late, after CRIU loaded the images."""
+    import os  # noqa: PLC0415 (pre-restore with a device map only)
+
+    from watcher.criu.cudacheckpoint import is_wrapper, resolve_on_path  # noqa: PLC0415
+
+    leads_to = resolve_on_path(environ.get("PATH") or os.defpath)
+    if leads_to is not None and is_wrapper(leads_to):
+        return
+    verdict.refuse(
+        "remap-unsupported",
+        f"the checkpoint's GPUs land on GPUs with other UUIDs here "
+        f"({shown(verdict.device_map_text(), 400)}), and CRIU's CUDA plugin never passes "
+        f"cuda-checkpoint --device-map; the cuda-checkpoint on CRIU's PATH "
+        f"({shown(leads_to) if leads_to else 'none'}) is not the gpu-device-watcher wrapper, "
+        "which adds it: put the wrapper first on the PATH of the service that runs CRIU "
+        "(`gpu-device-watcher install-action DIR` writes it as DIR/cuda-checkpoint)",
+    )
 
 
 def restore_check(image_dir: str, environ: Mapping[str, str], output_format: str) -> int:
