@@ -187,10 +187,15 @@ class Tree:
             self.process.wait(timeout=WAIT_TIMEOUT)
 
 
-def spawn_tree(hold: str | None = "/dev/zero", timeout: float = WAIT_TIMEOUT) -> Tree:
-    """`sh` (new session, no terminal) with a child `sleep` holding `hold` open on fd 3."""
+def spawn_tree(
+    hold: str | None = "/dev/zero", timeout: float = WAIT_TIMEOUT, prefix: Sequence[str] = ()
+) -> Tree:
+    """`sh` (new session, no terminal) with a child `sleep` holding `hold` open on fd 3.
+
+    `prefix`: a command that execs the rest (`nsenter --target=P --mount --`), so that the
+    tree lives in another mount namespace and its root is still the process started here."""
     process = subprocess.Popen(
-        ["sh", "-c", _TREE, "sh", hold or ""],
+        [*prefix, "sh", "-c", _TREE, "sh", hold or ""],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -80,6 +80,11 @@ class HostSpec:
     # (minor, bus id, driver, product_name, unique_id).
     majors: dict[str, int] = field(default_factory=dict)
     renders: list[tuple[int, str, str, str | None, str | None]] = field(default_factory=list)
+    # A driver root (a host path, as the GPU Operator's /run/nvidia/driver): the nodes go to
+    # its dev/ and it is the only root the daemon considers. `files`: host path -> text of
+    # an executable written into the simulated root (a driver root's cuda-checkpoint).
+    driver_root: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
 
 
 class HostError(RuntimeError):
@@ -140,6 +145,8 @@ class SimHost:
             f"sys = {_toml_string(str(self.sys))}",
         ]
         lines += [f"{key} = {_toml_string(value)}" for key, value in self.spec.config.items()]
+        if self.spec.driver_root is not None:
+            lines.append(f"driver_roots = [{_toml_string(self.spec.driver_root)}]")
         self.config.write_text("\n".join(lines) + "\n")
         self.config.chmod(0o644)
 
@@ -157,6 +164,8 @@ class SimHost:
             "socket": str(self.socket),
             "config": str(self.config),
             "nodes": self.spec.nodes,
+            "dev": f"{self.spec.driver_root or ''}/dev",
+            "files": self.spec.files,
         }
         self.log.write_bytes(b"")
         # The daemon is this file's child side, which builds the root in its own namespace
@@ -306,7 +315,14 @@ def _serve(spec: dict[str, Any]) -> None:
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     host = FakeHost(Path(spec["root"]), Path(spec["proc"]))
     host.tmpfs(host.root, source="gdw-simhost")
-    host.nodes("/dev", {name: (major, minor) for name, (major, minor) in spec["nodes"].items()})
+    host.nodes(
+        spec["dev"], {name: (major, minor) for name, (major, minor) in spec["nodes"].items()}
+    )
+    for path, text in spec["files"].items():
+        target = host.fs(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(0o755)
     root = spec["root"]
     os.execv(  # noqa: S606 (becomes the daemon: same pid, same namespace)
         sys.executable,

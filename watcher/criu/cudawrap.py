@@ -128,8 +128,9 @@ def command_for(binary: str, arguments: Sequence[str], driver_root: str | None) 
     loader = host_path_in_root(interpreter, root) if interpreter else None
     if loader and os.path.isfile(loader) and os.access(loader, os.X_OK):
         return [loader, "--library-path", directories, binary, *arguments]
-    inherited = os.environ.get("LD_LIBRARY_PATH")
-    os.environ["LD_LIBRARY_PATH"] = f"{directories}:{inherited}" if inherited else directories
+    if directories:
+        inherited = os.environ.get("LD_LIBRARY_PATH")
+        os.environ["LD_LIBRARY_PATH"] = f"{directories}:{inherited}" if inherited else directories
     return [binary, *arguments]
 
 
