@@ -25,9 +25,7 @@ Stdlib only (the CRIU action file packs it); started by `python -I` from the she
 
 from __future__ import annotations
 
-import glob
 import os
-import struct
 import sys
 
 from watcher.contract import RECORD_NAME
@@ -55,6 +53,8 @@ _MACHINE_TRIPLETS = {
 
 def elf_interpreter(path: str) -> str | None:
     """The `PT_INTERP` of a 64-bit little-endian ELF file (its dynamic loader), or None."""
+    import struct  # noqa: PLC0415 (a driver root's binary only: the restore path never pays)
+
     try:
         with open(path, "rb") as file:
             head = file.read(_ELF_HEAD)
@@ -92,6 +92,9 @@ def _ld_so_conf(root: str, name: str, depth: int = 0) -> list[str]:
         if not words:
             continue
         if words[0] == "include":
+            # glob pulls in re, enum and more: paid only by a driver root's binary.
+            import glob  # noqa: PLC0415
+
             for pattern in words[1:]:
                 absolute = pattern if pattern.startswith("/") else f"/etc/{pattern}"
                 base = os.path.abspath(root)
