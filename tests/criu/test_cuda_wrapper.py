@@ -445,3 +445,25 @@ def test_install_action_writes_the_wrapper_beside_the_action(tmp_path: Path) -> 
     assert WRAPPER_MARKER in wrapper.read_text()
     assert is_wrapper(wrapper)
     assert (tmp_path / "action" / actionfile.ACTION_NAME).is_file()
+
+
+def test_the_restore_path_imports_nothing_heavy() -> None:
+    # What the wrapper's Python side loads for a restore with the daemon up: the lean modules
+    # alone (2 ms budget beside the interpreter's start), nothing that drags in re or enum.
+    heavy = ("re", "enum", "glob", "typing", "asyncio", "anyio", "msgspec", "argparse")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            "import sys, watcher.criu.cudawrap, watcher.criu.restore, watcher.criu.recordfile, "
+            "watcher.client; print(' '.join(sorted(set(sys.argv[1:]) & set(sys.modules))))",
+            *heavy,
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=TIMEOUT,
+        check=True,
+    )
+    assert done.stdout.strip() == ""
