@@ -467,3 +467,25 @@ def test_the_restore_path_imports_nothing_heavy() -> None:
         check=True,
     )
     assert done.stdout.strip() == ""
+
+
+def test_a_link_to_the_installed_wrapper_works_from_another_directory(
+    tmp_path: Path, serve_map: Any
+) -> None:
+    # The node setup docs/criu.md gives: a link in /usr/local/sbin to install-action's copy.
+    if not BARE_PYTHON.is_file():
+        pytest.skip(f"no {BARE_PYTHON} here: the install-action wrapper runs on it")
+    wrapper = action_layout(tmp_path / "libexec")
+    links = tmp_path / "sbin"
+    links.mkdir()
+    (links / "cuda-checkpoint").symlink_to(wrapper)
+    real = _executable(tmp_path / "bin" / "cuda-checkpoint", STAND_IN)
+    done = run([links, real.parent], ["--get-state", "--pid", "8"])
+    assert (done.returncode, done.stdout) == (7, b"out:--get-state --pid 8\n"), done.stderr
+    # No binary on PATH: the Python side, found through the link, asks for the map.
+    root = tmp_path / "driver"
+    binary = _executable(root / "usr/bin/cuda-checkpoint", STAND_IN)
+    server = serve_map(_driver_root_map(root, binary))
+    done = run([links], ["--get-state", "--pid", "8"], socket_path=server.path)
+    assert (done.returncode, done.stdout) == (7, b"out:--get-state --pid 8\n"), done.stderr
+    assert server.requests == 1
