@@ -220,7 +220,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if wanted("install-action"):
         install = commands.add_parser(
             "install-action",
-            help="write the CRIU action as one file for the host's python3 into DIR",
+            help="write the CRIU action as one file for the host's python3, and the "
+            "cuda-checkpoint wrapper, into DIR",
         )
         install.add_argument("directory", metavar="DIR", help="where to write it (must exist)")
     return parser
@@ -370,6 +371,7 @@ def command_install_action(arguments: argparse.Namespace) -> int:
     try:
         built = actionfile.build()
         target = actionfile.install(arguments.directory, built)
+        wrapper = actionfile.install_wrapper(arguments.directory)
     except actionfile.ActionFileError as error:
         if error.usage:
             raise UsageError(f"install-action: {error}") from None
@@ -377,6 +379,10 @@ def command_install_action(arguments: argparse.Namespace) -> int:
         return EXIT_ABSENT
     print(
         f"{target}: {len(built.data)} bytes, {len(built.modules)} modules, runs on python3 >= 3.11"
+    )
+    print(
+        f"{wrapper}: the cuda-checkpoint wrapper; put {arguments.directory} first on the PATH "
+        "of the service that runs CRIU"
     )
     if built.left_out:
         print(
