@@ -15,10 +15,10 @@ cuda-checkpoint (driver 580.95.05, one H200), the host's /dev holding a link to 
 (what CRIU's CUDA plugin looks for), CRIU 4.1.1 with its CUDA plugin in /usr/lib/criu, runc, crun
 with CRIU, containerd 2.1 and CRI-O with their systemd units (containerd's PATH set by
 `Environment=` in the unit, CRI-O's in a drop-in), CRI-O's checkpoint support on, our action
-installed where the DaemonSet puts it and named in /etc/criu/runc.conf and crun.conf, our
-cuda-checkpoint wrapper first on every PATH, and a current NFD feature file. Every check is
-`ok` on it but `daemon` (none runs) and `map` (its `not-in-dev` warning, which the Operator's
-layout always has); each test breaks one part.
+installed where the DaemonSet puts it (with the cuda-checkpoint wrapper beside it) and named
+in /etc/criu/runc.conf and crun.conf, a link to that wrapper first on every PATH, and a
+current NFD feature file. Every check is `ok` on it but `daemon` (none runs) and `map` (its
+`not-in-dev` warning, which the Operator's layout always has); each test breaks one part.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.host import FakeHost
-from watcher.criu.cudacheckpoint import WRAPPER_MARKER
 
 TIMEOUT = 60.0
 DRIVER = "/run/nvidia/driver"
@@ -139,9 +138,20 @@ def criu_script(version: str = "4.1.1") -> str:
     return tool_script({"--version|-V": f"Version: {version}\n", "-h|--help": CRIU_HELP})
 
 
-def wrapper_script() -> str:
-    # Enough of the wrapper for doctor, which only reads it: the marker in its first lines.
-    return f'#!/bin/sh\n# {WRAPPER_MARKER}\nexec "$0.real" "$@"\n'
+WRAPPER = f"{ACTION_DIR}/cuda-checkpoint"
+
+
+def wrapper_script() -> bytes:
+    """The wrapper `install-action` writes beside the action."""
+    from watcher.actionfile import wrapper_bytes
+
+    return wrapper_bytes()
+
+
+def link_wrapper(node: SimNode, directory: str = "/usr/local/sbin") -> None:
+    """The /usr/local/sbin setup: a link to install-action's wrapper, first on every PATH."""
+    node.fs(directory).mkdir(parents=True, exist_ok=True)
+    node.fs(f"{directory}/cuda-checkpoint").symlink_to(WRAPPER)
 
 
 CONTAINERD_UNIT = f"""\
@@ -189,7 +199,7 @@ class SimNode:
             path.write_text(text)
         path.chmod(mode)
 
-    def tool(self, host_path: str, text: str) -> None:
+    def tool(self, host_path: str, text: str | bytes) -> None:
         self.write(host_path, text, 0o755)
 
     def remove(self, host_path: str) -> None:
@@ -265,6 +275,7 @@ def build(base: Path, action: bytes) -> SimNode:
     node.write("/etc/criu/crun.conf", f"action-script={ACTION}\n")
     node.write("/etc/criu/default.conf", f'--action-script "{ACTION}"\n')
     node.tool(f"{DRIVER}/usr/bin/cuda-checkpoint", tool_script({"-h|--help": CUDA_HELP_580}))
-    node.tool("/usr/local/sbin/cuda-checkpoint", wrapper_script())
+    node.write(WRAPPER, wrapper_script(), 0o755)
+    link_wrapper(node)
     node.write_labels()
     return node

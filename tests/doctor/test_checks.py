@@ -325,16 +325,23 @@ CASES = [
         "fail",
         _remove("/usr/local/sbin/cuda-checkpoint", f"{DRIVER}/usr/bin/cuda-checkpoint"),
         "no cuda-checkpoint on PATH",
-        "gpu-device-watcher install-action /usr/local/sbin",
+        f"ln -sf {simnode.WRAPPER} /usr/local/sbin/cuda-checkpoint",
         lambda node: (
-            (
-                node.tool("/usr/local/sbin/cuda-checkpoint", simnode.wrapper_script()),
-                node.tool(
-                    f"{DRIVER}/usr/bin/cuda-checkpoint",
-                    simnode.tool_script({"-h": simnode.CUDA_HELP_580}),
-                ),
-            )
+            simnode.link_wrapper(node),
+            node.tool(
+                f"{DRIVER}/usr/bin/cuda-checkpoint",
+                simnode.tool_script({"-h": simnode.CUDA_HELP_580}),
+            ),
         ),
+    ),
+    Case(
+        "cuda-fail-none-installed",
+        "cuda-checkpoint",
+        "fail",
+        _remove("/usr/local/sbin/cuda-checkpoint", simnode.WRAPPER),
+        "no cuda-checkpoint on PATH",
+        "gpu-device-watcher install-action /usr/local/sbin",
+        lambda node: node.tool("/usr/local/sbin/cuda-checkpoint", simnode.wrapper_script()),
     ),
     Case(
         "cuda-fail-wrapper-alone",
@@ -352,16 +359,14 @@ CASES = [
         "cuda-checkpoint",
         "warn",
         lambda node: (
-            (
-                node.remove("/usr/local/sbin/cuda-checkpoint"),
-                node.tool(
-                    "/usr/bin/cuda-checkpoint", simnode.tool_script({"-h": simnode.CUDA_HELP_580})
-                ),
-            )
+            node.remove("/usr/local/sbin/cuda-checkpoint"),
+            node.tool(
+                "/usr/bin/cuda-checkpoint", simnode.tool_script({"-h": simnode.CUDA_HELP_580})
+            ),
         ),
         "/usr/bin/cuda-checkpoint is NVIDIA's binary, not our wrapper",
-        "gpu-device-watcher install-action /usr/local/sbin",
-        _tool("/usr/local/sbin/cuda-checkpoint", simnode.wrapper_script()),
+        f"ln -sf {simnode.WRAPPER} /usr/local/sbin/cuda-checkpoint",
+        simnode.link_wrapper,
     ),
     Case(
         "cuda-warn-driver-570",
@@ -394,7 +399,7 @@ CASES = [
             '[Service]\nEnvironment="PATH=/usr/sbin:/usr/bin"\n',
         ),
         "crio: no cuda-checkpoint on PATH /usr/sbin:/usr/bin",
-        "gpu-device-watcher install-action /usr/sbin",
+        f"ln -sf {simnode.WRAPPER} /usr/sbin/cuda-checkpoint",
         _remove("/etc/systemd/system/crio.service.d/20-path.conf"),
     ),
     Case("cuda-skip-no-nvidia", "cuda-checkpoint", "skip", _no_nvidia, "no NVIDIA GPU", None),

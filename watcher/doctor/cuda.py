@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from watcher.criu import cudacheckpoint
+from watcher.doctor.criu import ACTION_DIR
 from watcher.doctor.host import HostTree
 from watcher.doctor.model import Check, skip, verdict
 
@@ -32,6 +33,9 @@ class CudaFacts:
     nvidia: bool
     driver_version: str | None
     lookups: tuple[Lookup, ...]
+    # The wrapper `install-action` put beside the action (the DaemonSet's), if there is one:
+    # a link to it is the whole fix for a PATH that does not lead to it.
+    installed_wrapper: str | None = None
 
 
 def gather_cuda(
@@ -59,7 +63,14 @@ def gather_cuda(
             helps[real] = (output.text, output.why)
         text, why = helps.get(real or "", (None, None))
         lookups.append(Lookup(caller, path_env, first, wrapper, real, text, why))
-    return CudaFacts(nvidia, driver_version, tuple(lookups))
+    beside_action = f"{ACTION_DIR}/{cudacheckpoint.NAME}"
+    installed = (
+        beside_action
+        if host.is_executable(beside_action)
+        and cudacheckpoint.is_wrapper(beside_action, root=host.root)
+        else None
+    )
+    return CudaFacts(nvidia, driver_version, tuple(lookups), installed)
 
 
 def _major(version: str | None) -> int | None:
@@ -71,6 +82,13 @@ def _install_dir(lookup: Lookup) -> str:
     return next((d for d in lookup.path_env.split(":") if d.startswith("/")), "/usr/local/sbin")
 
 
+def _install(facts: CudaFacts, directory: str) -> str:
+    """The command that puts our wrapper first in `directory`."""
+    if facts.installed_wrapper is not None:
+        return f"ln -sf {facts.installed_wrapper} {directory}/{cudacheckpoint.NAME}"
+    return f"gpu-device-watcher install-action {directory}"
+
+
 def _judge(lookup: Lookup, facts: CudaFacts) -> tuple[str, str, str | None]:
     directory = _install_dir(lookup)
     if lookup.first is None:
@@ -80,7 +98,7 @@ def _judge(lookup: Lookup, facts: CudaFacts) -> tuple[str, str, str | None]:
                 f"no cuda-checkpoint on PATH {lookup.path_env} (CRIU's CUDA plugin disables "
                 "itself and checkpoints carry no GPU state)"
             ),
-            f"gpu-device-watcher install-action {directory}   (and NVIDIA's cuda-checkpoint)",
+            f"{_install(facts, directory)}   (and NVIDIA's cuda-checkpoint behind it)",
         )
     if lookup.wrapper and lookup.real is None:
         return (
@@ -110,7 +128,7 @@ def _judge(lookup: Lookup, facts: CudaFacts) -> tuple[str, str, str | None]:
                 f"{chain} is NVIDIA's binary, not our wrapper: a restore onto GPUs with "
                 "other UUIDs gets no --device-map"
             ),
-            f"{move}gpu-device-watcher install-action {directory}",
+            f"{move}{_install(facts, directory)}",
         )
     if not remap:
         return (
