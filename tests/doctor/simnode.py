@@ -17,8 +17,8 @@ with CRIU, containerd 2.1 and CRI-O with their systemd units (containerd's PATH 
 `Environment=` in the unit, CRI-O's in a drop-in), CRI-O's checkpoint support on, our action
 installed where the DaemonSet puts it (with the cuda-checkpoint wrapper beside it) and named
 in /etc/criu/runc.conf and crun.conf, a link to that wrapper first on every PATH, and a
-current NFD feature file. Every check is `ok` on it but `daemon` (none runs) and `map` (its
-`not-in-dev` warning, which the Operator's layout always has); each test breaks one part.
+current NFD feature file. Every check is `ok` on it but `daemon` (none runs); each test
+breaks one part.
 """
 
 from __future__ import annotations

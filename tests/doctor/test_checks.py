@@ -29,10 +29,10 @@ def run_doctor(node: SimNode, capsys: pytest.CaptureFixture[str]) -> dict[str, d
     return checks
 
 
-# What the whole node gives: no daemon runs, and the Operator's layout is `not-in-dev`.
+# What the whole node gives: no daemon runs.
 BASE = {
     "daemon": "warn",
-    "map": "warn",
+    "map": "ok",
     "criu": "ok",
     "criu-config": "ok",
     "criu-plugin": "ok",
@@ -52,7 +52,7 @@ def test_the_whole_node(node: SimNode, capsys: pytest.CaptureFixture[str]) -> No
     for check in checks.values():
         assert (check["fix"] is not None) == (check["status"] in ("warn", "fail")), check
     assert "systemctl enable --now gpu-device-watcher.socket" in checks["daemon"]["fix"]
-    assert "gpu-device-watcher path nvidiactl" in checks["map"]["fix"]
+    assert "not-in-dev, but /dev/nvidiactl is there for CRIU" in checks["map"]["found"]
     assert "/usr/local/sbin/cuda-checkpoint (our wrapper) -> " in checks["cuda-checkpoint"]["found"]
     assert "criu, containerd, crio:" in checks["cuda-checkpoint"]["found"]
     assert "(ours, zipapp, " in checks["criu-config"]["found"]
@@ -147,6 +147,15 @@ RUNC_LINE = f"action-script {ACTION}\n"
 CASES = [
     Case(
         "map-ok-host-driver", "map", "ok", _host_driver_layout, "dev root /dev; 1 GPUs, 4/4", None
+    ),
+    Case(
+        "map-warn-not-in-dev",
+        "map",
+        "warn",
+        _remove("/dev/nvidiactl"),
+        "problems: not-in-dev (warning)",
+        "gpu-device-watcher path nvidiactl",
+        lambda node: node.host.symlink("/dev/nvidiactl", f"{DRIVER}/dev/nvidiactl"),
     ),
     Case(
         "map-fail-missing-node",

@@ -113,7 +113,9 @@ def diagnose(settings: Any, environ: dict[str, str] | None = None) -> list[Check
 
     return [
         node.check_daemon(node.DaemonFacts(settings.socket, status, unreachable)),
-        node.check_map(device_map, from_daemon=from_daemon),
+        node.check_map(
+            device_map, from_daemon=from_daemon, nvidiactl_in_dev=host.exists("/dev/nvidiactl")
+        ),
         criu.check_criu(criu_facts),
         criu.check_criu_config(config_facts),
         criu.check_criu_plugin(plugin_facts),

@@ -56,7 +56,9 @@ def families_present(device_map: dict[str, Any]) -> tuple[bool, bool]:
     return nvidia, bool(amd.get("loaded")) or "amd" in families
 
 
-def check_map(device_map: dict[str, Any], *, from_daemon: bool) -> Check:
+def check_map(
+    device_map: dict[str, Any], *, from_daemon: bool, nvidiactl_in_dev: bool = False
+) -> Check:
     source = "the daemon's map" if from_daemon else "a direct scan"
     nvidia, amd = families_present(device_map)
     driver = device_map.get("driver") or {}
@@ -78,6 +80,13 @@ def check_map(device_map: dict[str, Any], *, from_daemon: bool) -> Check:
         f"{source}: {'; '.join(parts) or 'no GPU driver'}; {gpus} GPUs, "
         f"{valid}/{len(devices)} devices valid"
     )
+    if warnings and not errors and nvidiactl_in_dev:
+        # The GPU Operator's layout (nodes only under its driver root) is what the map warns
+        # of; with /dev/nvidiactl there (a link to the driver root's) CRIU's CUDA plugin, the
+        # one part of the chain that opens a fixed path, finds what it looks for.
+        warnings = [p for p in warnings if p.get("code") != "not-in-dev"]
+        if not warnings:
+            return ok("map", f"{found}; not-in-dev, but /dev/nvidiactl is there for CRIU")
     if errors or warnings:
         worst = (errors or warnings)[0]
         codes = ", ".join(sorted({f"{p['code']} ({p['severity']})" for p in errors + warnings}))
