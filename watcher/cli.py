@@ -351,7 +351,10 @@ def command_doctor(arguments: argparse.Namespace) -> int:
     from watcher.doctor import diagnose, exit_code  # noqa: PLC0415 (msgspec, the scanner)
     from watcher.doctor.report import as_json, as_text  # noqa: PLC0415
 
-    checks = diagnose(settings)
+    # A host view named on the command line is another host than the daemon's, unless the
+    # daemon is named too (in the DaemonSet's pod the view comes from the config).
+    named_view = any(getattr(arguments, key) for key in ("root", "proc", "sys", "mountinfo"))
+    checks = diagnose(settings, ask_daemon=arguments.socket is not None or not named_view)
     if arguments.format == "json":
         print(as_json(checks))
     else:

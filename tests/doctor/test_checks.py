@@ -585,8 +585,8 @@ def test_check(node: SimNode, capsys: pytest.CaptureFixture[str], case: Case) ->
         assert after["status"] == (case.repaired or BASE[case.check]), after
 
 
-# Every status each check can give (its code has a branch for it); `daemon ok` needs the real
-# daemon and is tested in test_doctor_cli.
+# Every status each check can give (its code has a branch for it); the daemon's `ok` (the
+# real daemon) and `skip` (a host view on the command line) are tested in test_doctor_cli.
 POSSIBLE = {
     "daemon": {"warn"},
     "map": {"ok", "warn", "fail"},

@@ -252,3 +252,18 @@ def test_a_real_binary_under_root_runs_through_the_trees_own_loader(node: SimNod
     crun = node.checks()["runtime-crun"]
     assert crun["status"] == "skip", crun
     assert "its interpreter /lib64/ld-linux-x86-64.so.2: not found" in crun["found"]
+
+
+def test_a_host_view_on_the_command_line_is_not_the_daemons(node: SimNode) -> None:
+    options = node.options("--format", "json")
+    at = options.index("--socket")
+    del options[at : at + 2]
+    done = subprocess.run(
+        [sys.executable, "-m", "watcher", "doctor", *options],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    checks = {check["id"]: check for check in json.loads(done.stdout)["checks"]}
+    assert checks["daemon"]["status"] == "skip", checks["daemon"]
+    assert "the map is a direct scan" in checks["daemon"]["found"]
+    assert checks["map"]["found"].startswith("a direct scan: ")
+    assert done.returncode == 0

@@ -34,8 +34,13 @@ def _daemon(socket: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, 
     return status, device_map, None
 
 
-def diagnose(settings: Any, environ: dict[str, str] | None = None) -> list[Check]:
-    """Every check, in the contract's order, for the host `settings.view` describes."""
+def diagnose(
+    settings: Any, environ: dict[str, str] | None = None, *, ask_daemon: bool = True
+) -> list[Check]:
+    """Every check, in the contract's order, for the host `settings.view` describes.
+
+    `ask_daemon` False: the map is a direct scan and the daemon is not asked (its map is of
+    its own host view, which need not be the one given)."""
     import msgspec  # noqa: PLC0415
 
     from watcher.core.model import DeviceMap  # noqa: PLC0415
@@ -46,7 +51,10 @@ def diagnose(settings: Any, environ: dict[str, str] | None = None) -> list[Check
     from watcher.publish.labels import compute_labels  # noqa: PLC0415
 
     environ = dict(os.environ) if environ is None else environ
-    status, device_map, unreachable = _daemon(settings.socket)
+    if ask_daemon:
+        status, device_map, unreachable = _daemon(settings.socket)
+    else:
+        status, device_map, unreachable = None, None, None
     from_daemon = device_map is not None
     if device_map is None:
         device_map = msgspec.to_builtins(scan(settings.view, generation=0))

@@ -28,6 +28,12 @@ class DaemonFacts:
 
 
 def check_daemon(facts: DaemonFacts) -> Check:
+    if facts.status is None and facts.unreachable is None:
+        return skip(
+            "daemon",
+            "not asked: the host view given on the command line need not be the daemon's, so "
+            f"the map is a direct scan (--socket {facts.socket} asks it)",
+        )
     if facts.status is None:
         return warn(
             "daemon",
