@@ -5,6 +5,7 @@ the whole node gives."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -630,3 +631,18 @@ def test_an_amd_node(node: SimNode, capsys: pytest.CaptureFixture[str]) -> None:
     assert "the amdgpu plugin" in checks["criu"]["found"]
     node.write("/usr/lib/criu/amdgpu_plugin.so", b"\x7fELF plugin stand-in")
     assert run_doctor(node, capsys)["criu-plugin"]["status"] == "ok"
+
+
+def test_a_fifo_named_as_the_action_or_feature_file_does_not_hang(
+    node: SimNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node.remove(ACTION)
+    os.mkfifo(node.fs(ACTION))
+    node.features.unlink()
+    os.mkfifo(node.features)
+    checks = run_doctor(node, capsys)
+    assert checks["criu-config"]["status"] == "fail", checks["criu-config"]
+    assert f"{ACTION} is not a regular file" in checks["criu-config"]["found"]
+    assert checks["criu-config"]["fix"].startswith(f"rm {ACTION} && gpu-device-watcher install")
+    assert checks["labels"]["status"] == "fail", checks["labels"]
+    assert "not a regular file" in checks["labels"]["found"]

@@ -208,6 +208,7 @@ class ActionFacts:
     version: str | None = None
     # The packed modules are this version's own sources (None: cannot tell).
     current: bool | None = None
+    regular: bool = True
 
 
 _PACKED_VERSION = re.compile(rb"""__version__\s*=\s*["']([^"']+)["']""")
@@ -224,6 +225,8 @@ def _own_source(module_path: str) -> bytes | None:
 def gather_action(host: HostTree, path: str) -> ActionFacts:
     if not host.exists(path):
         return ActionFacts(path, exists=False, executable=False, ours=None)
+    if not host.is_file(path):
+        return ActionFacts(path, exists=True, executable=False, ours=None, regular=False)
     executable = host.is_executable(path)
     data = host.read_bytes(path) or b""
     if data.startswith(b"#!") and b"PK\x03\x04" in data[:4096]:
@@ -303,6 +306,13 @@ def judge_action(action: ActionFacts) -> tuple[str, str, str | None]:
             "fail",
             f"{action.path} does not exist (CRIU aborts every dump)",
             (f"gpu-device-watcher install-action {action.path.rpartition('/')[0] or '/'}"),
+        )
+    if not action.regular:
+        directory = action.path.rpartition("/")[0] or "/"
+        return (
+            "fail",
+            f"{action.path} is not a regular file (CRIU aborts every dump)",
+            f"rm {action.path} && gpu-device-watcher install-action {directory}",
         )
     if not action.executable:
         return (

@@ -136,7 +136,12 @@ class HostTree:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None, "not a regular file"
-            data = os.read(fd, limit)
+            chunks = []
+            left = limit
+            while left > 0 and (chunk := os.read(fd, min(left, 1024 * 1024))):
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
         except OSError as error:
             return None, error.strerror or str(error)
         finally:
@@ -144,15 +149,27 @@ class HostTree:
         return data.decode("utf-8", "replace"), None
 
     def read_bytes(self, host_path: str, limit: int = 64 * 1024 * 1024) -> bytes | None:
-        """The first `limit` bytes of a file (links resolved inside the root), or None."""
+        """The first `limit` bytes of a regular file (links resolved inside the root), or
+        None; never blocks (a FIFO in the file's place is refused, not opened for reading)."""
         real = self.resolve(host_path)
         if real is None:
             return None
         try:
-            with open(self.fs(real), "rb") as file:
-                return file.read(limit)
+            fd = os.open(self.fs(real), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            chunks = []
+            while limit > 0 and (chunk := os.read(fd, min(limit, 1024 * 1024))):
+                chunks.append(chunk)
+                limit -= len(chunk)
+            return b"".join(chunks)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def listdir(self, host_path: str) -> list[str]:
         real = self.resolve(host_path)
