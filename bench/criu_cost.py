@@ -22,6 +22,13 @@ The same small tree (`sh` with a child `sleep` that holds /dev/zero) is dumped a
 Beside the stages, a bare `python -I -c pass` is timed the same way: the stage costs are
 also given as ratios to it, which carry over between machines better than milliseconds.
 
+The `cuda-checkpoint` wrapper (watcher/criu/wrapper.sh) is timed beside the binary it runs
+(a compiled stand-in, a shell script where there is no compiler), whole processes started by
+name through PATH as CRIU's CUDA plugin starts them, interleaved: a pass-through call
+(`--get-state --pid P`: the wrapper first on PATH, the binary next) against the binary run
+directly, and `--action restore --pid P` for a record whose GPU moved (the wrapper asks the
+daemon, runs the restore gate and adds `--device-map`) against `python -I -c pass`.
+
 Figures are medians of wall time around the `criu` command. Python's bytecode cache is
 compiled first (`compileall` on `watcher/`), as a wheel install does: with
 PYTHONDONTWRITEBYTECODE set and no cache, every stage would recompile the package.
@@ -33,6 +40,7 @@ import argparse
 import compileall
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -43,7 +51,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.criu.harness import ACTION, REPO, Criu, CriuUnavailable, prepare_criu, spawn_tree
+from tests.criu.harness import (
+    ACTION,
+    REPO,
+    Criu,
+    CriuUnavailable,
+    prepare_criu,
+    spawn_tree,
+    stage_wrapper,
+)
 from tests.criu.harness import subreaper as adopt_orphans
 from tests.criu.simhost import SimHost
 
@@ -135,6 +151,119 @@ def _stage_costs(host: SimHost, script: Path, work: Path, runs: int) -> dict[str
         tree.close()
 
 
+_STAND_IN_C = """#include <stdio.h>
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) printf("%s%s", argv[i], i + 1 < argc ? " " : "\\n");
+    return 0;
+}
+"""
+# A UUID no simulated GPU has: the record's GPU lands on nvidia5 (same model) with a map.
+_MOVED_FROM = "GPU-00000000-1111-2222-3333-444444444444"
+
+
+def _stand_in(directory: Path) -> Path:
+    """A `cuda-checkpoint` that prints its arguments: compiled where a compiler is."""
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = directory / "cuda-checkpoint"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is not None:
+        source = directory / "stand-in.c"
+        source.write_text(_STAND_IN_C)
+        done = subprocess.run(
+            [compiler, "-O2", "-o", str(binary), str(source)],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode == 0:
+            return binary
+    binary.write_text('#!/bin/sh\necho "$*"\n')
+    binary.chmod(0o755)
+    return binary
+
+
+def _timed(command: list[str], env: dict[str, str]) -> tuple[float, float, bytes]:
+    """(wall ms, CPU ms of the whole process tree, stdout) of one run."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    output, errors = process.communicate(timeout=30)
+    wall = (time.perf_counter() - started) * 1000
+    if process.returncode != 0:
+        raise RuntimeError(f"{command}: exit {process.returncode}: {errors!r}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (usage.ru_utime + usage.ru_stime) * 1000, output
+
+
+def _interleaved(
+    commands: dict[str, tuple[list[str], dict[str, str]]], runs: int
+) -> dict[str, Any]:
+    """Median wall and CPU ms of each command, run in turn `runs` times (one warm-up each)."""
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    cpus: dict[str, list[float]] = {name: [] for name in commands}
+    outputs: dict[str, bytes] = {}
+    for number in range(runs + 1):
+        for name, (command, env) in commands.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            wall, cpu_after, output = _timed(command, env)
+            outputs[name] = output
+            if number:  # the first round warms the page cache and the bytecode
+                walls[name].append(wall)
+                cpus[name].append(cpu_after - (before.ru_utime + before.ru_stime) * 1000)
+    return {
+        name: {
+            "wall_ms": round(statistics.median(walls[name]), 3),
+            "cpu_ms": round(statistics.median(cpus[name]), 3),
+            "output": outputs[name].decode(errors="replace").strip(),
+        }
+        for name in commands
+    }
+
+
+def _wrapper_costs(host: SimHost, work: Path, runs: int) -> dict[str, Any]:
+    """The cuda-checkpoint wrapper: pass-through beside the binary, restore beside python."""
+    real = _stand_in(work / "real")
+    wrapper = stage_wrapper(work / "wrapper")
+    images = work / "wrapper-images"
+    images.mkdir(exist_ok=True)
+    tree = spawn_tree("/dev/zero")
+    try:
+        environment = host.env(CRTOOLS_IMAGE_DIR=str(images), CRTOOLS_INIT_PID=str(tree.root))
+        environment["PATH"] = f"{wrapper.parent}:{real.parent}:/usr/bin:/bin"
+        recorded = subprocess.run(
+            [str(ACTION)],
+            env={**environment, "CRTOOLS_SCRIPT_ACTION": "pre-dump"},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if recorded.returncode != 0:
+            raise RuntimeError(f"pre-dump for the wrapper's record: {recorded.stderr!r}")
+        record_path = images / "gpu-device-watcher.json"
+        record = json.loads(record_path.read_text())
+        for entry in record["used"]:
+            if entry.get("gpu"):
+                entry["gpu"]["uuid"] = _MOVED_FROM
+        record_path.write_text(json.dumps(record))
+        state = ["--get-state", "--pid", str(tree.root)]
+        restore = ["--action", "restore", "--pid", str(tree.root)]
+        figures = _interleaved(
+            {
+                "direct": ([str(real), *state], environment),
+                "wrapped": (["cuda-checkpoint", *state], environment),
+                "python": ([sys.executable, "-I", "-c", "pass"], {}),
+                "restore": (["cuda-checkpoint", *restore], environment),
+            },
+            runs,
+        )
+    finally:
+        tree.close()
+    if "--device-map" not in figures["restore"]["output"]:
+        raise RuntimeError(f"the wrapper added no device map: {figures['restore']['output']!r}")
+    for entry in figures.values():
+        entry.pop("output")
+    return {"stand_in": "compiled" if real.read_bytes()[:4] == b"\x7fELF" else "sh", **figures}
+
+
 def measure(
     runs: int = RUNS, stage_runs: int = STAGE_RUNS, before: Path | None = None
 ) -> dict[str, Any]:
@@ -173,6 +302,7 @@ def measure(
             for variant in variants[1:]:
                 assert variant.action is not None
                 stages[variant.label] = _stage_costs(host, variant.action, work, stage_runs)
+            wrapper = _wrapper_costs(host, work, stage_runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
@@ -189,6 +319,7 @@ def measure(
         ],
         "stages": stages,
         "python_ms": round(python_ms, 2),
+        "cuda_checkpoint": wrapper,
     }
 
 
@@ -233,6 +364,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{costs['pre-restore'] / python_ms:11.2f}  {costs['other'] / python_ms:11.2f}"
         )
     print(f"(a dump runs 2 stages, a restore 4; times in ms; python -I -c pass: {python_ms:.1f})")
+    wrapper = result["cuda_checkpoint"]
+    print()
+    print(f"the cuda-checkpoint wrapper (median of {STAGE_RUNS}; {wrapper['stand_in']} stand-in):")
+    print(f"{'':34}  {'wall ms':>8}  {'CPU ms':>7}")
+    for name, label in (
+        ("direct", "stand-in run directly"),
+        ("wrapped", "the same call through the wrapper"),
+        ("python", "python -I -c pass"),
+        ("restore", "--action restore with a device map"),
+    ):
+        print(f"{label:34}  {wrapper[name]['wall_ms']:8.2f}  {wrapper[name]['cpu_ms']:7.2f}")
+    added = wrapper["wrapped"]["wall_ms"] - wrapper["direct"]["wall_ms"]
+    ratio = wrapper["restore"]["wall_ms"] / wrapper["python"]["wall_ms"]
+    print(f"pass-through adds {added:+.2f} ms (goal <= 2); restore is {ratio:.2f}x python (<= 1.6)")
     return 0
 
 

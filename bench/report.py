@@ -258,6 +258,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 )
             )
         out += _stage_rows(criu)
+        out += _wrapper_rows(criu.get("cuda_checkpoint"), criu["stage_runs"])
     elif criu:
         out.append(Row("h. CRIU", f"skipped: {criu['skipped']}", "", ""))
     return out
@@ -288,6 +289,34 @@ def _stage_rows(criu: dict[str, Any]) -> list[Row]:
             )
         )
     return out
+
+
+def _wrapper_rows(wrapper: dict[str, Any] | None, runs: int) -> list[Row]:
+    """The cuda-checkpoint wrapper: a pass-through call beside the binary it runs, and a
+    restore that adds a device map beside a bare `python -I -c pass` (same run)."""
+    if not wrapper:
+        return []
+    direct, wrapped = wrapper["direct"]["wall_ms"], wrapper["wrapped"]["wall_ms"]
+    python, restore = wrapper["python"]["wall_ms"], wrapper["restore"]["wall_ms"]
+    added = wrapped - direct
+    return [
+        Row(
+            f"h. cuda-checkpoint wrapper, pass-through call, time added (median of {runs})",
+            f"{added:+.2f} ms ({_ms(wrapped)} ms)",
+            f"{wrapper['stand_in']} stand-in run directly {_ms(direct)} ms",
+            _x(_safe_ratio(wrapped, direct)),
+            "<= 2 ms added",
+            added <= 2.0,
+        ),
+        Row(
+            f"h. cuda-checkpoint wrapper, --action restore with a device map (median of {runs})",
+            f"{_ms(restore)} ms",
+            f"python -I -c pass {_ms(python)} ms",
+            _x(_safe_ratio(restore, python)),
+            "<= 1.6x",
+            _safe_ratio(restore, python) <= 1.6,
+        ),
+    ]
 
 
 def _unprivileged_rows(phase: dict[str, Any] | None) -> list[Row]:

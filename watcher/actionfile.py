@@ -41,7 +41,17 @@ from pathlib import Path
 from watcher.atomicfile import write_atomically
 from watcher.criu.shfront import MIN_PYTHON, STAGES, SYSTEM_PYTHON, WITHOUT_PYTHON
 
-__all__ = ["ACTION_NAME", "ActionFileError", "Built", "action_modules", "build", "install"]
+__all__ = [
+    "ACTION_NAME",
+    "WRAPPER_NAME",
+    "ActionFileError",
+    "Built",
+    "action_modules",
+    "build",
+    "install",
+    "install_wrapper",
+    "wrapper_bytes",
+]
 
 ACTION_NAME = "gpu-device-watcher-criu-action"
 ENTRY = "watcher.criu"
@@ -305,6 +315,27 @@ def build(python: str = sys.executable) -> Built:
             )
             archive.writestr(_entry(f"{name}.pyc"), Path(compiled).read_bytes())
     return Built(buffer.getvalue(), modules, left_out)
+
+
+WRAPPER_NAME = "cuda-checkpoint"
+
+
+def wrapper_bytes() -> bytes:
+    """The `cuda-checkpoint` wrapper's /bin/sh front, as the wheel installs it."""
+    return (Path(__file__).parent / "criu" / "wrapper.sh").read_bytes()
+
+
+def install_wrapper(directory: str) -> str:
+    """Write `directory/cuda-checkpoint` (the wrapper) atomically, mode 0755; its path.
+
+    Beside the action file it runs its Python side through that file on the host's python3
+    (`--cuda-checkpoint`), so the host needs nothing else of ours."""
+    try:
+        write_atomically(directory, WRAPPER_NAME, wrapper_bytes(), mode=0o755)
+    except OSError as error:
+        target = os.path.join(directory, WRAPPER_NAME)
+        raise ActionFileError(f"cannot write {target}: {error.strerror or error}") from None
+    return os.path.join(directory, WRAPPER_NAME)
 
 
 def install(directory: str, built: Built) -> str:

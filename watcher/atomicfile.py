@@ -13,7 +13,13 @@ __all__ = ["write_atomically"]
 
 
 def write_atomically(
-    directory: str, name: str, data: bytes, *, mode: int = 0o644, sync_directory: bool = True
+    directory: str,
+    name: str,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    sync_directory: bool = True,
+    sync_data: bool = True,
 ) -> int:
     """Replace `directory/name` by a file holding exactly `data`, with `mode` whatever the
     umask; returns the new file's inode.
@@ -23,7 +29,9 @@ def write_atomically(
     changes meanwhile (CRIU's `CRTOOLS_IMAGE_DIR` is a `/proc/<pid>/fd/<n>` link). The
     temporary name starts with a dot (NFD skips dot files) and is never a link followed.
     Raises OSError; the file at `name` is then untouched and no temporary file remains.
-    `sync_directory` also makes the rename itself durable (best effort).
+    `sync_directory` also makes the rename itself durable (best effort). Without
+    `sync_data` the content is not flushed before the rename: for a file whose neighbours
+    are not flushed either, where a crash loses the whole set anyway.
     """
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -42,7 +50,8 @@ def write_atomically(
                     view = view[os.write(fd, view) :]
                 # Before the rename: after a crash the file is the old one or the whole new
                 # one, never an empty one.
-                os.fsync(fd)
+                if sync_data:
+                    os.fsync(fd)
                 inode = os.fstat(fd).st_ino
             finally:
                 os.close(fd)

@@ -28,6 +28,7 @@ __all__ = [
     "PROG",
     "build_parser",
     "command_criu_action",
+    "command_doctor",
     "command_get",
     "command_path",
     "command_scan",
@@ -169,7 +170,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    if wanted("serve") or wanted("scan"):
+    if wanted("serve") or wanted("scan") or wanted("doctor"):
         host_view = _host_view_options()
     if wanted("serve"):
         serve = commands.add_parser("serve", parents=[host_view], help="run the daemon")
@@ -232,10 +233,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             help="affinity and selector: the driver-version label, or driver-major (default the "
             "config's restore_version_match, else exact)",
         )
+    if wanted("doctor"):
+        doctor = commands.add_parser(
+            "doctor",
+            parents=[host_view],
+            help="is this node ready for GPU checkpoints, end to end; what to fix",
+        )
+        _socket_option(doctor)
+        _format_option(doctor, ("text", "json"))
     if wanted("install-action"):
         install = commands.add_parser(
             "install-action",
-            help="write the CRIU action as one file for the host's python3 into DIR",
+            help="write the CRIU action as one file for the host's python3, and the "
+            "cuda-checkpoint wrapper, into DIR",
         )
         install.add_argument("directory", metavar="DIR", help="where to write it (must exist)")
     return parser
@@ -363,6 +373,26 @@ def command_inspect(arguments: argparse.Namespace) -> int:
     return inspect(arguments.checkpoint, arguments.format, arguments.version_match)
 
 
+def command_doctor(arguments: argparse.Namespace) -> int:
+    _check_host_view(arguments)
+    settings = _settings(arguments)
+    from watcher.doctor import diagnose, exit_code  # noqa: PLC0415 (msgspec, the scanner)
+    from watcher.doctor.report import as_json, as_text  # noqa: PLC0415
+
+    # A host view named on the command line is another host than the daemon's, unless the
+    # daemon is named too (in the DaemonSet's pod the view comes from the config).
+    named_view = any(getattr(arguments, key) for key in ("root", "proc", "sys", "mountinfo"))
+    checks = diagnose(settings, ask_daemon=arguments.socket is not None or not named_view)
+    if arguments.format == "json":
+        print(as_json(checks))
+    else:
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        root = settings.view.root
+        header = f"{PROG} doctor: {'this host' if root == '/' else f'the host under {root}'}"
+        print(as_text(checks, colour=colour, width=_terminal_columns(), header=header))
+    return exit_code(checks)
+
+
 # -- install-action: the CRIU action as one self-contained file (deploy/kubernetes) ---------
 
 
@@ -372,6 +402,7 @@ def command_install_action(arguments: argparse.Namespace) -> int:
     try:
         built = actionfile.build()
         target = actionfile.install(arguments.directory, built)
+        wrapper = actionfile.install_wrapper(arguments.directory)
     except actionfile.ActionFileError as error:
         if error.usage:
             raise UsageError(f"install-action: {error}") from None
@@ -379,6 +410,10 @@ def command_install_action(arguments: argparse.Namespace) -> int:
         return EXIT_ABSENT
     print(
         f"{target}: {len(built.data)} bytes, {len(built.modules)} modules, runs on python3 >= 3.11"
+    )
+    print(
+        f"{wrapper}: the cuda-checkpoint wrapper; put {arguments.directory} first on the PATH "
+        "of the service that runs CRIU"
     )
     if built.left_out:
         print(
@@ -400,6 +435,7 @@ COMMANDS = {
     "restore-check": command_restore_check,
     "inspect": command_inspect,
     "install-action": command_install_action,
+    "doctor": command_doctor,
 }
 
 

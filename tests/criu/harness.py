@@ -32,12 +32,27 @@ CRIU_DIR = REPO / ".criu"
 FETCH_SCRIPT = REPO / "tests" / "criu" / "fetch_criu.sh"
 # The console script CRIU execs, installed next to this interpreter (the venv's bin).
 ACTION = Path(sys.executable).with_name("gpu-device-watcher-criu-action")
+# The cuda-checkpoint wrapper's /bin/sh front, as pip and install-action install it.
+WRAPPER = REPO / "watcher" / "criu" / "wrapper.sh"
 FETCH_TIMEOUT = 900.0
 CRIU_TIMEOUT = 60.0
 WAIT_TIMEOUT = 10.0
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
+
+
+def stage_wrapper(directory: Path) -> Path:
+    """The cuda-checkpoint wrapper laid out as pip installs it (`directory/cuda-checkpoint`
+    beside a `gpu-device-watcher` whose shebang names this interpreter); its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    console = directory / "gpu-device-watcher"
+    console.write_text(f"#!{sys.executable}\n# the console script's shebang is what counts\n")
+    console.chmod(0o755)
+    wrapper = directory / "cuda-checkpoint"
+    wrapper.write_bytes(WRAPPER.read_bytes())
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 class CriuUnavailable(Exception):
@@ -172,10 +187,15 @@ class Tree:
             self.process.wait(timeout=WAIT_TIMEOUT)
 
 
-def spawn_tree(hold: str | None = "/dev/zero", timeout: float = WAIT_TIMEOUT) -> Tree:
-    """`sh` (new session, no terminal) with a child `sleep` holding `hold` open on fd 3."""
+def spawn_tree(
+    hold: str | None = "/dev/zero", timeout: float = WAIT_TIMEOUT, prefix: Sequence[str] = ()
+) -> Tree:
+    """`sh` (new session, no terminal) with a child `sleep` holding `hold` open on fd 3.
+
+    `prefix`: a command that execs the rest (`nsenter --target=P --mount --`), so that the
+    tree lives in another mount namespace and its root is still the process started here."""
     process = subprocess.Popen(
-        ["sh", "-c", _TREE, "sh", hold or ""],
+        [*prefix, "sh", "-c", _TREE, "sh", hold or ""],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.criu.harness import stage_wrapper
 from tests.support.daemonproc import DaemonProcess
 from tests.support.host import (
     MS_PRIVATE,
@@ -88,6 +89,11 @@ class HostSpec:
     renders: list[tuple[int, str, str, str | None, str | None]] = field(default_factory=list)
     # MI300-class GPUs in compute partitions (`tests.support.host.partitioned_gpu` options).
     partitioned: list[dict[str, Any]] = field(default_factory=list)
+    # A driver root (a host path, as the GPU Operator's /run/nvidia/driver): the nodes go to
+    # its dev/ and it is the only root the daemon considers. `files`: host path -> text of
+    # an executable written into the simulated root (a driver root's cuda-checkpoint).
+    driver_root: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
 
 
 class HostError(RuntimeError):
@@ -150,6 +156,8 @@ class SimHost:
             f"sys = {_toml_string(str(self.sys))}",
         ]
         lines += [f"{key} = {_toml_string(value)}" for key, value in self.spec.config.items()]
+        if self.spec.driver_root is not None:
+            lines.append(f"driver_roots = [{_toml_string(self.spec.driver_root)}]")
         self.config.write_text("\n".join(lines) + "\n")
         self.config.chmod(0o644)
 
@@ -167,6 +175,8 @@ class SimHost:
             "socket": str(self.socket),
             "config": str(self.config),
             "nodes": self.spec.nodes,
+            "dev": f"{self.spec.driver_root or ''}/dev",
+            "files": self.spec.files,
         }
         self.log.write_bytes(b"")
         # The daemon is this file's child side, which builds the root in its own namespace
@@ -214,11 +224,15 @@ class SimHost:
 
     # ------------------------------------------------------------------ talking to it
 
-    def env(self, *, cuda_checkpoint: bool = True, **extra: str) -> dict[str, str]:
+    def env(
+        self, *, cuda_checkpoint: bool = True, wrapper: bool = False, **extra: str
+    ) -> dict[str, str]:
         """An environment for the action (and CRIU) that points at this daemon.
 
         With `cuda_checkpoint`, PATH starts with a directory holding a stand-in
-        `cuda-checkpoint` (pre-dump checks that CRIU's CUDA plugin would find one).
+        `cuda-checkpoint` (pre-dump checks that CRIU's CUDA plugin would find one). With
+        `wrapper`, the project's cuda-checkpoint wrapper stands before everything on PATH
+        (pre-restore lets a restore that needs a device map go on only then).
         """
         env = dict(os.environ)
         env[client.SOCKET_ENV] = str(self.socket)
@@ -236,6 +250,9 @@ class SimHost:
                 for part in env.get("PATH", "").split(os.pathsep)
                 if part and not os.path.exists(os.path.join(part, "cuda-checkpoint"))
             )
+        if wrapper:
+            staged = stage_wrapper(self.base / "wrapper")
+            env["PATH"] = os.pathsep.join(filter(None, [str(staged.parent), env.get("PATH")]))
         env.update(extra)
         return env
 
@@ -309,7 +326,14 @@ def _serve(spec: dict[str, Any]) -> None:
     mount("none", "/", None, MS_REC | MS_PRIVATE)
     host = FakeHost(Path(spec["root"]), Path(spec["proc"]))
     host.tmpfs(host.root, source="gdw-simhost")
-    host.nodes("/dev", {name: (major, minor) for name, (major, minor) in spec["nodes"].items()})
+    host.nodes(
+        spec["dev"], {name: (major, minor) for name, (major, minor) in spec["nodes"].items()}
+    )
+    for path, text in spec["files"].items():
+        target = host.fs(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(0o755)
     root = spec["root"]
     os.execv(  # noqa: S606 (becomes the daemon: same pid, same namespace)
         sys.executable,

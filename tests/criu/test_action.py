@@ -27,7 +27,7 @@ import pytest
 from watcher import criu as action_module
 from watcher.core import record as record_model
 
-from .harness import ACTION, Tree
+from .harness import ACTION, Tree, stage_wrapper
 from .simhost import H200, HostSpec, SimHost
 
 TIMEOUT = 30.0
@@ -319,7 +319,7 @@ def test_pre_restore_moves_a_gpu_onto_another_of_its_model_with_a_device_map(
     # the driver (580) has --device-map: the restore may go on, with the map printed.
     host.set_gpu_model(5, "NVIDIA A100-SXM4-80GB")
     host.rescan()
-    done = run_action("pre-restore", host.env(), images)
+    done = run_action("pre-restore", host.env(wrapper=True), images)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert prefixed(done.stdout) == [
@@ -328,6 +328,36 @@ def test_pre_restore_moves_a_gpu_onto_another_of_its_model_with_a_device_map(
         "gpu-device-watcher: the GPU devices of the checkpoint (nvidia5 as /dev/nvidia7) match "
         "this host: restore may go on",
     ]
+
+
+@pytest.mark.parametrize("cuda_checkpoint", [True, False], ids=["another-binary", "none"])
+def test_pre_restore_refuses_a_device_map_that_cannot_reach_cuda_checkpoint(
+    host: SimHost, recorded: dict[str, Any], images: Path, cuda_checkpoint: bool
+) -> None:
+    # The same move, but CRIU's PATH leads to a cuda-checkpoint that is not the wrapper (or to
+    # none): CRIU's plugin would restore onto the recorded UUID and fail after the images
+    # are loaded. Stopped here instead, with the fix.
+    host.set_gpu_model(5, "NVIDIA A100-SXM4-80GB")
+    host.rescan()
+    done = run_action("pre-restore", host.env(cuda_checkpoint=cuda_checkpoint), images)
+    assert done.returncode == 1
+    reason, stop = prefixed(done.stderr)
+    assert reason.startswith(
+        "gpu-device-watcher: remap-unsupported: the checkpoint's GPUs land on GPUs with other "
+        "UUIDs here (GPU-7a1c3f2e-58b4-9d0e-1f23-4a5b6c7d8e9f="
+        "GPU-0b2d4e6f-8a1c-3e5f-7a9b-1c3d5e7f9a2b)"
+    )
+    leads_to = f"({host.base / 'bin' / 'cuda-checkpoint'})" if cuda_checkpoint else "(none)"
+    assert f"the cuda-checkpoint on CRIU's PATH {leads_to} is not the" in reason
+    assert "install-action DIR` writes it as DIR/cuda-checkpoint" in reason
+    assert stop.startswith("gpu-device-watcher: restore stopped")
+    # restore-check runs outside CRIU and cannot see CRIU's PATH: it answers as before.
+    check = run_action(
+        None,
+        host.env(cuda_checkpoint=cuda_checkpoint),
+        command=[sys.executable, "-m", "watcher", "restore-check", str(images)],
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_pre_restore_counts_gpus_of_the_model(
@@ -768,9 +798,52 @@ def test_cuda_checkpoint_missing_warns_and_names_the_one_in_the_map(
     assert done.returncode == 0, done.stderr
     [line] = prefixed(done.stderr)
     assert line.startswith("gpu-device-watcher: cuda-checkpoint-missing: the tree uses a GPU")
-    assert "one is at /usr/local/bin/cuda-checkpoint: add /usr/local/bin to the PATH" in line
+    assert "one is at /usr/local/bin/cuda-checkpoint: put the gpu-device-watcher" in line
+    assert "cuda-checkpoint wrapper first on the PATH of the service that runs CRIU" in line
     [check] = read_record(images)["checks"]
     assert (check["code"], check["severity"]) == ("cuda-checkpoint-missing", "warning")
+
+
+def test_the_dump_check_follows_the_wrapper_to_the_maps_binary(tmp_path: Path) -> None:
+    from watcher.criu import dump
+
+    wrapper = stage_wrapper(tmp_path / "bin")
+    driver_binary = tmp_path / "driver/usr/bin/cuda-checkpoint"
+    driver_binary.parent.mkdir(parents=True)
+    driver_binary.write_text("#!/bin/sh\n")
+    driver_binary.chmod(0o755)
+    gpu = [{"name": "nvidia0", "kind": "gpu", "minor": 0}]
+    environ = {"PATH": f"{wrapper.parent}:/nonexistent"}
+    with_binary = {"driver": {"cuda_checkpoint": str(driver_binary)}}
+    assert dump.run_checks(gpu, with_binary, environ) == []
+    [check] = dump.run_checks(gpu, {"driver": {"cuda_checkpoint": None}}, environ)
+    assert check["code"] == "cuda-checkpoint-missing"
+    assert f"the gpu-device-watcher wrapper {wrapper}, which finds no real" in check["message"]
+    # Without the wrapper, the map's binary alone is not on CRIU's PATH: the fix is named.
+    [check] = dump.run_checks(gpu, with_binary, {"PATH": "/nonexistent"})
+    assert f"one is at {driver_binary}: put the gpu-device-watcher" in check["message"]
+
+
+def test_cuda_checkpoint_missing_when_the_wrapper_finds_no_real_binary(
+    host: SimHost, trees: Callable[..., Tree], images: Path
+) -> None:
+    tree = trees("/dev/zero")
+    env = host.env(cuda_checkpoint=False, wrapper=True)
+    done = run_action("pre-dump", env, images, tree.root)
+    assert done.returncode == 0, done.stderr
+    [line] = prefixed(done.stderr)
+    wrapper = host.base / "wrapper" / "cuda-checkpoint"
+    assert line.startswith(
+        "gpu-device-watcher: cuda-checkpoint-missing: the tree uses a GPU and CRIU's PATH leads "
+        f"to the gpu-device-watcher wrapper {wrapper}, which finds no real cuda-checkpoint"
+    )
+    # With a real one behind the wrapper on PATH, the check is satisfied.
+    again = images.parent / "again"
+    again.mkdir()
+    env = host.env(wrapper=True)
+    done = run_action("pre-dump", env, again, tree.root)
+    assert done.returncode == 0, done.stderr
+    assert read_record(again)["checks"] == []
 
 
 def test_dump_checks_refuse_stops_the_dump_before_the_freeze(

@@ -148,8 +148,9 @@ def test_install_action_writes_one_executable_zipapp(tmp_path: Path) -> None:
     assert not any(name.startswith(("msgspec", "anyio")) for name in names)
     assert "watcher/probe.py" not in names
     assert "watcher/daemon.py" not in names
-    # No temporary file is left behind, and a second install gives the same bytes.
-    assert sorted(os.listdir(tmp_path)) == [NAME]
+    # No temporary file is left behind (the cuda-checkpoint wrapper is written beside it),
+    # and a second install gives the same bytes.
+    assert sorted(os.listdir(tmp_path)) == ["cuda-checkpoint", NAME]
     again = install(tmp_path)
     assert again.returncode == 0, again.stderr
     assert action.read_bytes() == data

@@ -159,7 +159,8 @@ def test_a_checkpoint_moves_to_another_node_with_another_gpu(
     other_model.stop()
 
     target = make_host(other_minor_spec(), name="h200-node")
-    restored = criu.restore(images, target.env(), log="restore-h200.log")
+    # The device map reaches cuda-checkpoint only through the wrapper, first on CRIU's PATH.
+    restored = criu.restore(images, target.env(wrapper=True), log="restore-h200.log")
     assert restored.ok, restored.explain()
     assert alive(tree.root), restored.explain()
     assert alive(tree.child)

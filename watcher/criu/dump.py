@@ -27,7 +27,6 @@ ENVIRONMENT = (
     "CUDA_DEVICE_ORDER",
     "NVIDIA_DRIVER_CAPABILITIES",
 )
-CUDA_CHECKPOINT = "cuda-checkpoint"
 _MIG_DEPTH = 3  # gpuN/mig/giN/ciN/access
 
 
@@ -62,15 +61,6 @@ def mig_minors(proc: str) -> set[int]:
     return minors
 
 
-def on_path(environ: Mapping[str, str], program: str) -> str | None:
-    """Where `program` is on `environ`'s PATH, as execvp would find it (no shutil: it is slow)."""
-    for directory in (environ.get("PATH") or os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory or ".", program)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def run_checks(
     used: list[dict[str, Any]], device_map: Mapping[str, Any], environ: Mapping[str, str]
 ) -> list[dict[str, str]]:
@@ -94,26 +84,55 @@ def run_checks(
                     ),
                 }
             )
-    if any(entry.get("kind") == "gpu" for entry in used) and not on_path(environ, CUDA_CHECKPOINT):
-        driver = device_map.get("driver")
-        found = driver.get("cuda_checkpoint") if isinstance(driver, dict) else None
-        where = (
-            f"; one is at {shown(found)}: add {shown(os.path.dirname(found))} to the PATH of "
-            "the service that runs CRIU"
-            if isinstance(found, str) and found
-            else "; install it (it ships with the NVIDIA driver, 550 and later)"
-        )
-        checks.append(
-            {
-                "code": "cuda-checkpoint-missing",
-                "severity": "warning",
-                "message": (
-                    "the tree uses a GPU and no cuda-checkpoint is on CRIU's PATH, so CRIU's "
-                    f"CUDA plugin cannot save the GPU state{where}"
-                ),
-            }
-        )
+    if any(entry.get("kind") == "gpu" for entry in used):
+        missing = cuda_checkpoint_missing(device_map, environ)
+        if missing is not None:
+            checks.append(
+                {"code": "cuda-checkpoint-missing", "severity": "warning", "message": missing}
+            )
     return checks
+
+
+def cuda_checkpoint_missing(
+    device_map: Mapping[str, Any], environ: Mapping[str, str]
+) -> str | None:
+    """Why CRIU's CUDA plugin would find no working `cuda-checkpoint`, or None when it would.
+
+    The plugin runs the one CRIU's PATH (this action's) leads to. Our wrapper there is enough
+    when it finds a real binary behind it (on PATH past itself, or the map's)."""
+    from watcher.criu.cudacheckpoint import find_real, is_wrapper, resolve_on_path  # noqa: PLC0415
+
+    path_env = environ.get("PATH") or os.defpath
+    driver = device_map.get("driver")
+    listed = driver.get("cuda_checkpoint") if isinstance(driver, dict) else None
+    listed = listed if isinstance(listed, str) and listed else None
+    leads_to = resolve_on_path(path_env)
+    if leads_to is not None and not is_wrapper(leads_to):
+        return None
+    if leads_to is not None and find_real(path_env, skip=leads_to, map_cuda_checkpoint=listed):
+        return None
+    wrapper_fix = (
+        "put the gpu-device-watcher cuda-checkpoint wrapper first on the PATH of the service "
+        "that runs CRIU (`gpu-device-watcher install-action DIR` writes it as "
+        "DIR/cuda-checkpoint; pip installs it beside gpu-device-watcher)"
+    )
+    if leads_to is None:
+        where = (
+            f"; one is at {shown(listed)}: {wrapper_fix}, which runs it with its driver "
+            "root's libraries"
+            if listed
+            else "; install it (it ships with the NVIDIA driver, 550 and later) and " + wrapper_fix
+        )
+        return (
+            "the tree uses a GPU and no cuda-checkpoint is on CRIU's PATH, so CRIU's "
+            f"CUDA plugin cannot save the GPU state{where}"
+        )
+    return (
+        f"the tree uses a GPU and CRIU's PATH leads to the gpu-device-watcher wrapper "
+        f"{shown(leads_to)}, which finds no real cuda-checkpoint (none on PATH past it, and "
+        "the map of this host names none), so CRIU's CUDA plugin cannot save the GPU state; "
+        "install cuda-checkpoint (it ships with the NVIDIA driver, 550 and later)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,9 +261,10 @@ def pre_dump(environ: Mapping[str, str]) -> int:
 
     data = dumps_indented(record).encode() + b"\n"
     try:
-        # No fsync of the image directory: CRIU writes the images there and owns their
-        # durability; the record's own content is synced before its rename.
-        write_atomically(image_dir, RECORD_NAME, data, sync_directory=False)
+        # No fsync at all: CRIU writes its images beside the record without one, so after a
+        # crash the checkpoint is lost with or without a durable record, and on a busy disk
+        # the fsync alone cost more than the rest of pre-dump (tens of ms, measured).
+        write_atomically(image_dir, RECORD_NAME, data, sync_directory=False, sync_data=False)
     except OSError as error:
         say(
             f"cannot write {RECORD_NAME} into {shown(image_dir_name(image_dir), 400)}: "

@@ -19,6 +19,7 @@ from watcher.criu.text import image_dir_name, one_line, say, shown, tell
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+    from typing import Any
 
 
 def evaluate(image_dir: str, environ: Mapping[str, str]) -> tuple[Record | None, Verdict]:
@@ -44,6 +45,11 @@ def judge(
     from watcher.criu.hostmap import current_map  # noqa: PLC0415
 
     _, here = current_map(environ)
+    return record, verdict_for(record, here, environ)
+
+
+def verdict_for(record: Record, here: Mapping[str, Any], environ: Mapping[str, str]) -> Verdict:
+    """The gate's verdict on `record` against this host's map `here`."""
     driver = here.get("driver")
     version_here = driver.get("version") if isinstance(driver, dict) else None
     version_then = record.driver_version
@@ -53,7 +59,7 @@ def judge(
         from watcher.criu.settings import version_policy  # noqa: PLC0415
 
         policy = version_policy(environ)
-    return record, check(record, here, policy)
+    return check(record, here, policy)
 
 
 def verdict_lines(
@@ -95,10 +101,34 @@ def pre_restore(environ: Mapping[str, str]) -> int:
         say("CRTOOLS_IMAGE_DIR is not set; this command is run by CRIU's --action-script")
         return EXIT_USAGE
     record, verdict = evaluate(image_dir, environ)
+    if verdict.fits and verdict.device_map:
+        refuse_without_wrapper(verdict, environ)
     lines = verdict_lines(record, verdict, image_dir)
     for line in lines:
         (tell if verdict.fits else say)(line)
     return EXIT_OK if verdict.fits else EXIT_REFUSE
+
+
+def refuse_without_wrapper(verdict: Verdict, environ: Mapping[str, str]) -> None:
+    """`remap-unsupported` when the device map cannot reach cuda-checkpoint: CRIU's CUDA
+    plugin never passes `--device-map`, only our wrapper adds it, so a restore through any
+    other `cuda-checkpoint` would fail late, after CRIU loaded the images."""
+    import os  # noqa: PLC0415 (pre-restore with a device map only)
+
+    from watcher.criu.cudacheckpoint import is_wrapper, resolve_on_path  # noqa: PLC0415
+
+    leads_to = resolve_on_path(environ.get("PATH") or os.defpath)
+    if leads_to is not None and is_wrapper(leads_to):
+        return
+    verdict.refuse(
+        "remap-unsupported",
+        f"the checkpoint's GPUs land on GPUs with other UUIDs here "
+        f"({shown(verdict.device_map_text(), 400)}), and CRIU's CUDA plugin never passes "
+        f"cuda-checkpoint --device-map; the cuda-checkpoint on CRIU's PATH "
+        f"({shown(leads_to) if leads_to else 'none'}) is not the gpu-device-watcher wrapper, "
+        "which adds it: put the wrapper first on the PATH of the service that runs CRIU "
+        "(`gpu-device-watcher install-action DIR` writes it as DIR/cuda-checkpoint)",
+    )
 
 
 def no_record_line(checkpoint: str) -> str:
