@@ -229,7 +229,11 @@ def gather_action(host: HostTree, path: str) -> ActionFacts:
         return ActionFacts(path, exists=True, executable=False, ours=None, regular=False)
     executable = host.is_executable(path)
     data = host.read_bytes(path) or b""
-    if data.startswith(b"#!") and b"PK\x03\x04" in data[:4096]:
+    if not data.startswith(b"#!"):
+        return ActionFacts(path, True, executable, None)
+    # install-action's file: a /bin/sh front followed by a zip, which the zip reader finds
+    # by its end record, however long the front is.
+    if zipfile.is_zipfile(io.BytesIO(data)):
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 names = [n for n in archive.namelist() if n.endswith(".py")]
@@ -243,19 +247,35 @@ def gather_action(host: HostTree, path: str) -> ActionFacts:
         return ActionFacts(
             path, True, executable, "zipapp", match.group(1).decode() if match else None, current
         )
-    head = data[:2048]
-    if head.startswith(b"#!") and (b"watcher.criu" in head or b"from watcher" in head):
-        interpreter = head[2:].split(b"\n", 1)[0].strip().decode("utf-8", "replace")
-        same = host.is_own_root and Path(interpreter).resolve() == Path(sys.executable).resolve()
-        return ActionFacts(
-            path,
-            True,
-            executable,
-            "console-script",
-            watcher.__version__ if same else None,
-            True if same else None,
-        )
-    return ActionFacts(path, True, executable, None)
+    # pip's script: a /bin/sh front that starts the interpreter named in the shebang of the
+    # sibling `gpu-device-watcher` console script (an older install: that shebang is its own).
+    if b"from watcher.criu import console_main" not in data[:16384]:
+        return ActionFacts(path, True, executable, None)
+    interpreter = _shebang(data)
+    if interpreter in {"/bin/sh", None}:
+        sibling = host.read_bytes(f"{path.rpartition('/')[0]}/gpu-device-watcher", 4096)
+        interpreter = _shebang(sibling or b"")
+    same = (
+        host.is_own_root
+        and interpreter is not None
+        and Path(interpreter).resolve() == Path(sys.executable).resolve()
+    )
+    return ActionFacts(
+        path,
+        True,
+        executable,
+        "console-script",
+        watcher.__version__ if same else None,
+        True if same else None,
+    )
+
+
+def _shebang(data: bytes) -> str | None:
+    """The interpreter a script's first line names, or None."""
+    if not data.startswith(b"#!"):
+        return None
+    line = data[2:].split(b"\n", 1)[0].strip().decode("utf-8", "replace")
+    return line.split()[0] if line else None
 
 
 @dataclass(frozen=True)
