@@ -243,14 +243,15 @@ def main(wrapper: str, arguments: list[str], environ: Mapping[str, str]) -> int:
             path_env, skip=wrapper, map_cuda_checkpoint=listed if isinstance(listed, str) else None
         )
     if real is None:
+        install = "install it (it ships with the NVIDIA driver, 550 and later)"
         say(
             f"no cuda-checkpoint on this host (none on PATH past {shown(wrapper)}, "
             + (
-                "and the map of this host names none"
+                f"and the map of this host names none): {install}"
                 if here is not None
-                else "and no map of this host: the daemon is unreachable"
+                else f"and no map of this host: the daemon is unreachable): {install}, or "
+                "start the daemon if the driver root holds one"
             )
-            + "): install it (it ships with the NVIDIA driver, 550 and later) or start the daemon"
         )
         return EXIT_NOT_FOUND
     if restoring:
