@@ -288,3 +288,37 @@ def test_without_the_wrapper_the_plugin_disables_itself(
         assert calls(log) == []  # the driver root's binary never ran
     finally:
         tree.close()
+
+
+def test_the_wrapper_with_nothing_behind_it_fails_as_a_missing_binary(
+    cuda_plugin: Path,
+    criu_inside: Criu,
+    gpu_namespace: GpuNamespace,
+    make_host: Callable[..., SimHost],
+    tmp_path: Path,
+) -> None:
+    # The wrapper first on PATH, and no cuda-checkpoint anywhere on the node (nor in the map):
+    # exit 127 and one line, which CRIU logs before the plugin disables itself.
+    node = make_host(HostSpec(gpus=[Gpu("0000:3b:00.0", 5)]), name="node")
+    assert node.get()["map"]["driver"]["cuda_checkpoint"] is None
+    tree = spawn_tree("/dev/zero", prefix=gpu_namespace.tree_prefix)
+    try:
+        dumped = criu_inside.dump(
+            tree.root,
+            tmp_path / "images",
+            node.env(cuda_checkpoint=False, wrapper=True),
+            extra=["--libdir", str(cuda_plugin)],
+        )
+        assert dumped.ok, dumped.explain()
+        tree.gone()
+        lines = dumped.log.splitlines()
+        ours = [line for line in lines if "gpu-device-watcher: no cuda-checkpoint on" in line]
+        assert ours, dumped.log
+        assert any(DISABLED in line for line in lines), dumped.log
+        print("\n".join([*ours, *(line for line in lines if DISABLED in line)]))
+        assert (
+            "gpu-device-watcher: cuda-checkpoint-missing: the tree uses a GPU and CRIU's PATH"
+            in (dumped.log)
+        )
+    finally:
+        tree.close()

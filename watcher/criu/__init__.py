@@ -77,13 +77,13 @@ def main(environ: Mapping[str, str] | None = None) -> int:
 def console_main() -> int:
     """Entry point for `gpu-device-watcher-criu-action` without the CLI's argparse.
 
-    `--cuda-checkpoint WRAPPER ARGS...`: the `cuda-checkpoint` wrapper that `install-action`
+    `--cuda-checkpoint WRAPPER FOUND ARGS...`: the `cuda-checkpoint` wrapper that `install-action`
     writes beside this file runs its Python side through the same file (CRIU itself never
     passes an argument)."""
-    if sys.argv[1:2] == ["--cuda-checkpoint"] and len(sys.argv) > 2:
+    if sys.argv[1:2] == ["--cuda-checkpoint"] and len(sys.argv) > 3:
         from watcher.criu.cudawrap import main as wrapper_main  # noqa: PLC0415
 
-        return wrapper_main(sys.argv[2], sys.argv[3:], os.environ)
+        return wrapper_main(sys.argv[2], sys.argv[3], sys.argv[4:], os.environ)
     if len(sys.argv) > 1:
         from watcher.criu.text import say, shown  # noqa: PLC0415
 

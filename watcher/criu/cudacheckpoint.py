@@ -125,7 +125,9 @@ def _candidates(path_env: str, root: str) -> list[tuple[str, str]]:
         if not entry.startswith("/") and under_root:
             continue  # the working directory of a process of another root: unknowable
         host = os.path.join(os.path.abspath(entry or "."), NAME)
-        real = host_path_in_root(host, root)
+        # Under "/" the kernel resolves links itself: one stat per entry, no realpath (this
+        # runs inside pre-dump, for every PATH entry).
+        real = host_path_in_root(host, root) if under_root else host
         if real is not None and _regular_executable(real):
             found.append((host, real))
     return found

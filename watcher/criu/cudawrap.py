@@ -29,7 +29,7 @@ import os
 import sys
 
 from watcher.contract import RECORD_NAME
-from watcher.criu.cudacheckpoint import find_real, host_path_in_root
+from watcher.criu.cudacheckpoint import find_real, host_path_in_root, is_wrapper
 from watcher.criu.text import say, shown
 
 TYPE_CHECKING = False
@@ -226,10 +226,16 @@ def restore_device_map(
 # The entry point
 
 
-def main(wrapper: str, arguments: list[str], environ: Mapping[str, str]) -> int:
-    """Exec the real cuda-checkpoint for `arguments`; returns only when there is none."""
+def main(wrapper: str, found: str, arguments: list[str], environ: Mapping[str, str]) -> int:
+    """Exec the real cuda-checkpoint for `arguments`; returns only when there is none.
+
+    `found`: what the shell front found on PATH past the wrapper ("" for nothing); taken as
+    it is unless it is another copy of the wrapper."""
     path_env = environ.get("PATH", os.defpath)
-    real = find_real(path_env, skip=wrapper, map_cuda_checkpoint=None)
+    if found and not is_wrapper(found):
+        real: str | None = found
+    else:
+        real = find_real(path_env, skip=wrapper, map_cuda_checkpoint=None)
     restoring = _option(arguments, "--action") == "restore" and bool(
         environ.get("CRTOOLS_IMAGE_DIR")
         and os.path.isfile(environ["CRTOOLS_IMAGE_DIR"] + "/" + RECORD_NAME)
@@ -243,14 +249,15 @@ def main(wrapper: str, arguments: list[str], environ: Mapping[str, str]) -> int:
             path_env, skip=wrapper, map_cuda_checkpoint=listed if isinstance(listed, str) else None
         )
     if real is None:
+        install = "install it (it ships with the NVIDIA driver, 550 and later)"
         say(
             f"no cuda-checkpoint on this host (none on PATH past {shown(wrapper)}, "
             + (
-                "and the map of this host names none"
+                f"and the map of this host names none): {install}"
                 if here is not None
-                else "and no map of this host: the daemon is unreachable"
+                else f"and no map of this host: the daemon is unreachable): {install}, or "
+                "start the daemon if the driver root holds one"
             )
-            + "): install it (it ships with the NVIDIA driver, 550 and later) or start the daemon"
         )
         return EXIT_NOT_FOUND
     if restoring:
@@ -269,8 +276,8 @@ def main(wrapper: str, arguments: list[str], environ: Mapping[str, str]) -> int:
 
 
 def console_main() -> int:
-    """`python -I -c ... WRAPPER ARGS...` as the shell front starts it."""
-    if len(sys.argv) < 2:
+    """`python -I -c ... WRAPPER FOUND ARGS...` as the shell front starts it."""
+    if len(sys.argv) < 3:
         say("the cuda-checkpoint wrapper's Python side is started by the wrapper itself")
         return 2
-    return main(sys.argv[1], sys.argv[2:], os.environ)
+    return main(sys.argv[1], sys.argv[2], sys.argv[3:], os.environ)

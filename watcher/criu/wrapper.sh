@@ -25,36 +25,36 @@ for argument; do
     [ "$previous" = --action ] && [ "$argument" = restore ] && restore=1
     previous=$argument
 done
-if [ -n "$restore" ] && [ -n "${CRTOOLS_IMAGE_DIR-}" ] &&
-    [ -f "$CRTOOLS_IMAGE_DIR/gpu-device-watcher.json" ]; then
-    real=
-else
-    # execvp's order: the first executable of the name past this file. Before this file only
-    # when this file is not on PATH at all (run by its path); a copy of the wrapper found
-    # past it looks past itself in turn, so the chain only moves forward and cannot loop.
-    real=
-    before=
-    passed=
-    saved_ifs=$IFS
-    IFS=:
-    set -f
-    for directory in ${PATH-}; do
-        candidate=${directory:-.}/cuda-checkpoint
-        [ -f "$candidate" ] && [ -x "$candidate" ] || continue
-        if [ "$candidate" -ef "$self" ]; then
-            passed=1
-        elif [ -n "$passed" ]; then
-            real=$candidate
-            break
-        elif [ -z "$before" ]; then
-            before=$candidate
-        fi
-    done
-    set +f
-    IFS=$saved_ifs
-    [ -z "$passed" ] && real=$before
-    [ -n "$real" ] && exec "$real" "$@"
+if [ -z "$restore" ] || [ -z "${CRTOOLS_IMAGE_DIR-}" ] ||
+    [ ! -f "$CRTOOLS_IMAGE_DIR/gpu-device-watcher.json" ]; then
+    restore=
 fi
+
+# execvp's order: the first executable of the name past this file. Before this file only when
+# this file is not on PATH at all (run by its path); a copy of the wrapper found past it looks
+# past itself in turn, so the chain only moves forward and cannot loop.
+real=
+before=
+passed=
+saved_ifs=$IFS
+IFS=:
+set -f
+for directory in ${PATH-}; do
+    candidate=${directory:-.}/cuda-checkpoint
+    [ -f "$candidate" ] && [ -x "$candidate" ] || continue
+    if [ "$candidate" -ef "$self" ]; then
+        passed=1
+    elif [ -n "$passed" ]; then
+        real=$candidate
+        break
+    elif [ -z "$before" ]; then
+        before=$candidate
+    fi
+done
+set +f
+IFS=$saved_ifs
+[ -z "$passed" ] && real=$before
+[ -n "$real" ] && [ -z "$restore" ] && exec "$real" "$@"
 
 # The Python side: the interpreter this package was installed for (the shebang pip wrote into
 # the sibling `gpu-device-watcher`), else, beside `install-action`'s file, the host's python3
@@ -81,11 +81,11 @@ if [ -r "$here/gpu-device-watcher" ]; then
     esac
 fi
 if [ -n "$python" ] && [ -x "$python" ]; then
-    exec "$python" -I -c 'import sys; from watcher.criu.cudawrap import console_main; sys.exit(console_main())' "$self" "$@"
+    exec "$python" -I -c 'import sys; from watcher.criu.cudawrap import console_main; sys.exit(console_main())' "$self" "$real" "$@"
 fi
 for python in /usr/bin/python3 /usr/local/bin/python3; do
     if [ -x "$python" ] && [ -f "$here/gpu-device-watcher-criu-action" ]; then
-        exec "$python" -I "$here/gpu-device-watcher-criu-action" --cuda-checkpoint "$self" "$@"
+        exec "$python" -I "$here/gpu-device-watcher-criu-action" --cuda-checkpoint "$self" "$real" "$@"
     fi
 done
 echo "gpu-device-watcher: no cuda-checkpoint on this host (none on PATH past $self, and no Python to ask the map: install gpu-device-watcher or run install-action beside this file)" >&2
