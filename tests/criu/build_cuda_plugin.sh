@@ -30,20 +30,9 @@ for tool in cc make pkg-config protoc-c xz; do
 done
 
 # The mirror this machine's apt uses (as fetch_criu.sh picks it).
-MIRROR=""
-shopt -s nullglob
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
-    [[ -r "$f" ]] || continue
-    MIRROR=$(awk '
-        /^[[:space:]]*#/ { next }
-        $1 == "URIs:" { for (i = 2; i <= NF; i++) print $i; next }
-        $1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { print $i; break } }
-    ' "$f" | grep -E '^https?://[^ ]*/debian/?$' | head -n 1 || true)
-    if [[ -n "$MIRROR" ]]; then break; fi
-done
-shopt -u nullglob
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
-MIRROR=${MIRROR%/}
+# shellcheck source=tests/criu/apt_mirror.sh
+. "$(dirname -- "${BASH_SOURCE[0]}")/apt_mirror.sh"
+MIRROR=$(debian_mirror) || die "$NO_MIRROR"
 
 fetch() {
     if command -v curl >/dev/null 2>&1; then

@@ -31,22 +31,10 @@ ARCH=amd64
 TRIPLET=x86_64-linux-gnu
 SUITE=trixie
 
-# The mirror this machine already uses: the first http(s) Debian URI in its own apt sources
-# (deb822 "URIs:" or one-line "deb URI"), excluding the security archive.
-MIRROR=""
-shopt -s nullglob
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
-    [[ -r "$f" ]] || continue
-    MIRROR=$(awk '
-        /^[[:space:]]*#/ { next }
-        $1 == "URIs:" { for (i = 2; i <= NF; i++) print $i; next }
-        $1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) { print $i; break } }
-    ' "$f" | grep -E '^https?://[^ ]*/debian/?$' | head -n 1 || true)
-    if [[ -n "$MIRROR" ]]; then break; fi
-done
-shopt -u nullglob
-[[ -n "$MIRROR" ]] || die "no Debian mirror in this machine's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/*.sources or *.list): add the mirror apt should use, then run again"
-MIRROR=${MIRROR%/}
+# The mirror this machine already uses (tests/criu/apt_mirror.sh).
+# shellcheck source=tests/criu/apt_mirror.sh
+. "$(dirname -- "${BASH_SOURCE[0]}")/apt_mirror.sh"
+MIRROR=$(debian_mirror) || die "$NO_MIRROR"
 
 KEYRING=""
 for k in /usr/share/keyrings/debian-archive-keyring.gpg \
