@@ -106,6 +106,9 @@ class Family:
     ready_dev_key: str = "NVIDIA_DEV_ROOT"
     # The tool that opens the control node and misses it outside /dev, for `not-in-dev`.
     opened_by: str = "CRIU's CUDA plugin"
+    # The kernel modules whose load or unload (a uevent, `DEVPATH=/module/<name>`) may
+    # register or drop a major: a rescan follows each (watcher.sources.uevents).
+    modules: tuple[str, ...] = ()
 
     def gpu_node_name(self, minor: int) -> str:
         return self.gpu_node.format(minor=minor)
@@ -175,6 +178,7 @@ NVIDIA = Family(
         Expected("nvidia-uvm", "error", "the nvidia-uvm module is loaded", "nvidia-uvm"),
         Expected("nvidia-uvm-tools", "warning", "the nvidia-uvm module is loaded", "nvidia-uvm"),
     ),
+    modules=("nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm", "nvidia_peermem"),
 )
 
 
@@ -212,6 +216,8 @@ AMD = Family(
     ready_root_key="",
     ready_dev_key="",
     opened_by="CRIU's amdgpu plugin",
+    # kfd is part of amdgpu: its major comes and goes with the module.
+    modules=("amdgpu",),
 )
 
 # Every family the scanner, the probe and the event filter walk, NVIDIA first: it is the
