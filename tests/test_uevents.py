@@ -130,6 +130,9 @@ def test_the_filter_program_fits_the_kernel_limits() -> None:
     program = filter_program(INTEREST)
     assert len(program) % 8 == 0
     assert 0 < len(program) // 8 <= 4096  # BPF_MAXINSNS
+    # Conditional jumps reach 255 instructions: a long module list must still assemble.
+    many = UeventInterest.of([f"module_{number}" for number in range(100)], render_nodes=False)
+    assert len(filter_program(many)) // 8 <= 4096
 
 
 # --- the source, driven by scripted messages in process ------------------------------------
