@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.support.inprocess import running_daemon
 from tests.support.processes import REPO, child_env
 from watcher.daemon.scanning import uevent_interest
 from watcher.sources import uevents
@@ -179,6 +180,35 @@ async def test_scripted_messages_drive_the_source_in_order() -> None:
             await recorder.wait_for_count(len(expected) + 3 * uevents.DRAIN_BATCH)
             assert recorder.reasons[len(expected) :] == [CASES[0][1]] * 3 * uevents.DRAIN_BATCH
             group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_module_uevent_makes_the_daemon_read_proc_devices_again(tmp_path: Path) -> None:
+    """The daemon in process, its uevent source reading scripted kernel messages: only
+    /proc/devices changes (nvidia_uvm reloaded with another major), then its uevent."""
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with sender:
+        async with running_daemon(tmp_path, uevents=UeventSource(INTEREST, sock=receiver)) as run:
+            run.host.mknod("/dev/nvidia-uvm", 509, 0)
+            run.host.proc_devices({"nvidia": 195, "nvidia-uvm": 509})
+            await run.ask({"op": "rescan"})
+            generation = run.daemon.state.generation
+            before = run.daemon.state.current.device("nvidia-uvm")
+            assert before is not None and before.valid
+
+            run.host.proc_devices({"nvidia": 195, "nvidia-uvm": 511})
+            # Unrelated first: read and ignored, not counted.
+            sender.send(kernel_message("add", "/module/snd_hda_intel", "module"))
+            sender.send(kernel_message("add", "/module/nvidia_uvm", "module"))
+            device_map = await run.next_generation(generation)
+            uvm = next(entry for entry in device_map["devices"] if entry["name"] == "nvidia-uvm")
+            assert not uvm["valid"]
+            assert ("wrong-major", "/dev/nvidia-uvm") in {
+                (problem["code"], problem["path"]) for problem in device_map["problems"]
+            }
+            status = (await run.ask({"op": "status"}))["status"]
+            assert status["uevents"] == 1
+            assert run.daemon.counters.uevents == 1
 
 
 @pytest.mark.anyio
