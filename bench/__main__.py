@@ -9,7 +9,7 @@ Run as root from the repository root (it mounts in a private namespace and runs 
 Parts, each beside a baseline measured in the same run:
 
 - bench.suite (under `unshare -m`): query, whole processes, change detection, idle, storm,
-  memory and throughput against the real daemon on a GPU-Operator-shaped host;
+  memory, throughput and kernel uevents against the real daemon on a GPU-Operator-shaped host;
 - bench.criu_cost: what the action script adds to `criu dump` and `criu restore`, when the
   CRIU that `tests/criu/fetch_criu.sh .criu` prepares is there (skipped otherwise);
 - bench.archive_cost: `restore-check` on checkpoint archives (plain and zstd, the record
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--docs", action="store_true", help="copy the plots into docs/ (for docs/benchmarks.md)"
     )
-    parser.add_argument("--only", default="abcdefgi", help="live phases to run, by letter")
+    parser.add_argument("--only", default="abcdefgij", help="live phases to run, by letter")
     parser.add_argument(
         "--archive-gib",
         type=float,

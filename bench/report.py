@@ -240,6 +240,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
             )
 
     out += _unprivileged_rows(live.get("unprivileged"))
+    out += _uevent_rows(live.get("uevents"))
 
     # h. CRIU
     criu = results.get("criu")
@@ -315,6 +316,37 @@ def _wrapper_rows(wrapper: dict[str, Any] | None, runs: int) -> list[Row]:
             _x(_safe_ratio(restore, python)),
             "<= 1.6x",
             _safe_ratio(restore, python) <= 1.6,
+        ),
+    ]
+
+
+def _uevent_rows(phase: dict[str, Any] | None) -> list[Row]:
+    """j. 1,000 unrelated uevents per second against idle; a module's uevent to subscriber."""
+    if not phase:
+        return []
+    if phase.get("skipped"):
+        return [Row("j. uevents", f"skipped: {phase['skipped']}", "", "")]
+    idle, flood = phase["idle"], phase["flood"]
+    added = flood["core_percent"] - idle["core_percent"]
+    rate = flood["uevents_sent"] / flood["seconds"]
+    uevent, mknod = phase["uevent_to_subscriber"], phase["mknod_to_subscriber"]
+    return [
+        Row(
+            f"j. daemon CPU under {rate:,.0f} unrelated uevents/s "
+            f"({flood['voluntary_switches']} wake-ups, {flood['uevents_counted']} counted)",
+            f"{flood['core_percent']:.2f}% of a core",
+            f"idle {idle['core_percent']:.2f}% ({idle['voluntary_switches']} wake-ups)",
+            f"{added:+.2f} pts",
+            "< 5% of a core",
+            flood["core_percent"] < 5,
+        ),
+        Row(
+            "j. module uevent -> subscriber: p50 / p99",
+            _pair(uevent),
+            f"mknod -> subscriber {_pair(mknod)}",
+            _x(_safe_ratio(uevent["p50_ms"], mknod["p50_ms"])),
+            "<= 100 ms",
+            uevent["p99_ms"] <= 100,
         ),
     ]
 

@@ -15,7 +15,9 @@ f. RSS at start, after many queries, after the storm;
 g. throughput with 1, 16 and 128 clients, beside a minimal stdlib server (bench.load echo);
 i. the daemon as uid 65534 without capabilities at 10,000 mounts, beside the same as root and
    on the mountinfo path (and an earlier version with --before): back-to-back dev-root
-   changes, a storm, RSS after it (bench.unprivileged).
+   changes, a storm, RSS after it (bench.unprivileged);
+j. kernel uevents: the daemon's CPU under 1,000 unrelated uevents per second beside idle, and
+   a module's uevent to subscriber beside mknod to subscriber (bench.uevents).
 
 The JSON it writes is the `live` part of bench/results.json; `python -m bench` adds CRIU,
 prints the table and draws the plots.
@@ -44,7 +46,7 @@ from typing import Any
 
 import msgspec
 
-from bench import unprivileged
+from bench import uevents, unprivileged
 from bench.hostmounts import (
     build_operator_host,
     grow_mount_table,
@@ -665,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
-    parser.add_argument("--only", default="abcdefgi", help="phases to run, by letter")
+    parser.add_argument("--only", default="abcdefgij", help="phases to run, by letter")
     parser.add_argument(
         "--before", type=Path, help="phase i: a checkout of an earlier version, run beside"
     )
@@ -675,11 +677,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"bench: {tool} is not installed")
     reexec_unshared()
     plan = Plan.make(arguments.quick)
-    results = run(plan, arguments.only) if set(arguments.only) - {"i"} else {}
+    results = run(plan, arguments.only) if set(arguments.only) - {"i", "j"} else {}
     if "i" in arguments.only:
         phase(results, "i. unprivileged, 10,000 mounts")
         with scratch_tmpfs() as base:
             results["unprivileged"] = unprivileged.run(plan, base, arguments.before)
+    if "j" in arguments.only:
+        phase(results, "j. uevents")
+        with scratch_tmpfs() as base:
+            results["uevents"] = uevents.run(base, plan.idle_s, plan.event_rounds)
     arguments.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

@@ -141,6 +141,7 @@ class StatusBody(msgspec.Struct, frozen=True, kw_only=True):
     clients: int
     scans: int
     events: int
+    uevents: int
     last_scan_ms: float
 
 

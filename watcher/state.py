@@ -42,6 +42,8 @@ class Counters:
     started: float = field(default_factory=time.monotonic)
     scans: int = 0
     events: int = 0
+    # Of `events`, the kernel uevents (a module or a render node came or went).
+    uevents: int = 0
     last_scan_ms: float = 0.0
     # Scans per SCAN_BUCKETS bound (not cumulative; the last slot counts the longer ones),
     # and their total duration in seconds.

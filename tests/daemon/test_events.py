@@ -169,7 +169,8 @@ def test_driver_root_replaced_by_a_mount_with_a_new_uvm_major(
 def test_a_stale_uvm_node_after_a_module_reload_is_found_by_rescan(
     daemon: Daemon, host: Namespace
 ) -> None:
-    """/proc/devices gives no event: `rescan` is how a caller makes the daemon re-read it."""
+    """Without the module's uevent (a sandbox without netlink, a reload the kernel did not
+    announce), `rescan` is how a caller makes the daemon re-read /proc/devices."""
     host.proc_devices({"nvidia": 195, "nvidia-uvm": UVM_MAJOR + 2})
     before = daemon.request({"op": "status"})["status"]["scans"]
     reply = daemon.request({"op": "rescan"})

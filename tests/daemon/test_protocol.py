@@ -109,6 +109,7 @@ def test_rescan_and_status(daemon: Daemon) -> None:
         "clients",
         "scans",
         "events",
+        "uevents",
         "last_scan_ms",
     }
     assert before["version"] == watcher.__version__

@@ -60,7 +60,7 @@ def test_the_collector_reads_the_map_and_the_counters() -> None:
         problems=(problem, problem),
     )
     state = MapState(device_map)
-    counters = Counters(events=12)
+    counters = Counters(events=12, uevents=3)
     for milliseconds in (0.2, 0.9, 3.0, 40.0, 5000.0):
         counters.book_scan(milliseconds)
     collector = MapCollector(state, counters, FakeServer())
@@ -92,6 +92,7 @@ def test_the_collector_reads_the_map_and_the_counters() -> None:
     assert value(found, prefix + "checkpoint_ready") == 0
     assert value(found, prefix + "scans_total") == 5
     assert value(found, prefix + "events_total") == 12
+    assert value(found, prefix + "uevents_total") == 3
     assert value(found, prefix + "clients") == 3
     assert value(found, prefix + "subscribers") == 1
     histogram = prefix + "scan_duration_seconds"

@@ -250,7 +250,7 @@ async def serving(
     **options: Any,
 ) -> AsyncIterator[Harness]:
     state = MapState(device_map)
-    counters = Counters(scans=3, events=5, last_scan_ms=1.5)
+    counters = Counters(scans=3, events=5, uevents=2, last_scan_ms=1.5)
     path = str(tmp_path / "gdw.sock")
     if listener is None:
         listener = bind_unix_socket(path, 0o660)
@@ -359,12 +359,14 @@ async def test_status_reports_counters(tmp_path: Path) -> None:
             "clients",
             "scans",
             "events",
+            "uevents",
             "last_scan_ms",
         ]
         assert status["version"] == watcher.__version__
         assert 0 <= status["uptime_s"] < 60
         assert (status["generation"], status["clients"]) == (1, 1)
-        assert (status["scans"], status["events"], status["last_scan_ms"]) == (3, 5, 1.5)
+        assert (status["scans"], status["events"], status["uevents"]) == (3, 5, 2)
+        assert status["last_scan_ms"] == 1.5
         second = await harness.connect()
         assert (await second.ask({"op": "status"}))["status"]["clients"] == 2
 

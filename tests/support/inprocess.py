@@ -26,6 +26,7 @@ from watcher.config import ConfigError, Settings
 from watcher.core.scan import HostView
 from watcher.daemon import Daemon, Sources
 from watcher.daemon.lifecycle import Lifecycle
+from watcher.daemon.service import EventSource
 from watcher.server import bind_unix_socket
 from watcher.systemd import Notifier
 
@@ -159,7 +160,11 @@ def _builtins(value: Any) -> Any:
 
 @asynccontextmanager
 async def running_daemon(
-    tmp_path: Path, *, listener: socket.socket | None = None, **changes: Any
+    tmp_path: Path,
+    *,
+    listener: socket.socket | None = None,
+    uevents: EventSource | None = None,
+    **changes: Any,
 ) -> AsyncIterator[Running]:
     host = Host(tmp_path / "host")
     host.mknod("/dev/nvidiactl", 195, 255)
@@ -186,7 +191,7 @@ async def running_daemon(
         host.settings(sock, **changes),
         Lifecycle(Notifier(None)),
         reload_settings,
-        Sources(tree=tree, mount_table=mount_table, mount_events="mountinfo"),
+        Sources(tree=tree, mount_table=mount_table, mount_events="mountinfo", uevents=uevents),
     )
     try:
         async with anyio.create_task_group() as group:

@@ -32,7 +32,7 @@ from .support import (
 from .test_sandbox import REFUSAL_TOLERATED, SERVICE, _unit_filter
 
 # RestrictAddressFamilies= of the unit plus the drop-in.
-FAMILIES = {"AF_UNIX", "AF_INET", "AF_INET6"}
+FAMILIES = {"AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"}
 
 
 def free_port() -> int:

@@ -197,10 +197,18 @@ def test_every_system_call_is_allowed_by_the_units_filter(
         listener.until_field("STOPPING")
         assert traced.wait(30) == 0, traced.log()
     used = set()
+    families = set()
     for line in trace.read_text().splitlines():
         if match := re.match(r"\d+\s+([a-z0-9_]+)\(", line):
             used.add(match.group(1))
+        if match := re.match(r"\d+\s+socket\((AF_[A-Z0-9]+)", line):
+            families.add(match.group(1))
     assert {"inotify_add_watch", "epoll_wait", "accept4", "sendto"} <= used, sorted(used)
+    # The uevent socket (netlink) and the filter it carries; the unit's
+    # RestrictAddressFamilies= names every family the daemon opens.
+    assert {"bind", "setsockopt"} <= used, sorted(used)
+    assert families == {"AF_UNIX", "AF_NETLINK"}, families
+    assert "uevents are unavailable" not in traced.log(), traced.log()
     # The statmount judge's calls may be refused (EPERM): the daemon falls back to
     # rescanning at every mount-table wake-up (tests/daemon/test_statmount_judge.py).
     used -= REFUSAL_TOLERATED

@@ -107,7 +107,7 @@ def test_service_essentials() -> None:
         "Service.ExecReload": ["/bin/kill -HUP $MAINPID"],
         "Service.Restart": ["on-failure"],
         "Service.PrivateNetwork": ["yes"],
-        "Service.RestrictAddressFamilies": ["AF_UNIX"],
+        "Service.RestrictAddressFamilies": ["AF_UNIX AF_NETLINK"],
         "Service.CapabilityBoundingSet": [""],
         "Service.ProtectSystem": ["strict"],
         "Service.SystemCallFilter": ["@system-service", "~@privileged @resources"],

@@ -125,6 +125,10 @@ class Family:
         found = self.partition_device.fullmatch(device_name)
         return int(found.group("k")) if found is not None else None
 
+    # The kernel modules whose load or unload (a uevent, `DEVPATH=/module/<name>`) may
+    # register or drop a major: a rescan follows each (watcher.sources.uevents).
+    modules: tuple[str, ...] = ()
+
     def gpu_node_name(self, minor: int) -> str:
         return self.gpu_node.format(minor=minor)
 
@@ -194,6 +198,7 @@ NVIDIA = Family(
         Expected("nvidia-uvm", "error", "the nvidia-uvm module is loaded", "nvidia-uvm"),
         Expected("nvidia-uvm-tools", "warning", "the nvidia-uvm module is loaded", "nvidia-uvm"),
     ),
+    modules=("nvidia", "nvidia_uvm", "nvidia_modeset", "nvidia_drm", "nvidia_peermem"),
 )
 
 
@@ -236,6 +241,8 @@ AMD = Family(
     # platform_device_register_simple("amdgpu_xcp", K)); newer kernels name it
     # `amdgpu_xcp_K` (registered with id -1). Neither has a `driver` link.
     partition_device=re.compile(r"amdgpu_xcp[._](?P<k>0|[1-9][0-9]{0,3})"),
+    # kfd is part of amdgpu: its major comes and goes with the module.
+    modules=("amdgpu",),
 )
 
 # KFD's topology (<sys>/class/kfd/kfd/topology/nodes/N/properties, one `name value` line per

@@ -16,12 +16,13 @@ from watcher.config import Settings
 from watcher.contract import MOUNT_EVENTS_ENV
 from watcher.daemon.judge import mount_events_mode
 from watcher.daemon.lifecycle import Lifecycle
-from watcher.daemon.scanning import event_filter, watched_subdirs
+from watcher.daemon.scanning import event_filter, uevent_interest, watched_subdirs
 from watcher.daemon.service import Daemon, Sources
 from watcher.errors import SocketSetupError
 from watcher.server import bind_unix_socket, unlink_socket
 from watcher.sources.inotify import TreeWatcher
 from watcher.sources.mounts import MountTableWatcher
+from watcher.sources.uevents import UeventSource
 from watcher.systemd import ActivatedSocket, Notifier, listen_fds, watchdog_interval
 
 __all__ = ["real_sources", "run"]
@@ -30,11 +31,13 @@ log = logging.getLogger("watcher.daemon")
 
 
 def real_sources(environ: Mapping[str, str]) -> Sources:
-    """The kernel's event sources: inotify for directories, epoll (and fanotify) for mounts."""
+    """The kernel's event sources: inotify for directories, epoll (and fanotify) for mounts,
+    netlink for uevents."""
     return Sources(
         tree=TreeWatcher(subdirs=watched_subdirs(), names=event_filter()),
         mount_table=MountTableWatcher,
         mount_events=mount_events_mode(environ.get(MOUNT_EVENTS_ENV)),
+        uevents=UeventSource(uevent_interest()),
     )
 
 

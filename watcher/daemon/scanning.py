@@ -15,6 +15,7 @@ from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import PathFilter
 from watcher.core.scan import HostView, build_map
 from watcher.probe import MountCache, read_host
+from watcher.sources.uevents import UeventInterest
 
 __all__ = [
     "Scanned",
@@ -23,6 +24,7 @@ __all__ = [
     "mount_filter",
     "scan_host",
     "summary",
+    "uevent_interest",
     "watch_targets",
     "watched_subdirs",
 ]
@@ -81,6 +83,15 @@ def event_filter(families: tuple[Family, ...] = FAMILIES) -> Callable[[str], boo
 def watched_subdirs(families: tuple[Family, ...] = FAMILIES) -> tuple[str, ...]:
     """The subdirectories of a dev root that are watched too."""
     return tuple(dict.fromkeys(subdir for family in families for subdir in family.subdirs))
+
+
+def uevent_interest(families: tuple[Family, ...] = FAMILIES) -> UeventInterest:
+    """The uevents worth a rescan: the families' modules, and DRM render nodes where a
+    family owns some (AMD's, told apart from others' by sysfs at scan time)."""
+    return UeventInterest.of(
+        (module for family in families for module in family.modules),
+        render_nodes=any(spec.kind == "render" for family in families for spec in family.specs),
+    )
 
 
 matters = event_filter()

@@ -33,7 +33,7 @@ from watcher.publish import Publisher
 from watcher.server import Server
 from watcher.state import Counters, MapState
 
-__all__ = ["Daemon", "MountSource", "Sources", "TreeSource"]
+__all__ = ["Daemon", "EventSource", "MountSource", "Sources", "TreeSource"]
 
 log = logging.getLogger("watcher.daemon")
 
@@ -65,15 +65,26 @@ class MountSource(Protocol):
     def close(self) -> None: ...
 
 
+class EventSource(Protocol):
+    """Hints with nothing to configure (watcher.sources.uevents.UeventSource is the real one)."""
+
+    async def run(
+        self, on_change: OnChange, *, task_status: anyio.abc.TaskStatus[None] = ...
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Sources:
-    """The event sources: the directory watcher, and how to watch a mount table (called
-    again when a reload names another one)."""
+    """The event sources: the directory watcher, how to watch a mount table (called again
+    when a reload names another one), and the kernel's uevents (None: not listened to)."""
 
     tree: TreeSource
     mount_table: Callable[[str], MountSource]
     # GPU_DEVICE_WATCHER_MOUNT_EVENTS: auto | fanotify | mountinfo (see watcher.daemon.judge).
     mount_events: str = "auto"
+    uevents: EventSource | None = None
 
 
 class Daemon:
@@ -171,6 +182,12 @@ class Daemon:
         self.counters.events += 1
         log.debug("event: %s", reason)
         self.scheduler.request()
+
+    def signal_uevent(self, reason: str) -> None:
+        """A module or render node came or went. Every scan reads /proc/devices afresh, so
+        the rescan sees a major registered or dropped with no mount or node change."""
+        self.counters.uevents += 1
+        self.signal_change(reason)
 
     def signal_mount_change(self, reason: str) -> None:
         # A watch on a directory that something got mounted over is blind: re-arm first.
@@ -273,6 +290,8 @@ class Daemon:
                     group.start_soon(self.lifecycle.handle_signals, group.cancel_scope, self.reload)
                 await self._watch_mounts(self.settings.view.mountinfo)
                 await group.start(self._sources.tree.run, self.signal_change)
+                if self._sources.uevents is not None:
+                    await group.start(self._sources.uevents.run, self.signal_uevent)
                 await group.start(self.scheduler.run)
                 # The first map was scanned before the watches existed; scan once more
                 # now that they do, so nothing that changed in between is missed.
@@ -297,6 +316,8 @@ class Daemon:
                 self._mounts.close()
                 self._mounts = None
             self._sources.tree.close()
+            if self._sources.uevents is not None:
+                self._sources.uevents.close()
 
 
 class _MountWatch:

@@ -154,6 +154,11 @@ class MapCollector:
         yield CounterMetricFamily(
             prefix + "events", "Kernel events that asked for a rescan.", counters.events
         )
+        yield CounterMetricFamily(
+            prefix + "uevents",
+            "Kernel uevents (a GPU module or render node came or went) that asked for a rescan.",
+            counters.uevents,
+        )
         cumulative, buckets = 0, []
         for bound, count in zip((*SCAN_BUCKETS, float("inf")), counters.scan_buckets, strict=True):
             cumulative += count

@@ -102,6 +102,7 @@ class Handlers:
             clients=self._clients(),
             scans=counters.scans,
             events=counters.events,
+            uevents=counters.uevents,
             last_scan_ms=counters.last_scan_ms,
         )
         return encode(StatusReply(status=body))
