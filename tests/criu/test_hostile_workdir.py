@@ -202,3 +202,13 @@ def test_the_pip_script_carries_the_shared_stage_filter() -> None:
     script = (REPO / "scripts" / ACTION.name).read_text()
     assert shfront.STAGES in script
     assert 'exec "$python" -I -c ' in script
+
+
+def test_the_cuda_checkpoint_wrapper_finds_python_by_the_shared_rule() -> None:
+    """The wrapper beside install-action's file starts the system's Python 3.11+ by absolute
+    path (shfront.SYSTEM_PYTHON, verbatim), isolated; its tools run through `command -p`."""
+    wrapper = (REPO / "watcher" / "criu" / "wrapper.sh").read_text()
+    assert shfront.SYSTEM_PYTHON in wrapper
+    assert 'exec "$gdw_python" -I ' in wrapper
+    assert 'exec "$python" -I -c ' in wrapper
+    assert "$(readlink" not in wrapper

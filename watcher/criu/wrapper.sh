@@ -61,7 +61,7 @@ IFS=$saved_ifs
 # at a fixed path (never looked up on PATH).
 link=$self
 if [ -L "$link" ]; then
-    link=$(readlink -f -- "$link") || link=$self
+    link=$(command -p readlink -f -- "$link") || link=$self
 fi
 here=${link%/*}
 python=
@@ -83,10 +83,25 @@ fi
 if [ -n "$python" ] && [ -x "$python" ]; then
     exec "$python" -I -c 'import sys; from watcher.criu.cudawrap import console_main; sys.exit(console_main())' "$self" "$real" "$@"
 fi
-for python in /usr/bin/python3 /usr/local/bin/python3; do
-    if [ -x "$python" ] && [ -f "$here/gpu-device-watcher-criu-action" ]; then
-        exec "$python" -I "$here/gpu-device-watcher-criu-action" --cuda-checkpoint "$self" "$real" "$@"
+if [ -f "$here/gpu-device-watcher-criu-action" ]; then
+    # Beside install-action's file: the system's Python 3.11+ by absolute path alone
+    # (watcher/criu/shfront.py, SYSTEM_PYTHON, verbatim).
+gdw_python=
+gdw_too_old=
+for gdw_candidate in /usr/local/bin/python3.[1-9][0-9] /usr/bin/python3.[1-9][0-9] \
+    /bin/python3.[1-9][0-9]; do
+    if [ ! -f "$gdw_candidate" ] || [ ! -x "$gdw_candidate" ]; then
+        continue
     fi
+    if [ "${gdw_candidate##*/python3.}" -ge 11 ]; then
+        gdw_python=$gdw_candidate
+        break
+    fi
+    gdw_too_old="$gdw_too_old $gdw_candidate"
 done
-echo "gpu-device-watcher: no cuda-checkpoint on this host (none on PATH past $self, and no Python to ask the map: install gpu-device-watcher or run install-action beside this file)" >&2
+    if [ -n "$gdw_python" ]; then
+        exec "$gdw_python" -I "$here/gpu-device-watcher-criu-action" --cuda-checkpoint "$self" "$real" "$@"
+    fi
+fi
+echo "gpu-device-watcher: no cuda-checkpoint on this host (none on PATH past $self, and no Python 3.11 or later to ask the map: install gpu-device-watcher or run install-action beside this file)" >&2
 exit 127
