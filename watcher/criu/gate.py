@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Any
 
-    NodeCheck = Callable[[str, dict[str, Any]], bool]
-
 REASON_CODES = (
     "record-unreadable",
     "record-version",
@@ -192,6 +190,62 @@ def _nvidia_driver(verdict: Verdict, record: Record, driver: dict[str, Any], pol
     return True
 
 
+class _HostMap:
+    """This host's map as the gate reads it, built once per check: nodes by name and path,
+    the problems at each path, and the refusals that name a node."""
+
+    __slots__ = ("amd_dev_root", "by_name", "by_path", "dev_root", "gpus", "problems_at")
+
+    def __init__(
+        self, here: Mapping[str, Any], driver: dict[str, Any], amd: dict[str, Any]
+    ) -> None:
+        self.dev_root = shown(_str(driver.get("dev_root")) or "none")
+        self.amd_dev_root = shown(_str(amd.get("dev_root")) or "none")
+        devices = _dicts(here.get("devices"))
+        self.by_name = {name: device for device in devices if (name := _str(device.get("name")))}
+        self.by_path = {path: device for device in devices if (path := _str(device.get("path")))}
+        self.problems_at: dict[str, list[str]] = {}
+        for problem in _dicts(here.get("problems")):
+            path, message = _str(problem.get("path")), _str(problem.get("message"))
+            if path and message:
+                self.problems_at.setdefault(path, []).append(message)
+        self.gpus = [_HostGpu(gpu) for gpu in _dicts(here.get("gpus"))]
+
+    def usable(self, verdict: Verdict, who: str, device: dict[str, Any]) -> bool:
+        """True when the node is valid; else refuse it, with the map's problems at its path."""
+        if device.get("valid") is True:
+            return True
+        path = _str(device.get("path")) or "?"
+        why = "; ".join(self.problems_at.get(path, [])) or "see `gpu-device-watcher scan`"
+        verdict.refuse(
+            "device-invalid", f"{who} is not valid here: {shown(path)}: {shown(why, 400)}"
+        )
+        return False
+
+    def name_of(self, gpu: _HostGpu) -> str:
+        device = self.by_path.get(gpu.device) if gpu.device else None
+        name = _str(device.get("name")) if device is not None else None
+        return name or gpu.label()
+
+
+def _drivers_loaded(
+    verdict: Verdict, record: Record, driver: dict[str, Any], amd: dict[str, Any], policy: str
+) -> bool:
+    """The drivers of every family the checkpoint used; False when one is not loaded
+    (nothing else can be judged then)."""
+    families = {used.family for used in record.used}
+    if "nvidia" in families and not _nvidia_driver(verdict, record, driver, policy):
+        return False
+    if "amd" in families and amd.get("loaded") is not True:
+        verdict.refuse(
+            "driver-not-loaded",
+            "the AMD kfd driver is not loaded on this host (/proc/devices lists no 'kfd'), "
+            "and the checkpoint used AMD GPU nodes",
+        )
+        return False
+    return True
+
+
 def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Verdict:
     """Every reason this host cannot take `record`'s process back, and the device map."""
     verdict = Verdict(record.summary())
@@ -202,181 +256,170 @@ def check(record: Record, here: Mapping[str, Any], policy: str = "exact") -> Ver
     driver = driver if isinstance(driver, dict) else {}
     amd = here.get("amd")
     amd = amd if isinstance(amd, dict) else {}
-    version_here = _str(driver.get("version"))
-    families = {used.family for used in record.used}
-    if "nvidia" in families and not _nvidia_driver(verdict, record, driver, policy):
-        return verdict
-    if "amd" in families and amd.get("loaded") is not True:
-        verdict.refuse(
-            "driver-not-loaded",
-            "the AMD kfd driver is not loaded on this host (/proc/devices lists no 'kfd'), "
-            "and the checkpoint used AMD GPU nodes",
-        )
+    if not _drivers_loaded(verdict, record, driver, amd, policy):
         return verdict
 
-    dev_root = shown(_str(driver.get("dev_root")) or "none")
-    devices = _dicts(here.get("devices"))
-    by_name = {name: device for device in devices if (name := _str(device.get("name")))}
-    by_path = {path: device for device in devices if (path := _str(device.get("path")))}
-    problems_at: dict[str, list[str]] = {}
-    for problem in _dicts(here.get("problems")):
-        path, message = _str(problem.get("path")), _str(problem.get("message"))
-        if path and message:
-            problems_at.setdefault(path, []).append(message)
-
-    def node_reason(who: str, device: dict[str, Any]) -> bool:
-        """Refuse an invalid node; True when the node is usable."""
-        if device.get("valid") is True:
-            return True
-        path = _str(device.get("path")) or "?"
-        why = "; ".join(problems_at.get(path, [])) or "see `gpu-device-watcher scan`"
-        verdict.refuse(
-            "device-invalid", f"{who} is not valid here: {shown(path)}: {shown(why, 400)}"
-        )
-        return False
-
+    host = _HostMap(here, driver, amd)
     gpus_used: list[tuple[Used, GpuId]] = []
     for used in record.used:
         if used.kind in GPU_KINDS and used.gpu is not None and (used.gpu.uuid or used.gpu.model):
             gpus_used.append((used, used.gpu))
             continue
-        device = by_name.get(used.name)
+        # Any other node (and a GPU the record cannot identify) must be here by name.
+        device = host.by_name.get(used.name)
         if device is None:
-            verdict.refuse("device-absent", f"{_who(used)} is absent here (dev root {dev_root})")
-        elif node_reason(_who(used), device):
+            verdict.refuse(
+                "device-absent", f"{_who(used)} is absent here (dev root {host.dev_root})"
+            )
+        elif host.usable(verdict, _who(used), device):
             verdict.devices.append(
                 {"name": used.name, "path": used.path, "here": _str(device.get("path"))}
             )
 
-    host = [_HostGpu(gpu) for gpu in _dicts(here.get("gpus"))]
-    for family, family_root, remaps in (
-        ("nvidia", dev_root, True),
-        ("amd", shown(_str(amd.get("dev_root")) or "none"), False),
+    version_here = _str(driver.get("version"))
+    for family, dev_root, remaps in (
+        ("nvidia", host.dev_root, True),
+        ("amd", host.amd_dev_root, False),
     ):
-        _match_gpus(
-            verdict,
-            gpus_used=[(used, want) for used, want in gpus_used if used.family == family],
-            host=[gpu for gpu in host if gpu.family == family],
-            by_path=by_path,
-            node_reason=node_reason,
-            dev_root=family_root,
-            version_here=version_here if remaps else None,
-            remaps=remaps,
+        family_gpus = _FamilyGpus(
+            used=[(used, want) for used, want in gpus_used if used.family == family],
+            here=[gpu for gpu in host.gpus if gpu.family == family],
+            dev_root=dev_root,
         )
+        landing = family_gpus.assign()
+        family_gpus.refuse_unlanded(verdict, landing)
+        pairs = family_gpus.check_landed(verdict, landing, host)
+        if remaps:
+            # The family restores through cuda-checkpoint, whose --device-map must name
+            # every checkpointed GPU when one moved.
+            _device_map(verdict, pairs, version_here, host)
     verdict.devices.sort(key=lambda device: str(device["name"]))
     return verdict
 
 
-def _match_gpus(
-    verdict: Verdict,
-    *,
-    gpus_used: list[tuple[Used, GpuId]],
-    host: list[_HostGpu],
-    by_path: dict[str, dict[str, Any]],
-    node_reason: NodeCheck,
-    dev_root: str,
-    version_here: str | None,
-    remaps: bool,
-) -> None:
-    """Land each used GPU of one family on a GPU of that family here; `remaps`: the family
-    restores through cuda-checkpoint, whose --device-map must name GPUs that moved."""
-    taken: set[int] = set()
-    landing: dict[int, int] = {}  # index in gpus_used -> index in host
+# The order in which a used GPU that kept no UUID here looks for a free GPU of its model: a
+# whole GPU for a whole GPU and a partition for a partition; another partition of the same
+# GPU first, then the same minor, then any in the map's order.
+_PREFERENCES: tuple[Callable[[GpuId, _HostGpu], bool], ...] = (
+    lambda want, gpu: (
+        want.partition is not None and want.uuid is not None and gpu.uuid == want.uuid
+    ),
+    lambda want, gpu: want.minor is not None and gpu.minor == want.minor,
+    lambda want, gpu: True,
+)
 
-    def take(used_index: int, host_index: int) -> None:
-        taken.add(host_index)
-        landing[used_index] = host_index
 
-    # 1. The same GPU, by UUID (a GPU of another model under that UUID is not the same GPU);
-    # a compute partition by UUID and partition number (its GPU's partitions share the UUID).
-    for i, (_, want) in enumerate(gpus_used):
-        for j, gpu in enumerate(host):
-            if (
-                j not in taken
-                and want.uuid is not None
-                and gpu.uuid == want.uuid
-                and gpu.partition == want.partition
-                and (want.model is None or gpu.model is None or gpu.model == want.model)
-            ):
-                take(i, j)
-                break
-    # 2. A free GPU of the same model, a whole GPU for a whole GPU and a partition for a
-    # partition: another partition of the same GPU first, then the same minor, then any in
-    # the map's order.
-    preferences: tuple[Callable[[GpuId, _HostGpu], bool], ...] = (
-        lambda want, gpu: (
-            want.partition is not None and want.uuid is not None and gpu.uuid == want.uuid
-        ),
-        lambda want, gpu: want.minor is not None and gpu.minor == want.minor,
-        lambda want, gpu: True,
-    )
-    for preferred in preferences:
-        for i, (_, want) in enumerate(gpus_used):
-            if i in landing or want.model is None:
-                continue
-            for j, gpu in enumerate(host):
+class _FamilyGpus:
+    """The used GPUs of one family and this host's GPUs of that family, matched in phases:
+    assign, refuse what did not land, check where each landed (then the device map)."""
+
+    __slots__ = ("dev_root", "here", "used")
+
+    def __init__(self, used: list[tuple[Used, GpuId]], here: list[_HostGpu], dev_root: str) -> None:
+        self.used = used
+        self.here = here
+        self.dev_root = dev_root
+
+    def assign(self) -> dict[int, int]:
+        """Index of each used GPU that lands -> index of its GPU here; every GPU here is
+        taken at most once."""
+        taken: set[int] = set()
+        landing: dict[int, int] = {}
+        # The same GPU, by UUID (a GPU of another model under that UUID is not the same GPU);
+        # a compute partition by UUID and partition number (its GPU's partitions share it).
+        for i, (_, want) in enumerate(self.used):
+            for j, gpu in enumerate(self.here):
                 if (
                     j not in taken
-                    and gpu.model == want.model
-                    and (gpu.partition is None) == (want.partition is None)
-                    and preferred(want, gpu)
+                    and want.uuid is not None
+                    and gpu.uuid == want.uuid
+                    and gpu.partition == want.partition
+                    and (want.model is None or gpu.model is None or gpu.model == want.model)
                 ):
-                    take(i, j)
+                    taken.add(j)
+                    landing[i] = j
                     break
+        for preferred in _PREFERENCES:
+            for i, (_, want) in enumerate(self.used):
+                if i in landing or want.model is None:
+                    continue
+                for j, gpu in enumerate(self.here):
+                    if (
+                        j not in taken
+                        and gpu.model == want.model
+                        and (gpu.partition is None) == (want.partition is None)
+                        and preferred(want, gpu)
+                    ):
+                        taken.add(j)
+                        landing[i] = j
+                        break
+        return landing
 
-    # What did not land: no GPU of that model here, or too few.
-    missing: dict[str, list[Used]] = {}
-    for i, (used, want) in enumerate(gpus_used):
-        if i in landing:
-            continue
-        if want.model is None:
-            verdict.refuse(
-                "gpu-model",
-                f"{_who(used)} was GPU {shown(want.uuid)} (model unknown at dump), which is "
-                "not on this host",
-            )
-            continue
-        missing.setdefault(want.model, []).append(used)
-    inventory: dict[str, int] = {}
-    for gpu in host:
-        if gpu.model:
-            inventory[gpu.model] = inventory.get(gpu.model, 0) + 1
-    for model, lost in missing.items():
-        of_model = [used.name for used, want in gpus_used if want.model == model]
-        if not inventory.get(model):
-            has = ", ".join(f"{count} x {shown(name)}" for name, count in inventory.items())
-            verdict.refuse(
-                "gpu-model",
-                f"{_listing([used.name for used in lost])} used {shown(model)} GPU(s); this "
-                f"host has none of that model ({has or 'no GPU listed'})",
-            )
-        else:
-            verdict.refuse(
-                "gpu-count",
-                f"the checkpoint used {len(of_model)} {shown(model)} GPU(s) "
-                f"({_listing(of_model)}); this host has {inventory[model]}",
-            )
+    def refuse_unlanded(self, verdict: Verdict, landing: dict[int, int]) -> None:
+        """What did not land: no GPU of that model here, or too few."""
+        missing: dict[str, list[Used]] = {}
+        for i, (used, want) in enumerate(self.used):
+            if i in landing:
+                continue
+            if want.model is None:
+                verdict.refuse(
+                    "gpu-model",
+                    f"{_who(used)} was GPU {shown(want.uuid)} (model unknown at dump), which is "
+                    "not on this host",
+                )
+                continue
+            missing.setdefault(want.model, []).append(used)
+        inventory: dict[str, int] = {}
+        for gpu in self.here:
+            if gpu.model:
+                inventory[gpu.model] = inventory.get(gpu.model, 0) + 1
+        for model, lost in missing.items():
+            of_model = [used.name for used, want in self.used if want.model == model]
+            if not inventory.get(model):
+                has = ", ".join(f"{count} x {shown(name)}" for name, count in inventory.items())
+                verdict.refuse(
+                    "gpu-model",
+                    f"{_listing([used.name for used in lost])} used {shown(model)} GPU(s); this "
+                    f"host has none of that model ({has or 'no GPU listed'})",
+                )
+            else:
+                verdict.refuse(
+                    "gpu-count",
+                    f"the checkpoint used {len(of_model)} {shown(model)} GPU(s) "
+                    f"({_listing(of_model)}); this host has {inventory[model]}",
+                )
 
-    # Where each landed: its node must be here and valid; and the UUIDs, old and new.
-    pairs: list[tuple[Used, GpuId, _HostGpu]] = []
-    for i, (used, want) in enumerate(gpus_used):
-        if i not in landing:
-            continue
-        gpu = host[landing[i]]
-        pairs.append((used, want, gpu))
-        who = _who(used)
-        device = by_path.get(gpu.device) if gpu.device else None
-        if device is None:
-            verdict.refuse(
-                "device-absent",
-                f"{who} lands on GPU {gpu.label()} here, whose device node is absent "
-                f"(dev root {dev_root})",
-            )
-        elif node_reason(who, device):
-            verdict.devices.append({"name": used.name, "path": used.path, "here": gpu.device})
+    def check_landed(
+        self, verdict: Verdict, landing: dict[int, int], host: _HostMap
+    ) -> list[tuple[Used, GpuId, _HostGpu]]:
+        """Where each landed: its node must be here and valid. (used, recorded, here) each."""
+        pairs: list[tuple[Used, GpuId, _HostGpu]] = []
+        for i, (used, want) in enumerate(self.used):
+            if i not in landing:
+                continue
+            gpu = self.here[landing[i]]
+            pairs.append((used, want, gpu))
+            who = _who(used)
+            device = host.by_path.get(gpu.device) if gpu.device else None
+            if device is None:
+                verdict.refuse(
+                    "device-absent",
+                    f"{who} lands on GPU {gpu.label()} here, whose device node is absent "
+                    f"(dev root {self.dev_root})",
+                )
+            elif host.usable(verdict, who, device):
+                verdict.devices.append({"name": used.name, "path": used.path, "here": gpu.device})
+        return pairs
 
-    if not remaps:
-        return
+
+def _device_map(
+    verdict: Verdict,
+    pairs: list[tuple[Used, GpuId, _HostGpu]],
+    version_here: str | None,
+    host: _HostMap,
+) -> None:
+    """The UUIDs, old and new, when a GPU moved; refused where the map cannot be made or
+    this driver cannot take one."""
     # A GPU whose UUID this host does not know may be another GPU: it needs a map too.
     moved = [(used, gpu) for used, want, gpu in pairs if want.uuid and want.uuid != gpu.uuid]
     if not moved:
@@ -394,7 +437,7 @@ def _match_gpus(
     major = _major(version_here)
     if major is None or major < DEVICE_MAP_SINCE:
         landed = ", ".join(
-            f"{shown(used.name)} -> {shown(_name_of(gpu, by_path))}" for used, gpu in moved
+            f"{shown(used.name)} -> {shown(host.name_of(gpu))}" for used, gpu in moved
         )
         verdict.refuse(
             "remap-unsupported",
@@ -406,9 +449,3 @@ def _match_gpus(
     for _, want, gpu in pairs:
         if want.uuid and gpu.uuid:  # every one of them (checked above); says so to mypy
             verdict.device_map[want.uuid] = gpu.uuid
-
-
-def _name_of(gpu: _HostGpu, by_path: dict[str, dict[str, Any]]) -> str:
-    device = by_path.get(gpu.device) if gpu.device else None
-    name = _str(device.get("name")) if device is not None else None
-    return name or gpu.label()
