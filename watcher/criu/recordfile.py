@@ -303,10 +303,32 @@ def validate(value: object) -> Record:
     driver = device_map.get("driver", {})
     if not isinstance(driver, dict):
         raise _unreadable(f'{RECORD_NAME}: "driver" of "map" is not an object')
-    driver_version = _optional_str(driver, "version", '"driver" of "map"')
+    libraries = _list(value, "libraries")
+    if not all(isinstance(library, str) for library in libraries):
+        raise _unreadable(f'{RECORD_NAME}: "libraries" is not a list of file names')
+    environment = value.get("environment", {})
+    if not isinstance(environment, dict) or not all(
+        isinstance(item, str) for item in environment.values()
+    ):
+        raise _unreadable(f'{RECORD_NAME}: "environment" is not an object of strings')
+    check_details = _checks(value)
+    return Record(
+        version=version,
+        hostname=_optional_str(value, "hostname"),
+        created=_optional_str(value, "created"),
+        driver_version=_optional_str(driver, "version", '"driver" of "map"'),
+        used=_used(value, _gpus_by_device(device_map)),
+        libraries=libraries,
+        checks=[code for code, _, _ in check_details],
+        kernel=_optional_str(value, "kernel"),
+        environment=environment,
+        check_details=check_details,
+    )
 
-    # GPUs of the map at dump: where a version 1 record (which has no "gpu" on its used
-    # entries) finds the UUID and model of each used GPU, by its device path.
+
+def _gpus_by_device(device_map: dict[str, Any]) -> dict[str, GpuId]:
+    """The GPUs of the map at dump by device path: where a version 1 record (which has no
+    "gpu" on its used entries) finds the UUID and model of each used GPU."""
     by_device: dict[str, GpuId] = {}
     for index, listed in enumerate(_list(device_map, "gpus")):
         context = f'"gpus"[{index}] of "map"'
@@ -314,7 +336,10 @@ def validate(value: object) -> Record:
         device = _optional_str(listed, "device", context)
         if device is not None:
             by_device.setdefault(device, identity)
+    return by_device
 
+
+def _used(value: dict[str, Any], by_device: dict[str, GpuId]) -> list[Used]:
     used: list[Used] = []
     uuids: set[str] = set()
     for index, entry in enumerate(_list(value, "used", required=True)):
@@ -344,41 +369,24 @@ def validate(value: object) -> Record:
                 raise _unreadable(f"{RECORD_NAME}: two used GPUs carry UUID {shown(gpu.uuid)}")
             uuids.add(gpu.uuid)
         used.append(Used(name, path, kind, tuple(pids), gpu, family=family))
+    return used
 
-    libraries = _list(value, "libraries")
-    if not all(isinstance(library, str) for library in libraries):
-        raise _unreadable(f'{RECORD_NAME}: "libraries" is not a list of file names')
-    checks: list[str] = []
-    check_details: list[tuple[str, str | None, str | None]] = []
+
+def _checks(value: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
+    """(code, severity, message) of each dump check."""
+    details: list[tuple[str, str | None, str | None]] = []
     for index, check in enumerate(_list(value, "checks")):
         if not isinstance(check, dict) or not isinstance(check.get("code"), str):
             raise _unreadable(f'{RECORD_NAME}: "checks"[{index}] has no code')
-        checks.append(check["code"])
         context = f'"checks"[{index}]'
-        check_details.append(
+        details.append(
             (
                 check["code"],
                 _optional_str(check, "severity", context),
                 _optional_str(check, "message", context),
             )
         )
-    environment = value.get("environment", {})
-    if not isinstance(environment, dict) or not all(
-        isinstance(item, str) for item in environment.values()
-    ):
-        raise _unreadable(f'{RECORD_NAME}: "environment" is not an object of strings')
-    return Record(
-        version=version,
-        hostname=_optional_str(value, "hostname"),
-        created=_optional_str(value, "created"),
-        driver_version=driver_version,
-        used=used,
-        libraries=libraries,
-        checks=checks,
-        kernel=_optional_str(value, "kernel"),
-        environment=environment,
-        check_details=check_details,
-    )
+    return details
 
 
 def load(image_dir: str) -> Record | None:
