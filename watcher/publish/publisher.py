@@ -31,7 +31,7 @@ from watcher.state import Counters, MapState, Publication
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from watcher.publish.metrics import Listener, ServerStats
+    from watcher.publish.metrics import Listener, MapCollector, ServerStats
 
 __all__ = ["Publisher"]
 
@@ -79,6 +79,7 @@ class Publisher:
         # Made with the first endpoint: a daemon without metrics_listen never imports
         # prometheus-client (about 3 MiB of memory, 50 ms of start).
         self._registry: CollectorRegistry | None = None
+        self._collector: MapCollector | None = None
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -236,11 +237,12 @@ class Publisher:
         from watcher.publish.metrics import MapCollector, MetricsServer, registry_for  # noqa: PLC0415
 
         try:
-            if self._registry is None:
-                collector = MapCollector(self._state, self._counters, self._server)
-                self._registry = registry_for(collector)
+            if self._registry is None or self._collector is None:
+                self._collector = MapCollector(self._state, self._counters, self._server)
+                self._registry = registry_for(self._collector)
+            server = MetricsServer(self._registry, freshness=self._collector.freshness)
             with endpoint.scope:
-                await MetricsServer(self._registry).serve(listener, task_status=task_status)
+                await server.serve(listener, task_status=task_status)
         finally:
             endpoint.closed.set()
 
