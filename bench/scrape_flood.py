@@ -3,10 +3,11 @@
 Run as root: `python -m bench.scrape_flood [--quick] [--before DIR]`. It re-runs itself in a
 private mount namespace, builds a GPU-Operator-shaped host (bench.hostmounts), starts the real
 daemon with `metrics_listen`, and measures `get` round trips on the Unix socket, one client,
-back to back: first idle, then while eight scraper processes hit `/metrics` as fast as they can
-(one TCP connection per scrape, no pause). The row is the `get` p99 under the flood against
-the `get` p99 idle, measured in the same run on the same daemon. `--before DIR` measures the
-daemon of an earlier checkout (DIR holds its `watcher/`) the same way, beside it.
+back to back: idle, and while eight scraper processes hit `/metrics` as fast as they can (one
+TCP connection per scrape, no pause), in turn, three rounds of each. The row is the `get` p99
+under the flood against the `get` p99 idle, measured in the same run on the same daemon.
+`--before DIR` measures the daemon of an earlier checkout (DIR holds its `watcher/`) the same
+way, beside it.
 
 Prints a table and writes bench/results-scrape-flood.json.
 """
@@ -29,6 +30,7 @@ from bench.live import GET, Daemon, LineSocket, cpu_and_switches, percentile
 
 RESULTS = Path(__file__).with_name("results-scrape-flood.json")
 SCRAPERS = 8
+ROUNDS = 3
 TICK = os.sysconf("SC_CLK_TCK")
 REQUEST = b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n"
 
@@ -91,21 +93,31 @@ def gets_for(daemon: Daemon, seconds: float) -> tuple[list[float], float]:
     return samples, share
 
 
-def measure(daemon: Daemon, port: int, seconds: float) -> dict[str, Any]:
-    idle, idle_cpu = gets_for(daemon, seconds)
-    # Long enough to outlast the measurement under load; stopped right after it.
-    scrapers = flood(port, seconds=600)
-    try:
-        time.sleep(1.0)  # every scraper started and hitting the endpoint
-        loaded, flood_cpu = gets_for(daemon, seconds)
-    finally:
-        for scraper in scrapers:
-            scraper.terminate()
+def measure(daemon: Daemon, port: int, seconds: float, rounds: int = ROUNDS) -> dict[str, Any]:
+    """Idle and flood phases in turn, `rounds` of each: on a shared machine, load that comes
+    and goes then falls on both alike."""
+    idle: list[float] = []
+    loaded: list[float] = []
+    idle_cpu = flood_cpu = 0.0
     scrapes: dict[str, int] = {}
-    for scraper in scrapers:
-        out, _ = scraper.communicate(timeout=30)
-        for key, count in json.loads(out or "{}").items():
-            scrapes[key] = scrapes.get(key, 0) + count
+    for _ in range(rounds):
+        samples, share = gets_for(daemon, seconds / rounds)
+        idle += samples
+        idle_cpu += share / rounds
+        # Long enough to outlast the phase under load; stopped right after it.
+        scrapers = flood(port, seconds=600)
+        try:
+            time.sleep(1.0)  # every scraper started and hitting the endpoint
+            samples, share = gets_for(daemon, seconds / rounds)
+            loaded += samples
+            flood_cpu += share / rounds
+        finally:
+            for scraper in scrapers:
+                scraper.terminate()
+        for scraper in scrapers:
+            out, _ = scraper.communicate(timeout=30)
+            for key, count in json.loads(out or "{}").items():
+                scrapes[key] = scrapes.get(key, 0) + count
     row: dict[str, Any] = {}
     for name, samples in (("idle", idle), ("flood", loaded)):
         row[name] = {
