@@ -187,10 +187,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 s per phase, not 15 s")
     parser.add_argument("--before", type=Path, help="an earlier checkout, measured beside this")
+    parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the results")
     options = parser.parse_args()
     reexec_unshared()
     results = run(options.quick, options.before)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    options.json.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
 
