@@ -6,24 +6,27 @@ not exhaust memory. The daemon runs under an address-space limit, so that a regr
 in a MemoryError of its own rather than in the machine's OOM killer.
 
 A read that blocks in the kernel whatever the flags (a FUSE mount whose server never answers,
-as a hung network filesystem does) is the scan watchdog's case: `status` reports the stuck
-scan and exits 1, `rescan` answers `busy`, SIGTERM still stops the daemon.
+as a hung network filesystem does; made in a private mount namespace the daemon joins, so
+nothing else on the machine can trip over it) is the scan watchdog's case: `status` reports
+the stuck scan and exits 1, `rescan` answers `busy`, SIGTERM still stops the daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import host as hostfs
+from tests.support.processes import PRIVATE_MOUNTS, REPO
 
 from .harness import BUS_ID, TIMEOUT, Client, Daemon, Host, write_config
 
@@ -59,10 +62,10 @@ def problems(device_map: dict[str, Any]) -> list[str]:
     return [f"{p['code']}: {p['message']}" for p in device_map["problems"]]
 
 
-def start(base: Path, host: Host, name: str, **env: str) -> Daemon:
+def start(base: Path, host: Host, name: str, prefix: Sequence[str] = (), **env: str) -> Daemon:
     config = write_config(base / f"{name}.toml")
     args = host.options(base / f"{name}.sock", config, "/proc/self/mountinfo")
-    return Daemon(args, base / f"{name}.log", python=limited_python(), env=env)
+    return Daemon(args, base / f"{name}.log", python=[*prefix, *limited_python()], env=env)
 
 
 KINDS = {"fifo": "a FIFO", "zero": "a symlink (not followed)", "huge": "larger than"}
@@ -143,33 +146,84 @@ def test_proc_files_planted(
 # --- a read that blocks whatever the flags: the watchdog ------------------------------------
 
 
-@contextlib.contextmanager
-def unanswered_fuse(target: Path) -> Iterator[None]:
-    """A FUSE filesystem at `target` whose server never answers: every lookup under it
-    blocks (killably) until the connection is closed, as on a hung network filesystem."""
+# Run in a private mount namespace (the daemon joins it): opens /dev/fuse, and on "mount" on
+# stdin mounts a FUSE filesystem served by nobody at argv[1]; exits at EOF on stdin, which
+# closes the device and so aborts the connection (a blocked lookup then fails, ENOTCONN).
+_HOLDER = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from tests.support.host import mount
+try:
+    fuse = os.open("/dev/fuse", os.O_RDWR)
+except OSError as error:
+    print("skip: /dev/fuse cannot be opened here (%s)" % error, flush=True)
+    sys.exit(0)
+print("ready", flush=True)
+if sys.stdin.readline().strip() == "mount":
     try:
-        fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        mount("gdw-hung", sys.argv[1], "fuse", 0,
+              "fd=%d,rootmode=40000,user_id=0,group_id=0" % fuse)
     except OSError as error:
-        pytest.skip(f"/dev/fuse cannot be opened here ({error}): no blocking filesystem to mount")
+        print("skip: cannot mount a FUSE filesystem here (%s)" % error, flush=True)
+        sys.exit(0)
+    print("mounted", flush=True)
+    sys.stdin.read()
+"""
+
+
+class HungFilesystem:
+    """A private mount namespace in which a FUSE filesystem whose server never answers can
+    be mounted at `target`: every lookup under it blocks (killably) until `abort()`, as on a
+    hung network filesystem. `prefix` runs a command inside that namespace."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self._holder = subprocess.Popen(
+            [*PRIVATE_MOUNTS, sys.executable, "-c", _HOLDER, str(target), str(REPO)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._expect("ready")
+        self.prefix = ["nsenter", "-t", str(self._holder.pid), "-m", "--"]
+
+    def _expect(self, word: str) -> None:
+        assert self._holder.stdout is not None
+        ready, _, _ = select.select([self._holder.stdout], [], [], TIMEOUT)
+        line = self._holder.stdout.readline().strip() if ready else "(nothing)"
+        if line.startswith("skip: "):
+            self.close()
+            pytest.skip(line.removeprefix("skip: "))
+        assert line == word, f"the namespace holder said {line!r}, not {word!r}"
+
+    def mount(self) -> None:
+        assert self._holder.stdin is not None
+        self._holder.stdin.write("mount\n")
+        self._holder.stdin.flush()
+        self._expect("mounted")
+
+    def abort(self) -> None:
+        """Close the device: the connection aborts and every blocked lookup fails."""
+        if self._holder.stdin is not None and not self._holder.stdin.closed:
+            self._holder.stdin.close()
+        self._holder.wait(TIMEOUT)
+
+    def close(self) -> None:
+        if self._holder.poll() is None:
+            self._holder.kill()
+            self._holder.wait(TIMEOUT)
+        for pipe in (self._holder.stdin, self._holder.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def hung(host: Host, namespaces: None) -> Iterator[HungFilesystem]:
+    holder = HungFilesystem(host.proc / f"driver/nvidia/gpus/{BUS_ID}")
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        try:
-            hostfs.mount(
-                "gdw-hung",
-                target,
-                "fuse",
-                0,
-                f"fd={fuse},rootmode=40000,user_id=0,group_id=0",
-            )
-        except OSError as error:
-            pytest.skip(f"cannot mount a FUSE filesystem here ({error})")
-        try:
-            yield
-        finally:
-            hostfs.umount(target)
+        yield holder
     finally:
-        # Closing the device aborts the connection: a blocked lookup fails with ENOTCONN.
-        os.close(fuse)
+        holder.close()
 
 
 def status_command(socket_path: str) -> subprocess.CompletedProcess[str]:
@@ -183,40 +237,40 @@ def status_command(socket_path: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_stuck_scan_is_reported_and_sigterm_still_stops(
-    base: Path, host: Host, record: Callable[..., None]
+    base: Path, host: Host, hung: HungFilesystem, record: Callable[..., None]
 ) -> None:
-    gpu_dir = host.proc / f"driver/nvidia/gpus/{BUS_ID}"
     # The mountinfo judge reads only the mount table: nothing but the scan touches the mount.
     daemon = start(
         base,
         host,
         "stuck",
+        hung.prefix,
         GPU_DEVICE_WATCHER_SCAN_DEADLINE="1",
         GPU_DEVICE_WATCHER_MOUNT_EVENTS="mountinfo",
     )
     try:
         assert status_command(daemon.socket).returncode == 0
-        with unanswered_fuse(gpu_dir):
-            # The mount itself is a mount-table change: the scan it starts blocks on the
-            # GPU's information file, inside the hung filesystem.
-            deadline = time.monotonic() + TIMEOUT
-            while (done := status_command(daemon.socket)).returncode == 0:
-                assert time.monotonic() < deadline, f"never reported stuck: {done.stdout}"
-                time.sleep(0.2)
-            assert done.returncode == 1, done
-            assert "scan_stuck" in done.stdout and "True" in done.stdout, done.stdout
-            assert done.stderr.startswith("gpu-device-watcher: a scan has been running"), done
-            assert "a scan has not finished after 1 s" in daemon.log_text
-            started = time.monotonic()
-            with Client(daemon.socket) as client:
-                reply = client.ask({"op": "rescan"})
-            assert reply["error"]["code"] == "busy", reply
-            assert time.monotonic() - started < TIMEOUT
-            # Still answering the last map meanwhile.
-            assert daemon.get()["ok"]
-            stopped_at = time.monotonic()
-            assert daemon.stop() == 0, daemon.log_tail()
-            stop_s = time.monotonic() - stopped_at
+        # The mount is a mount-table change: the scan it starts blocks on the GPU's
+        # information file, inside the hung filesystem.
+        hung.mount()
+        deadline = time.monotonic() + TIMEOUT
+        while (done := status_command(daemon.socket)).returncode == 0:
+            assert time.monotonic() < deadline, f"never reported stuck: {done.stdout}"
+            time.sleep(0.2)
+        assert done.returncode == 1, done
+        assert re.search(r"^scan_stuck +True$", done.stdout, re.MULTILINE), done.stdout
+        assert done.stderr.startswith("gpu-device-watcher: a scan has been running"), done
+        assert "a scan has not finished after 1 s" in daemon.log_text
+        started = time.monotonic()
+        with Client(daemon.socket) as client:
+            reply = client.ask({"op": "rescan"})
+        assert reply["error"]["code"] == "busy", reply
+        assert time.monotonic() - started < TIMEOUT
+        # The last map is still served meanwhile.
+        assert daemon.get()["ok"]
+        stopped_at = time.monotonic()
+        assert daemon.stop() == 0, daemon.log_tail()
+        stop_s = time.monotonic() - stopped_at
     finally:
         if daemon.alive():
             daemon.kill()
@@ -224,22 +278,25 @@ def test_a_stuck_scan_is_reported_and_sigterm_still_stops(
     record("a scan blocked in a hung filesystem (FUSE)", 1, 0, sigterm_to_exit_s=round(stop_s, 2))
 
 
-def test_a_scan_that_ends_late_clears_the_report(base: Path, host: Host) -> None:
-    gpu_dir = host.proc / f"driver/nvidia/gpus/{BUS_ID}"
+def test_a_scan_that_ends_late_clears_the_report(
+    base: Path, host: Host, hung: HungFilesystem
+) -> None:
     daemon = start(
         base,
         host,
         "late",
+        hung.prefix,
         GPU_DEVICE_WATCHER_SCAN_DEADLINE="1",
         GPU_DEVICE_WATCHER_MOUNT_EVENTS="mountinfo",
     )
     try:
-        with unanswered_fuse(gpu_dir):
-            deadline = time.monotonic() + TIMEOUT
-            while status_command(daemon.socket).returncode == 0:
-                assert time.monotonic() < deadline, "never reported stuck"
-                time.sleep(0.2)
-        # The connection aborted (the lookup failed), the mount is gone: the scan ends.
+        hung.mount()
+        deadline = time.monotonic() + TIMEOUT
+        while status_command(daemon.socket).returncode == 0:
+            assert time.monotonic() < deadline, "never reported stuck"
+            time.sleep(0.2)
+        # The connection aborts, the blocked lookup fails: the scan ends.
+        hung.abort()
         deadline = time.monotonic() + TIMEOUT
         while (done := status_command(daemon.socket)).returncode != 0:
             assert time.monotonic() < deadline, f"still stuck: {done.stdout}"
