@@ -470,8 +470,8 @@ def _scan_family(
                 "validations-mismatch",
                 "warning",
                 f"{ready_path} cannot be read ({snapshot.driver_ready_error}); it was ignored "
-                "(the GPU Operator writes a small regular file there: remove what is in its "
-                "place)",
+                "(the GPU Operator writes a small regular file there, which the daemon must be "
+                "able to read: replace what is there, or restart the driver validation)",
                 ready_path,
             )
     information = _gpu_information(snapshot, family)
