@@ -10,6 +10,8 @@ Parts, each beside a baseline measured in the same run:
 
 - bench.suite (under `unshare -m`): query, whole processes, change detection, idle, storm,
   memory, throughput and kernel uevents against the real daemon on a GPU-Operator-shaped host;
+- bench.scrape_flood: `get` on the Unix socket while eight processes scrape `/metrics`
+  without pause, against `get` idle;
 - bench.criu_cost: what the action script adds to `criu dump` and `criu restore`, when the
   CRIU that `tests/criu/fetch_criu.sh .criu` prepares is there (skipped otherwise);
 - bench.archive_cost: `restore-check` on checkpoint archives (plain and zstd, the record
@@ -82,6 +84,19 @@ def run_live(quick: bool, only: str, before: Path | None = None) -> dict[str, An
         return result
 
 
+def run_scrape_flood(quick: bool, before: Path | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gdw-bench-flood-") as directory:
+        output = Path(directory) / "flood.json"
+        command = [sys.executable, "-m", "bench.scrape_flood", "--json", str(output)]
+        if quick:
+            command.append("--quick")
+        if before is not None:
+            command += ["--before", str(before)]
+        subprocess.run(command, cwd=REPO, check=True, timeout=3600)
+        result: dict[str, Any] = json.loads(output.read_text())
+        return result
+
+
 def run_criu(quick: bool, before: Path | None = None) -> dict[str, Any]:
     if not os.access(CRIU, os.X_OK):
         prepare = "tests/criu/fetch_criu.sh .criu"
@@ -136,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a run of a few minutes")
     parser.add_argument("--no-criu", action="store_true", help="skip the CRIU part")
     parser.add_argument(
+        "--no-flood", action="store_true", help="skip `get` under a scrape flood (k)"
+    )
+    parser.add_argument(
         "--docs", action="store_true", help="copy the plots into docs/ (for docs/benchmarks.md)"
     )
     parser.add_argument("--only", default="abcdefgij", help="live phases to run, by letter")
@@ -159,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results: dict[str, Any] = {"machine": machine(), "quick": arguments.quick}
     results["live"] = run_live(arguments.quick, arguments.only, arguments.before)
+    if not arguments.no_flood:
+        print("bench: k. get under a scrape flood", file=sys.stderr, flush=True)
+        results["scrape_flood"] = run_scrape_flood(arguments.quick, arguments.before)
     if arguments.no_criu:
         results["criu"] = {"skipped": "--no-criu"}
     else:
@@ -167,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.no_archives:
         results["archives"] = {"skipped": "--no-archives"}
     else:
-        print("bench: j. checkpoint archives", file=sys.stderr, flush=True)
+        print("bench: l. checkpoint archives", file=sys.stderr, flush=True)
         results["archives"] = run_archives(arguments.archive_gib, arguments.quick)
     results["seconds"] = round(time.monotonic() - started, 1)
     arguments.results.write_text(json.dumps(results, indent=1) + "\n")

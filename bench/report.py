@@ -262,6 +262,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out += _wrapper_rows(criu.get("cuda_checkpoint"), criu["stage_runs"])
     elif criu:
         out.append(Row("h. CRIU", f"skipped: {criu['skipped']}", "", ""))
+    out += _flood_rows(results.get("scrape_flood", {}))
     return out
 
 
@@ -422,6 +423,24 @@ def _unprivileged_rows(phase: dict[str, Any] | None) -> list[Row]:
         )
     )
     return out
+
+
+def _flood_rows(flood: dict[str, Any]) -> list[Row]:
+    """k. The Unix socket's `get` while /metrics is flooded, against `get` idle."""
+    rows = []
+    for label, entry in flood.items():
+        name = "" if label == "this" else f" ({label})"
+        rows.append(
+            Row(
+                f"k. get under {entry['scrapers']} unthrottled scrapers{name} (p50 / p99)",
+                _pair(entry["flood"]),
+                f"get idle {_pair(entry['idle'])}",
+                f"{_x(entry['ratio_p50'])} / {_x(entry['ratio_p99'])}",
+                "p99 <= 3x" if label == "this" else "",
+                entry["ratio_p99"] <= 3 if label == "this" else None,
+            )
+        )
+    return rows
 
 
 def table(results: dict[str, Any]) -> str:

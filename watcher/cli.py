@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 PROG = "gpu-device-watcher"
 EXIT_OK, EXIT_ABSENT, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# `status`: the daemon answers, but a scan is stuck (its map is stale).
+EXIT_STUCK = 1
 
 
 def fail(message: str) -> None:
@@ -317,6 +319,13 @@ def command_status(arguments: argparse.Namespace) -> int:
     width = max(len(key) for key in status)
     for key, value in status.items():
         print(f"{printable(key):<{width}}  {printable(str(value))}")
+    if status.get("scan_stuck") is True:
+        # Exit 1 makes a liveness probe that runs `status` restart the daemon.
+        fail(
+            f"a scan has been running for {status.get('scan_running_s')} s and is stuck: the "
+            "map is stale; restart the daemon and look at its log for what blocked"
+        )
+        return EXIT_STUCK
     return EXIT_OK
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "PREFIX",
     "RECORD_NAME",
     "RECORD_VERSION",
+    "SCAN_DEADLINE_ENV",
     "SOCKET_ENV",
     "config_file_problem",
     "escape_char",
@@ -48,6 +49,8 @@ CONFIG_ENV = "GPU_DEVICE_WATCHER_CONFIG"
 """Names another config for the CRIU action, which CRIU starts with no arguments."""
 MOUNT_EVENTS_ENV = "GPU_DEVICE_WATCHER_MOUNT_EVENTS"
 """How the daemon judges mount changes: `auto`, `fanotify` or `mountinfo` (docs/map.md)."""
+SCAN_DEADLINE_ENV = "GPU_DEVICE_WATCHER_SCAN_DEADLINE"
+"""Seconds after which a scan under way is reported stuck (default 10; docs/reliability.md)."""
 
 RECORD_NAME = "gpu-device-watcher.json"
 """The record `pre-dump` writes into CRIU's image directory."""

@@ -37,9 +37,13 @@ from watcher.core.scan import (
 )
 
 __all__ = [
+    "HOST_FILE_LIMIT",
+    "MOUNT_TABLE_LIMIT",
     "MountCache",
+    "UnreadableFile",
     "list_dev_root",
     "open_dir_nofollow",
+    "read_file",
     "read_host",
     "read_kfd_topology",
     "read_sys_drm",
@@ -51,19 +55,81 @@ __all__ = [
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# Files a scan reads from the host are untrusted (driver-ready is written by a driver
+# container; --proc and --sys may be stand-ins): a FIFO must not block the scan, a link to
+# /dev/zero or a file of hundreds of MB must not exhaust memory. Kernel-made /proc and /sys
+# files are regular files, so the same rules cost them nothing.
+HOST_FILE_LIMIT = 4 * 1024 * 1024
+# The mount table of 100,000 mounts is ~10 MB; more than this is not a mount table.
+MOUNT_TABLE_LIMIT = 64 * 1024 * 1024
+_FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_CHUNK = 1024 * 1024
+
+
+class UnreadableFile(OSError):
+    """A host file refused before or while reading it: not a regular file, or too large."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def read_file(path: str, *, limit: int = HOST_FILE_LIMIT, follow: bool = False) -> bytes:
+    """The bytes of the regular file `path`, at most `limit` of them.
+
+    The last component is not followed unless `follow` (an operator-named path, such as
+    --mountinfo, may be a link): a link there is ELOOP. O_NONBLOCK makes opening a FIFO
+    return at once (and a file under a lease answer EWOULDBLOCK rather than wait for the
+    lease to break); what was opened must be a regular file. Raises OSError (FileNotFoundError
+    when absent, UnreadableFile when refused).
+    """
+    fd = os.open(path, _FILE_FLAGS if follow else _FILE_FLAGS | os.O_NOFOLLOW)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnreadableFile(errno.EINVAL, f"{_kind(mode)}, not a regular file")
+        chunks: list[bytes] = []
+        total = 0
+        # One byte past the limit tells "exactly the limit" from "more"; /proc files report
+        # size 0, so the size is only ever known by reading.
+        while chunk := os.read(fd, min(_CHUNK, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise UnreadableFile(errno.EFBIG, f"larger than {limit} bytes")
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 def _describe(error: OSError) -> str:
     name = errno.errorcode.get(error.errno or 0, "error")
     return f"{name}: {error.strerror}" if error.strerror else name
 
 
-def read_text(path: str) -> tuple[str | None, str | None]:
-    """(text, None) or (None, why) — a missing or unreadable file is data, not a crash."""
+def read_text(
+    path: str, *, limit: int = HOST_FILE_LIMIT, follow: bool = False
+) -> tuple[str | None, str | None]:
+    """(text, None) or (None, why): a missing or refused file is data, not a crash."""
     try:
-        # newline="\n": no universal-newline translation, a "\r" in a mount point stays one.
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as file:
-            return file.read(), None
+        data = read_file(path, limit=limit, follow=follow)
+    except UnreadableFile as error:
+        return None, str(error.strerror)
     except OSError as error:
+        if error.errno == errno.ELOOP and not follow:
+            return None, "a symlink (not followed)"
         return None, _describe(error)
+    # Bytes kept as they are (surrogateescape), and no newline translation: a "\r" in a
+    # mount point stays one.
+    return data.decode("utf-8", "surrogateescape"), None
 
 
 @contextmanager
@@ -223,7 +289,11 @@ def read_host(
         if rooted.proc_version is not None
         else None
     )
-    driver_ready, _ = read_text(view.fs_path(posixpath.join(view.validations_dir, "driver-ready")))
+    driver_ready, driver_ready_error = read_text(
+        view.fs_path(posixpath.join(view.validations_dir, "driver-ready"))
+    )
+    if driver_ready_error is not None and driver_ready_error.startswith(("ENOENT", "ENOTDIR")):
+        driver_ready_error = None  # no GPU Operator here: nothing to say
     candidates = _with_real_parents(view, candidates_for(view, driver_ready, rooted))
     dev_roots = [candidate.dev_root for candidate in candidates]
     # /dev is always looked at: `not-in-dev` is about /dev, and it is AMD's dev root.
@@ -239,7 +309,9 @@ def read_host(
         epoch = mount_cache.epoch if mount_cache is not None else 0
         mounts = _read_targeted(mount_cache.reader, relevant) if mount_cache is not None else None
         if mounts is None:
-            mountinfo_text, mounts_error = read_text(view.mountinfo)
+            mountinfo_text, mounts_error = read_text(
+                view.mountinfo, limit=MOUNT_TABLE_LIMIT, follow=True
+            )
             mounts = (
                 parse_mountinfo(mountinfo_text, relevant)
                 if mountinfo_text is not None
@@ -261,6 +333,7 @@ def read_host(
         mounts=mounts,
         mounts_error=mounts_error,
         driver_ready=driver_ready,
+        driver_ready_error=driver_ready_error,
         candidates=candidates,
         listings={dev_root: list_dev_root(view, dev_root, families) for dev_root in dev_roots},
         driver_roots_existing=existing,
@@ -419,21 +492,9 @@ def resolve_in(base: str, relative: str, known: str = "", *, rooted: bool = Fals
 def _sys_value(base: str, directory: str, name: str) -> str | None:
     """A one-line sysfs attribute, stripped; None when absent, empty or unreadable."""
     try:
-        # O_NONBLOCK: a FIFO planted in a --sys tree must not hang the scan.
-        fd = os.open(
-            posixpath.join(base, directory, name),
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-        )
+        data = read_file(posixpath.join(base, directory, name), limit=_SYS_TEXT_LIMIT)
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = os.read(fd, _SYS_TEXT_LIMIT)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     text = data.decode("utf-8", "replace").strip()
     return text if text and text.isprintable() else None
 

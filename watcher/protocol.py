@@ -143,6 +143,11 @@ class StatusBody(msgspec.Struct, frozen=True, kw_only=True):
     events: int
     uevents: int
     last_scan_ms: float
+    # How long the scan under way has run (null: none), and whether it is past its deadline.
+    scan_running_s: float | None = None
+    scan_stuck: bool = False
+    # "http://HOST:PORT/metrics", "off" (no metrics_listen), or "not served: <why>".
+    metrics: str = "off"
 
 
 class StatusReply(msgspec.Struct, frozen=True, kw_only=True):

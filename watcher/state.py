@@ -49,6 +49,11 @@ class Counters:
     # and their total duration in seconds.
     scan_buckets: list[int] = field(default_factory=lambda: [0] * (len(SCAN_BUCKETS) + 1))
     scan_seconds: float = 0.0
+    # The scan under way: when it started (monotonic), and whether it is past its deadline.
+    scan_started: float | None = None
+    scan_overdue: bool = False
+    # Where the metrics are served, for `status` (see protocol.StatusBody.metrics).
+    metrics: str = "off"
 
     def book_scan(self, milliseconds: float) -> None:
         """Count one finished scan of this duration."""

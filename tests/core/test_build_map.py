@@ -89,6 +89,7 @@ class Host:
     gpus: list[GpuInformation] = field(default_factory=lambda: [H200])
     mounts: MountTable = field(default_factory=lambda: CRIU_2509)
     driver_ready: str | None = None
+    driver_ready_error: str | None = None
     existing: set[str] = field(default_factory=set)
     view: HostView = field(default_factory=HostView)
 
@@ -113,6 +114,7 @@ class Host:
             mounts=self.mounts,
             mounts_error=None,
             driver_ready=self.driver_ready,
+            driver_ready_error=self.driver_ready_error,
             candidates=candidates,
             listings=listings,
             driver_roots_existing=self.existing,
@@ -244,6 +246,15 @@ def test_driver_ready_names_the_root() -> None:
     assert device_map.driver.root == OPERATOR_ROOT
     assert device_map.driver.dev_root == OPERATOR_DEV
     assert problems(device_map) == []
+
+
+def test_a_driver_ready_that_cannot_be_read_is_named_and_ignored() -> None:
+    device_map = operator_host(driver_ready_error="a FIFO, not a regular file").build()
+    ready = "/run/nvidia/validations/driver-ready"
+    assert device_map.driver.source == "detected"
+    assert ("validations-mismatch", "warning", ready) in problems(device_map)
+    (message,) = [p.message for p in device_map.problems if p.code == "validations-mismatch"]
+    assert message.startswith(f"{ready} cannot be read (a FIFO, not a regular file)")
 
 
 def test_driver_ready_quoted_values() -> None:

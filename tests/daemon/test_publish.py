@@ -315,4 +315,17 @@ def test_a_port_in_use_costs_the_metrics_not_the_map(
         daemon = start_daemon()
         line = daemon.wait_log(r"metrics_listen 127\.0\.0\.1:\d+: .*metrics not served")
         assert "in use" in line.lower() or "address" in line.lower()
+        assert "a reload tries again" in line
         assert daemon.get()["ok"] is True
+        status = daemon.request({"op": "status"})["status"]
+        assert status["metrics"].startswith(f"not served: metrics_listen 127.0.0.1:{port}: ")
+        # A reload with the port still taken: still not served, and still said so.
+        daemon.send_signal(signal.SIGHUP)
+        daemon.wait_log(r"config reloaded")
+        assert daemon.request({"op": "status"})["status"]["metrics"].startswith("not served")
+    # The port is free now; the same config, reloaded, binds it.
+    daemon.send_signal(signal.SIGHUP)
+    daemon.wait_log(rf"metrics on http://127\.0\.0\.1:{port}/metrics")
+    assert scrape(port)[0] == 200
+    status = daemon.request({"op": "status"})["status"]
+    assert status["metrics"] == f"http://127.0.0.1:{port}/metrics"

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -122,10 +123,11 @@ def test_ready_when_the_map_is_clean_and_cuda_checkpoint_is_there() -> None:
 
 
 @asynccontextmanager
-async def endpoint(**limits: float) -> AsyncIterator[tuple[int, MetricsServer]]:
-    state = MapState(operator_map())
-    registry = registry_for(MapCollector(state, Counters(), FakeServer()))
-    server = MetricsServer(registry, **limits)  # type: ignore[arg-type]
+async def endpoint(
+    state: MapState | None = None, **limits: Any
+) -> AsyncIterator[tuple[int, MetricsServer]]:
+    collector = MapCollector(state or MapState(operator_map()), Counters(), FakeServer())
+    server = MetricsServer(registry_for(collector), freshness=collector.freshness, **limits)
     listener = await MetricsServer.bind("127.0.0.1", 0)
     port = listener.listeners[0].extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
     async with anyio.create_task_group() as group:
@@ -256,3 +258,99 @@ async def test_too_many_connections_get_503_and_the_endpoint_recovers(
         assert status(await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
     warnings = [r for r in caplog.records if "refusing more" in r.getMessage()]
     assert len(warnings) == 1
+
+
+# --- what keeps one peer from blinding the endpoint or slowing the daemon -------------------
+
+
+class FrozenClock:
+    """A clock that moves only when told: throttles and caches see no time pass."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.anyio
+async def test_one_peer_cannot_take_every_connection() -> None:
+    async with endpoint() as (port, server):
+        # Idle connections from one address (all of 127/8 is loopback): as many as the
+        # whole endpoint allows.
+        idle = [
+            await anyio.connect_tcp("127.0.0.1", port, local_host="127.0.0.2") for _ in range(16)
+        ]
+        try:
+            with anyio.fail_after(TIMEOUT):
+                refused = await idle[-1].receive()
+            assert status(refused) == 503
+            # Another peer is served meanwhile.
+            assert status(await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+            assert server.active <= 4
+        finally:
+            for stream in idle:
+                await stream.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_silent_connection_is_closed_at_the_first_byte_deadline() -> None:
+    async with endpoint(first_byte_timeout=0.2) as (port, server):
+        with anyio.fail_after(TIMEOUT):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await stream.receive()
+        # Closed without a reply; a request that starts at once is still answered.
+        assert status(await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+        with anyio.fail_after(TIMEOUT):
+            while server.active:
+                await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_bad_requests_are_logged_once_per_interval_with_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "watcher.metrics")
+    clock = FrozenClock()
+    async with endpoint(clock=clock, log_interval=10.0) as (port, _):
+        for _ in range(30):
+            assert status(await exchange(port, b"\x00 garbage\r\n\r\n")) == 400
+        # A bad request of another kind has a budget of its own.
+        assert status(await exchange(port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 9000)) == 431
+        clock.now += 10.0
+        assert status(await exchange(port, b"\x00 garbage\r\n\r\n")) == 400
+    lines = [r.getMessage() for r in caplog.records if "bad request" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert "malformed request line" in lines[0] and "more" not in lines[0]
+    assert "longer than" in lines[1]
+    assert lines[2].endswith("(and 29 more in the last 10 s, not logged)"), lines[2]
+
+
+@pytest.mark.anyio
+async def test_the_exposition_is_rendered_once_while_nothing_changes() -> None:
+    clock = FrozenClock()
+    state = MapState(operator_map())
+    async with endpoint(state, clock=clock) as (port, server):
+        for _ in range(20):
+            assert status(await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+        assert server.renders == 1
+        # A new generation is shown at the next scrape.
+        state.publish(operator_map(devices=()))
+        reply = await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert value(samples(body(reply)), "gpu_device_watcher_generation") == 4
+        assert server.renders == 2
+        # Values the key does not cover are at most RENDER_INTERVAL old.
+        clock.now += 1.0
+        await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert server.renders == 3
+
+
+@pytest.mark.anyio
+async def test_connections_are_accepted_at_a_bounded_rate() -> None:
+    async with endpoint(accept_rate=10.0, accept_burst=1) as (port, _):
+        started = anyio.current_time()
+        for _ in range(4):
+            assert status(await exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")) == 200
+        # One at once, then one every 100 ms: at least 0.3 s for four, however fast the host.
+        assert anyio.current_time() - started >= 0.29

@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import sys
+import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -361,7 +362,23 @@ async def test_status_reports_counters(tmp_path: Path) -> None:
             "events",
             "uevents",
             "last_scan_ms",
+            "scan_running_s",
+            "scan_stuck",
+            "metrics",
         ]
+        assert (status["scan_running_s"], status["scan_stuck"], status["metrics"]) == (
+            None,
+            False,
+            "off",
+        )
+        harness.counters.scan_started = time.monotonic() - 12.0
+        harness.counters.scan_overdue = True
+        harness.counters.metrics = "not served: address in use"
+        stuck = (await client.ask({"op": "status"}))["status"]
+        assert stuck["scan_stuck"] is True
+        assert 12.0 <= stuck["scan_running_s"] < 72.0
+        assert stuck["metrics"] == "not served: address in use"
+        harness.counters.scan_started, harness.counters.scan_overdue = None, False
         assert status["version"] == watcher.__version__
         assert 0 <= status["uptime_s"] < 60
         assert (status["generation"], status["clients"]) == (1, 1)
@@ -388,6 +405,18 @@ async def test_rescan_awaits_the_daemon_then_replies_with_the_new_map(tmp_path: 
         assert calls == [1]
         assert reply["generation"] == 2
         assert reply["map"]["devices"] == map_json(changed)["devices"]
+
+
+@pytest.mark.anyio
+async def test_a_rescan_that_times_out_is_busy(tmp_path: Path) -> None:
+    async def rescan() -> None:
+        raise TimeoutError("a scan has not finished within 10 s")
+
+    async with serving(tmp_path, rescan=rescan) as harness:
+        client = await harness.connect()
+        reply = await client.ask({"op": "rescan"})
+        assert reply["error"] == {"code": "busy", "message": "a scan has not finished within 10 s"}
+        assert (await client.ask({"op": "get"}))["ok"]
 
 
 @pytest.mark.anyio

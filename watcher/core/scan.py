@@ -180,6 +180,8 @@ class HostSnapshot:
     driver_ready: str | None
     candidates: list[Candidate]
     listings: dict[str, DevRootListing]
+    # Why a driver-ready that is there could not be read (a FIFO, a link, too large).
+    driver_ready_error: str | None = None
     driver_roots_existing: set[str] = field(default_factory=set)
     # Host paths of the cuda-checkpoint candidates (`cuda_checkpoint_candidates`) that are
     # executable files.
@@ -484,6 +486,16 @@ def _scan_family(
             _not_in_dev(listings.get("/dev"), chosen, judge, problems)
         if snapshot.driver_ready is not None:
             _check_validations(view, snapshot, chosen, problems, family)
+        elif snapshot.driver_ready_error is not None:
+            ready_path = posixpath.join(view.validations_dir, "driver-ready")
+            problems.add(
+                "validations-mismatch",
+                "warning",
+                f"{ready_path} cannot be read ({snapshot.driver_ready_error}); it was ignored "
+                "(the GPU Operator writes a small regular file there, which the daemon must be "
+                "able to read: replace what is there, or restart the driver validation)",
+                ready_path,
+            )
     information = _gpu_information(snapshot, family)
     gpus = _gpus(information, devices, family)
     if loaded and chosen is not None:

@@ -13,10 +13,11 @@ import anyio
 
 from watcher import logs
 from watcher.config import Settings
-from watcher.contract import MOUNT_EVENTS_ENV
+from watcher.contract import MOUNT_EVENTS_ENV, SCAN_DEADLINE_ENV
 from watcher.daemon.judge import mount_events_mode
 from watcher.daemon.lifecycle import Lifecycle
 from watcher.daemon.scanning import event_filter, uevent_interest, watched_subdirs
+from watcher.daemon.scanthread import parse_deadline
 from watcher.daemon.service import Daemon, Sources
 from watcher.errors import SocketSetupError
 from watcher.server import bind_unix_socket, unlink_socket
@@ -57,6 +58,7 @@ def run(
         interval = watchdog_interval(environ)
         notifier = Notifier.from_env(environ)
         activated = listen_fds()
+        scan_deadline_s = parse_deadline(environ.get(SCAN_DEADLINE_ENV))
     except ValueError as error:
         logs.fatal(str(error), environ)
         return 1
@@ -77,6 +79,7 @@ def run(
             reload_settings,
             real_sources(environ),
             socket_activated=bool(activated),
+            scan_deadline_s=scan_deadline_s,
         )
         anyio.run(daemon.serve, listener)
     finally:

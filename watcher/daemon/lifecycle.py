@@ -60,14 +60,25 @@ class Lifecycle:
     ) -> None:
         """SIGHUP: RELOADING=1, `reload()`, then READY=1 with its status in every case (or
         systemd shows the unit reloading forever). SIGTERM/SIGINT: STOPPING=1, cancel `scope`.
+
+        A reload runs beside the signal receiver, one at a time: it waits for the scan under
+        way, which may be stuck, and a SIGTERM meanwhile must still stop the daemon.
         """
+        reloading = anyio.Lock()
+
+        async def one_reload() -> None:
+            async with reloading:
+                self.reloading()
+                self.ready(await reload())
+
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for received in signals:
-                if received == signal.SIGHUP:
-                    self.reloading()
-                    self.ready(await reload())
-                    continue
-                log.info("%s: shutting down", signal.Signals(received).name)
-                self.notify(STOPPING=1)
-                scope.cancel()
-                return
+            async with anyio.create_task_group() as reloads:
+                async for received in signals:
+                    if received == signal.SIGHUP:
+                        reloads.start_soon(one_reload)
+                        continue
+                    log.info("%s: shutting down", signal.Signals(received).name)
+                    self.notify(STOPPING=1)
+                    reloads.cancel_scope.cancel()
+                    scope.cancel()
+                    return

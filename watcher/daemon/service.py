@@ -27,6 +27,7 @@ from watcher.core.mountinfo import PathFilter
 from watcher.daemon.judge import MountJudging
 from watcher.daemon.lifecycle import Lifecycle
 from watcher.daemon.scanning import Scanned, mount_filter, scan_host, summary, watch_targets
+from watcher.daemon.scanthread import DEFAULT_SCAN_DEADLINE_S, ScanRunner
 from watcher.daemon.scheduler import RescanScheduler
 from watcher.probe import MountCache
 from watcher.publish import Publisher
@@ -96,6 +97,7 @@ class Daemon:
         sources: Sources,
         *,
         socket_activated: bool = False,
+        scan_deadline_s: float = DEFAULT_SCAN_DEADLINE_S,
     ) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
@@ -104,6 +106,7 @@ class Daemon:
         # A socket passed by systemd wins over the config: a reload never questions it.
         self._socket_activated = socket_activated
         self.counters = Counters()
+        self._scans = ScanRunner(self.counters, scan_deadline_s)
         self.scheduler = RescanScheduler(self._scan, debounce_s=settings.debounce_ms / 1000)
         self._dev_roots: list[str] = []
         self._driver_roots: list[str] = []
@@ -141,9 +144,8 @@ class Daemon:
     async def _scan_off_loop(self, generation: int) -> DeviceMap:
         # A scan reads files and lists directories: keep it off the loop so queries are
         # answered while it runs (tens of ms on a host with 10,000 mounts).
-        scanned = await anyio.to_thread.run_sync(
-            scan_host, self.settings.view, generation, self._mount_cache
-        )
+        view, cache = self.settings.view, self._mount_cache
+        scanned = await self._scans.run(lambda: scan_host(view, generation, cache))
         return self._account(scanned)
 
     def _rearm(self) -> None:
@@ -174,8 +176,21 @@ class Daemon:
         self.lifecycle.status(summary(publication.map))
 
     async def rescan(self) -> None:
-        """A client's `rescan`: throttled and coalesced by the scheduler."""
-        await self.scheduler.on_request()
+        """A client's `rescan`: throttled and coalesced by the scheduler. TimeoutError when
+        a scan is stuck: the client hears so instead of waiting as long as the scan does."""
+        stuck = TimeoutError(
+            f"a scan has not finished within {self._scans.deadline_s:g} s (see `status` and "
+            "the daemon's log); try again later"
+        )
+        if self.counters.scan_overdue:
+            raise stuck
+        # The spacing after the last scan (long after a slow one), then one scan under way
+        # and this one, each within the deadline.
+        bound = self.scheduler.pause() + 2 * self._scans.deadline_s
+        with anyio.move_on_after(bound) as scope:
+            await self.scheduler.on_request()
+        if scope.cancelled_caught:
+            raise stuck
 
     def signal_change(self, reason: str) -> None:
         """Called by every event source: schedule a debounced rescan."""

@@ -7,10 +7,17 @@ one would add the interpreter's own metrics and whatever else imported the libra
 
 The endpoint is a deliberately small HTTP/1.1 server on the daemon's event loop (no thread
 per scrape, none at all): one request per connection, answered and closed. Where a request
-is not `GET /metrics` it gets 404 or 405; a malformed one gets 400 and one log line.
-Limits, as on the socket: at most `MAX_CONNECTIONS` at once (more get 503), a request head
-of at most `MAX_REQUEST` bytes (more gets 431), all of it within `READ_TIMEOUT` (else 408),
-and a reply the client must take within `WRITE_TIMEOUT`.
+is not `GET /metrics` it gets 404 or 405; a malformed one gets 400 and a log line.
+Limits, as on the socket: at most `MAX_CONNECTIONS` at once and `MAX_PER_PEER` from one
+address (more get 503), a first byte within `FIRST_BYTE_TIMEOUT` (else the connection is
+closed), a request head of at most `MAX_REQUEST` bytes (more gets 431), all of it within
+`READ_TIMEOUT` (else 408), and a reply the client must take within `WRITE_TIMEOUT`.
+
+Whoever reaches the port must not be able to slow the Unix socket, which shares the loop:
+connections are accepted at most `ACCEPT_RATE` a second (a burst of `ACCEPT_BURST`; the rest
+wait in the kernel's backlog, costing the daemon nothing), the exposition is rendered at most
+once per `RENDER_INTERVAL` while what it shows is unchanged, and each kind of complaint is
+logged at most once per `LOG_INTERVAL`, with a count of the lines held back.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 import anyio
@@ -41,8 +49,11 @@ from watcher.publish.labels import checkpoint_ready
 from watcher.state import SCAN_BUCKETS, Counters, MapState
 
 __all__ = [
+    "ACCEPT_RATE",
     "CONTENT_TYPE",
+    "FIRST_BYTE_TIMEOUT",
     "MAX_CONNECTIONS",
+    "MAX_PER_PEER",
     "MAX_REQUEST",
     "MapCollector",
     "MetricsServer",
@@ -53,9 +64,21 @@ __all__ = [
 log = logging.getLogger("watcher.metrics")
 
 MAX_CONNECTIONS: Final = 16
+# A scraper needs one connection at a time: four leave room for retries, and the rest of
+# MAX_CONNECTIONS to the other peers (one peer's idle connections made every scrape fail).
+MAX_PER_PEER: Final = 4
 MAX_REQUEST: Final = 8192
+# Scrapers send their request as soon as they connect; an idle connection holds a slot.
+FIRST_BYTE_TIMEOUT: Final = 1.0
 READ_TIMEOUT: Final = 5.0
 WRITE_TIMEOUT: Final = 5.0
+# Prometheus scrapes once every 15-60 s per server; 200 a second is far beyond any honest
+# use, and at ~0.1 ms of loop time each (the exposition cached) stays below 2% of the loop.
+ACCEPT_RATE: Final = 200.0
+ACCEPT_BURST: Final = 50
+# A scrape shows values at most this old when nothing the key covers changed.
+RENDER_INTERVAL: Final = 1.0
+LOG_INTERVAL: Final = 10.0
 # The classic text format: every Prometheus (and every other scraper) reads it, and with
 # our metric and label names generate_latest() writes exactly it.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -96,6 +119,19 @@ class MapCollector:
         self._state = state
         self._counters = counters
         self._server = server
+
+    def freshness(self) -> tuple[object, ...]:
+        """What the exposition shows, cheaply: while it is unchanged, a rendered exposition
+        may be served again (the histogram moves only with `scans`)."""
+        counters = self._counters
+        return (
+            self._state.generation,
+            counters.scans,
+            counters.events,
+            counters.uevents,
+            self._server.clients,
+            self._server.subscribers,
+        )
 
     def collect(self) -> Iterable[Metric]:
         current = self._state.current
@@ -217,6 +253,30 @@ def _response(status: int, body: bytes, content_type: str = "text/plain; charset
 _BUSY: Final = _response(503, b"too many connections; try again later\n")
 
 
+class _Throttled:
+    """Logs one line per `interval` at most; the lines held back meanwhile are counted into
+    the next one, so a flood of bad requests costs the log a line every `interval`."""
+
+    __slots__ = ("_clock", "_held", "_interval", "_next")
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = 0.0
+        self._held = 0
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            message += f" (and {self._held} more in the last {self._interval:g} s, not logged)"
+        log.log(level, message, *args)
+        self._held = 0
+        self._next = now + self._interval
+
+
 class MetricsServer:
     """Serves `GET /metrics` from `registry` on one TCP address until cancelled."""
 
@@ -224,18 +284,42 @@ class MetricsServer:
         self,
         registry: CollectorRegistry,
         *,
+        freshness: Callable[[], object] | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        max_per_peer: int = MAX_PER_PEER,
         max_request: int = MAX_REQUEST,
+        first_byte_timeout: float = FIRST_BYTE_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
         write_timeout: float = WRITE_TIMEOUT,
+        accept_rate: float = ACCEPT_RATE,
+        accept_burst: int = ACCEPT_BURST,
+        render_interval: float = RENDER_INTERVAL,
+        log_interval: float = LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
+        self._freshness = freshness
         self._max_connections = max_connections
+        self._max_per_peer = max_per_peer
         self._max_request = max_request
+        self._first_byte_timeout = first_byte_timeout
         self._read_timeout = read_timeout
         self._write_timeout = write_timeout
+        self._accept_rate = accept_rate
+        self._accept_burst = accept_burst
+        self._render_interval = render_interval
+        self._clock = clock
         self._active = 0
+        self._per_peer: dict[str, int] = {}
         self._saturated = False
+        self._busy_peers = _Throttled(log_interval, clock)
+        # One budget per kind (400, 431): a flood of one does not hide the other.
+        self._bad_requests = {status: _Throttled(log_interval, clock) for status in (400, 431)}
+        self._incomplete = _Throttled(log_interval, clock)
+        self.renders = 0
+        self._rendered: bytes | None = None
+        self._rendered_key: object = None
+        self._rendered_at = 0.0
 
     @property
     def active(self) -> int:
@@ -282,7 +366,16 @@ class MetricsServer:
             task_status.started()
 
     async def _accept(self, listener: anyio.abc.SocketListener, group: anyio.abc.TaskGroup) -> None:
+        # A token bucket: ACCEPT_BURST at once, then ACCEPT_RATE a second.
+        tokens, refilled = float(self._accept_burst), self._clock()
         while True:
+            now = self._clock()
+            tokens = min(float(self._accept_burst), tokens + (now - refilled) * self._accept_rate)
+            refilled = now
+            if tokens < 1:
+                await anyio.sleep((1 - tokens) / self._accept_rate)
+                continue
+            tokens -= 1
             try:
                 stream = await listener.accept()
             except (OSError, anyio.BrokenResourceError) as error:
@@ -296,27 +389,38 @@ class MetricsServer:
                     )
                     await anyio.sleep(0.1)
                 continue
-            # Counted before any await: the limit holds however fast connections arrive.
+            peer = _peer_host(stream)
+            # Counted before any await: the limits hold however fast connections arrive.
             if self._active >= self._max_connections:
+                if not self._saturated:
+                    # Once per episode, not once per refused connection.
+                    self._saturated = True
+                    log.warning(
+                        "metrics: %d connections open; refusing more until one closes",
+                        self._max_connections,
+                    )
+                group.start_soon(self._refuse, stream)
+                continue
+            if self._per_peer.get(peer, 0) >= self._max_per_peer:
+                self._busy_peers.log(
+                    logging.WARNING,
+                    "metrics: %s holds %d connections; refusing more from it",
+                    peer,
+                    self._max_per_peer,
+                )
                 group.start_soon(self._refuse, stream)
                 continue
             self._active += 1
-            group.start_soon(self._connection, stream)
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            group.start_soon(self._connection, stream, peer)
 
     async def _refuse(self, stream: anyio.abc.SocketStream) -> None:
-        if not self._saturated:
-            # Once per episode, not once per refused connection.
-            self._saturated = True
-            log.warning(
-                "metrics: %d connections open; refusing more until one closes",
-                self._max_connections,
-            )
         with anyio.move_on_after(self._write_timeout):
             with contextlib.suppress(*_GONE):
                 await stream.send(_BUSY)
         await _close(stream)
 
-    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+    async def _connection(self, stream: anyio.abc.SocketStream, peer: str) -> None:
         try:
             reply = await self._reply(stream)
             if reply is not None:
@@ -331,24 +435,33 @@ class MetricsServer:
             self._active -= 1
             if self._active < self._max_connections:
                 self._saturated = False
+            if (left := self._per_peer[peer] - 1) > 0:
+                self._per_peer[peer] = left
+            else:
+                del self._per_peer[peer]
             await _close(stream)
 
     async def _reply(self, stream: anyio.abc.SocketStream) -> bytes | None:
         try:
             with anyio.fail_after(self._read_timeout):
-                head = await _read_head(stream, self._max_request)
+                head = await _read_head(stream, self._max_request, self._first_byte_timeout)
         except TimeoutError:
-            log.info(
-                "metrics: request from %s incomplete after %g s", _peer(stream), self._read_timeout
+            self._incomplete.log(
+                logging.INFO,
+                "metrics: request from %s incomplete after %g s",
+                _peer(stream),
+                self._read_timeout,
             )
             return _response(408, b"request incomplete; closing\n")
         if head is None:
-            return None  # closed before a whole request: nobody to answer
+            return None  # closed, or silent past the first-byte deadline: nobody to answer
         try:
             return self._answer(head)
         except _BadRequest as error:
-            if error.status in (400, 431):
-                log.info("metrics: bad request from %s: %s", _peer(stream), error)
+            if (throttled := self._bad_requests.get(error.status)) is not None:
+                throttled.log(
+                    logging.INFO, "metrics: bad request from %s: %s", _peer(stream), error
+                )
             return _response(error.status, f"{error}\n".encode("ascii", "replace"))
 
     def _answer(self, head: bytes) -> bytes:
@@ -363,16 +476,41 @@ class MetricsServer:
             raise _BadRequest(405, f"method {method[:20].decode()} not allowed; use GET")
         if target.split(b"?", 1)[0] != b"/metrics":
             raise _BadRequest(404, "not found; the metrics are at /metrics")
-        return _response(200, generate_latest(self._registry), CONTENT_TYPE)
+        return _response(200, self._exposition(), CONTENT_TYPE)
+
+    def _exposition(self) -> bytes:
+        """The rendered metrics, rendered again only when what they show may have changed:
+        a flood of scrapes costs one rendering per RENDER_INTERVAL."""
+        key = self._freshness() if self._freshness is not None else None
+        now = self._clock()
+        if (
+            self._rendered is None
+            or key != self._rendered_key
+            or now - self._rendered_at >= self._render_interval
+        ):
+            self._rendered = generate_latest(self._registry)
+            self._rendered_key, self._rendered_at = key, now
+            self.renders += 1
+        return self._rendered
 
 
-async def _read_head(stream: anyio.abc.SocketStream, limit: int) -> bytes | None:
+async def _read_head(
+    stream: anyio.abc.SocketStream, limit: int, first_byte_timeout: float
+) -> bytes | None:
     """The request head (request line and headers); more than `limit` bytes of it is
-    returned as is, for the caller to refuse; None if the client closed before its end."""
+    returned as is, for the caller to refuse; None if the client closed before its end or
+    sent nothing within `first_byte_timeout`."""
     buffer = bytearray()
     while True:
         try:
-            chunk = await stream.receive(4096)
+            if buffer:
+                chunk = await stream.receive(4096)
+            else:
+                chunk = b""  # stays empty when the deadline passes first
+                with anyio.move_on_after(first_byte_timeout):
+                    chunk = await stream.receive(4096)
+                if not chunk:
+                    return None
         except anyio.EndOfStream:
             return None
         # Search only the new part (and the 3 bytes before it) for the blank line.
@@ -383,6 +521,15 @@ async def _read_head(stream: anyio.abc.SocketStream, limit: int) -> bytes | None
             return bytes(buffer[: min(found)])
         if len(buffer) > limit:
             return bytes(buffer)
+
+
+def _peer_host(stream: anyio.abc.SocketStream) -> str:
+    """The peer's address without its port: what the per-peer limit counts by."""
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)  # noqa: S610
+    except (anyio.TypedAttributeLookupError, OSError):
+        return "?"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
 def _peer(stream: anyio.abc.SocketStream) -> str:

@@ -31,7 +31,7 @@ from watcher.state import Counters, MapState, Publication
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from watcher.publish.metrics import Listener, ServerStats
+    from watcher.publish.metrics import Listener, MapCollector, ServerStats
 
 __all__ = ["Publisher"]
 
@@ -79,6 +79,7 @@ class Publisher:
         # Made with the first endpoint: a daemon without metrics_listen never imports
         # prometheus-client (about 3 MiB of memory, 50 ms of start).
         self._registry: CollectorRegistry | None = None
+        self._collector: MapCollector | None = None
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -109,8 +110,11 @@ class Publisher:
             if previous.nfd_features_file != settings.nfd_features_file:
                 async with self._file_lock:
                     self._remove_file()
-            if previous.metrics_listen != settings.metrics_listen:
-                await self._open_metrics(settings.metrics_listen)
+            # Also when the address is the same but nothing listens there: it failed to bind
+            # before (the port was taken), and a reload is how an operator says "try again".
+            wanted = settings.metrics_listen
+            if previous.metrics_listen != wanted or (wanted is not None and self._endpoint is None):
+                await self._open_metrics(wanted)
         except Exception:
             log.exception("applying the reloaded config to the labels and metrics failed")
         # The file may have moved: write it at its new place (the daemon's rescan after the
@@ -187,6 +191,7 @@ class Publisher:
         """
         if address is None:
             await self._close_metrics()
+            self._counters.metrics = "off"
             return
         from watcher.publish.metrics import MetricsServer  # noqa: PLC0415 (see _registry)
 
@@ -194,9 +199,7 @@ class Publisher:
             listener = await MetricsServer.bind(*address)
         except OSError as error:
             if self._endpoint is None:
-                log.error(
-                    "metrics_listen %s: %s; metrics not served", format_listen(address), error
-                )
+                self._not_served(address, error)
                 return
             # The old endpoint may hold the port (127.0.0.1:9402 -> 0.0.0.0:9402): free it and
             # try once more.
@@ -204,9 +207,7 @@ class Publisher:
             try:
                 listener = await MetricsServer.bind(*address)
             except OSError as again:
-                log.error(
-                    "metrics_listen %s: %s; metrics not served", format_listen(address), again
-                )
+                self._not_served(address, again)
                 return
         await self._close_metrics()
         endpoint = _Endpoint(address)
@@ -216,7 +217,15 @@ class Publisher:
             return
         await self._group.start(self._serve_metrics, listener, endpoint)
         self._endpoint = endpoint
-        log.info("metrics on http://%s/metrics", format_listen(address))
+        self._counters.metrics = f"http://{format_listen(address)}/metrics"
+        log.info("metrics on %s", self._counters.metrics)
+
+    def _not_served(self, address: tuple[str, int], error: OSError) -> None:
+        # Whoever holds the port may be serving metrics of their own making: say so where an
+        # operator looks (the log, `status`), and that a reload tries again.
+        why = f"metrics_listen {format_listen(address)}: {error.strerror or error}"
+        self._counters.metrics = f"not served: {why}"
+        log.error("%s; metrics not served (a reload tries again)", why)
 
     async def _serve_metrics(
         self,
@@ -228,11 +237,12 @@ class Publisher:
         from watcher.publish.metrics import MapCollector, MetricsServer, registry_for  # noqa: PLC0415
 
         try:
-            if self._registry is None:
-                collector = MapCollector(self._state, self._counters, self._server)
-                self._registry = registry_for(collector)
+            if self._registry is None or self._collector is None:
+                self._collector = MapCollector(self._state, self._counters, self._server)
+                self._registry = registry_for(self._collector)
+            server = MetricsServer(self._registry, freshness=self._collector.freshness)
             with endpoint.scope:
-                await MetricsServer(self._registry).serve(listener, task_status=task_status)
+                await server.serve(listener, task_status=task_status)
         finally:
             endpoint.closed.set()
 

@@ -71,8 +71,12 @@ class Handlers:
                     await self._fanout.subscribe(conn)
                     return False
                 case Rescan():
-                    await self._rescan()
-                    await conn.send(self._state.get_reply)
+                    try:
+                        await self._rescan()
+                    except TimeoutError as error:
+                        await conn.send(encode_error("busy", str(error)))
+                    else:
+                        await conn.send(self._state.get_reply)
                 case Status():
                     await conn.send(self.status_reply())
         except GONE:
@@ -104,6 +108,13 @@ class Handlers:
             events=counters.events,
             uevents=counters.uevents,
             last_scan_ms=counters.last_scan_ms,
+            scan_running_s=(
+                None
+                if counters.scan_started is None
+                else round(time.monotonic() - counters.scan_started, 3)
+            ),
+            scan_stuck=counters.scan_overdue,
+            metrics=counters.metrics,
         )
         return encode(StatusReply(status=body))
 
