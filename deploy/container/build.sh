@@ -83,7 +83,11 @@ cp "$here/Containerfile" "$context/"
     --platform "manylinux2014_$(uname -m)" \
     "$context/wheels/gpu_device_watcher-$version-py3-none-any.whl"
 
-buildah build --quiet --layers --pull=false \
+# The image's one RUN step needs no namespaces of its own: chroot isolation builds the same
+# layers without an OCI runtime, so a build host whose runtime cannot start a container
+# (crun on a host with hybrid cgroups, a nested sandbox) still builds. BUILDAH_ISOLATION
+# in the environment wins.
+buildah build --quiet --layers --pull=false --isolation "${BUILDAH_ISOLATION:-chroot}" \
     --build-arg "BASE=$base" --build-arg "VERSION=$version" \
     --tag "$IMAGE_NAME:$version" --file "$context/Containerfile" "$context" >/dev/null
 echo "$IMAGE_NAME:$version"

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from watcher import __version__
 
@@ -77,8 +78,10 @@ def container(image: str) -> Iterator[str]:
 
 
 def _run(container: str, *command: str) -> subprocess.CompletedProcess[str]:
+    # Chroot isolation, as build.sh builds: the image's files and entry points are what is
+    # under test, not this machine's OCI runtime (crun refuses hybrid cgroups here).
     return subprocess.run(
-        ["buildah", "run", container, "--", *command],
+        ["buildah", "run", "--isolation", "chroot", container, "--", *command],
         capture_output=True,
         text=True,
         timeout=120,
@@ -96,6 +99,18 @@ def test_scan_runs_inside_the_image(container: str) -> None:
     assert "driver-not-loaded" in {problem["code"] for problem in device_map["problems"]}
 
 
+def _daemon_args() -> list[str]:
+    """The arguments the DaemonSet's daemon container runs the image with."""
+    manifest = yaml.safe_load((REPO / "deploy" / "kubernetes" / "daemonset.yaml").read_text())
+    (daemon,) = (
+        container
+        for container in manifest["spec"]["template"]["spec"]["containers"]
+        if container["name"] == "gpu-device-watcher"
+    )
+    args: list[str] = daemon["args"]
+    return args
+
+
 def test_the_image_is_the_one_the_daemonset_runs(container: str) -> None:
     version = _run(container, "gpu-device-watcher", "--version")
     assert version.stdout.strip() == f"gpu-device-watcher {__version__}"
@@ -108,7 +123,7 @@ def test_the_image_is_the_one_the_daemonset_runs(container: str) -> None:
     )
     config = json.loads(inspected.stdout)["OCIv1"]["config"]
     assert config["Entrypoint"] == ["gpu-device-watcher"]
-    assert config["Cmd"] == ["serve", "--root", "/host", "--mountinfo", "/proc/1/mountinfo"]
+    assert config["Cmd"] == _daemon_args()
     # install-action, as the init container runs it (the host directory is /host-action).
     installed = _run(
         container,
