@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from tests.doctor.simnode import build
-from watcher import actionfile
+from watcher.criu import actionfile
 
 
 def _seconds(command: list[str]) -> float:

@@ -44,7 +44,7 @@ from bench.hostmounts import (
     scratch_tmpfs,
 )
 from tests.support.daemonproc import DaemonProcess
-from watcher.core.scan import HostView
+from watcher.core.snapshot import HostView
 from watcher.probe import scan
 
 RESULTS = Path(__file__).with_name("results-live.json")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from bench.hostmounts import grow_mount_table, reexec_unshared, scratch_tmpfs
-from watcher.core.scan import HostView
+from watcher.core.snapshot import HostView
 from watcher.probe import scan
 
 SIZES = (1_000, 10_000)

@@ -66,7 +66,7 @@ from bench.live import (
     rss_kib,
     scan_latency,
 )
-from watcher.core.scan import HostView
+from watcher.core.snapshot import HostView
 from watcher.probe import scan
 
 DEV_ROOT = "run/nvidia/driver/dev"

@@ -80,7 +80,7 @@ def back_to_back(daemon: Daemon, dev_root: Path, rounds: int) -> dict[str, Any]:
 def run(plan: Any, base: Path, before: Path | None) -> dict[str, Any]:
     """Phase i on a fresh host under `base` (a scratch tmpfs of the bench's namespace)."""
     from bench.suite import _mode_line, storm_with_daemon  # noqa: PLC0415
-    from watcher.core.scan import HostView  # noqa: PLC0415
+    from watcher.core.snapshot import HostView  # noqa: PLC0415
 
     base.chmod(0o755)
     root, proc = build_operator_host(base)

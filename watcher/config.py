@@ -17,9 +17,8 @@ from typing import Any, Final, Literal, get_args
 import msgspec
 
 from watcher.contract import DEFAULT_CONFIG, DEFAULT_SOCKET, SOCKET_ENV, config_file_problem
-from watcher.core.scan import DEFAULT_DRIVER_ROOTS, DEFAULT_VALIDATIONS_DIR, HostView
+from watcher.core.snapshot import DEFAULT_DRIVER_ROOTS, DEFAULT_VALIDATIONS_DIR, HostView
 from watcher.errors import ConfigError
-from watcher.hostview import foreign_mount_table
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -31,6 +30,7 @@ __all__ = [
     "ConfigFile",
     "Settings",
     "check_file_safety",
+    "foreign_mount_table",
     "load_config_file",
     "resolve_settings",
 ]
@@ -355,3 +355,37 @@ def resolve_settings(
             parse_listen(config.metrics_listen) if config.metrics_listen is not None else None
         ),
     )
+
+
+# --- whose paths the mount table speaks in -----------------------------------------------
+
+# The kernel writes the mount points of `/proc/PID/mountinfo` relative to PID's root. For this
+# process (`/proc/self`, `/proc/thread-self`, our own pid) and for a plain file standing in for
+# the table, they are our paths, and those under `--root` are translated by removing it. For
+# another process they are that process's paths: in the container deployment (`--root /host
+# --mountinfo /host/proc/1/mountinfo`) the host's init lists host paths while the files are
+# reached under `/host`, two different prefixes. A few readlinks, done once per host view.
+# <procfs>/<pid>/mountinfo or <procfs>/<pid>/task/<tid>/mountinfo, once links are resolved.
+_PROC_TABLE = re.compile(r"(?P<proc>/.*)/(?P<pid>[0-9]+)(?:/task/[0-9]+)?/mountinfo")
+
+
+def foreign_mount_table(mountinfo: str) -> bool:
+    """Whether `mountinfo` is the table of another process than this one.
+
+    `self` and `thread-self` are links to our own entries, so resolving the path turns them
+    into our pid. The pid is compared with what `<procfs>/self` names in that same procfs,
+    which is right even for a procfs of another PID namespace; where `self` does not resolve
+    there (we are not in that namespace), the table cannot be ours. A path that is not a
+    procfs entry is a plain file standing in for our table.
+    """
+    found = _PROC_TABLE.fullmatch(os.path.realpath(mountinfo))
+    if found is None:
+        return False
+    proc = found.group("proc")
+    if not os.path.islink(os.path.join(proc, "self")):
+        return False  # not a procfs: a fixture laid out like one
+    try:
+        ours = os.readlink(os.path.join(proc, "self"))
+    except OSError:
+        return True
+    return found.group("pid") != ours

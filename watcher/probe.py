@@ -21,7 +21,8 @@ from watcher.core.devices import FAMILIES, KFD_TOPOLOGY_NODES, Family, parse_kfd
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, PathFilter, parse_mountinfo
 from watcher.core.procfs import GpuInformation, parse_gpu_information
-from watcher.core.scan import (
+from watcher.core.scan import build_map
+from watcher.core.snapshot import (
     Candidate,
     DevRootListing,
     DrmNode,
@@ -30,10 +31,10 @@ from watcher.core.scan import (
     HostView,
     KfdNode,
     NodeEntry,
-    build_map,
     candidates_for,
     cuda_checkpoint_candidates,
     dev_root_of,
+    scan_paths,
 )
 
 __all__ = [
@@ -295,12 +296,8 @@ def read_host(
     if driver_ready_error is not None and driver_ready_error.startswith(("ENOENT", "ENOTDIR")):
         driver_ready_error = None  # no GPU Operator here: nothing to say
     candidates = _with_real_parents(view, candidates_for(view, driver_ready, rooted))
-    dev_roots = [candidate.dev_root for candidate in candidates]
-    # /dev is always looked at: `not-in-dev` is about /dev, and it is AMD's dev root.
-    for fixed in ["/dev", *(family.fixed_dev_root for family in families)]:
-        if fixed is not None and fixed not in dev_roots:
-            dev_roots.append(fixed)
-    relevant = PathFilter(view.table_path(dev_root) for dev_root in dev_roots)
+    paths = scan_paths(view, candidates, families)
+    relevant = paths.listed_mounts(view)
     key = (view.mountinfo, relevant.paths)
     mounts = mount_cache.lookup(key) if mount_cache is not None else None
     mounts_error = None
@@ -335,7 +332,10 @@ def read_host(
         driver_ready=driver_ready,
         driver_ready_error=driver_ready_error,
         candidates=candidates,
-        listings={dev_root: list_dev_root(view, dev_root, families) for dev_root in dev_roots},
+        listings={
+            dev_root: list_dev_root(view, dev_root, families) for dev_root in paths.dev_roots
+        },
+        paths=paths,
         driver_roots_existing=existing,
         cuda_checkpoints=frozenset(
             path for path in cuda_checkpoint_candidates(candidates) if _is_executable(view, path)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.hostfiles import drm_render, mknod, partitioned_gpu, proc_devices_text
+from watcher.cli.render import describe_update
 from watcher.contract import CHANGE_WORDS, summary_line
-from watcher.render import describe_update
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mknod of character devices needs root")
 TIMEOUT = 30.0

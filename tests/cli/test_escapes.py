@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from tests.support.daemonproc import DaemonProcess
-from watcher import logs, render
+from watcher.cli import render
 from watcher.contract import printable
+from watcher.daemon import logs
 
 TIMEOUT = 30.0
 HOSTILE = "/evil\x1b[31mRED\x1b[0m\x1b]0;title\x07"

@@ -43,8 +43,8 @@ from tests.daemon.harness import (
 )
 from tests.nsrun import run_scenario_module
 from watcher.core.mountinfo import PathFilter, parse_mountinfo
-from watcher.core.scan import HostView
-from watcher.daemon import _mount_filter
+from watcher.core.snapshot import HostView, ScanPaths
+from watcher.daemon.scanning import mount_filter
 from watcher.probe import MountCache, read_host
 from watcher.sources.fanotify import (
     FAN_MNT_ATTACH,
@@ -122,7 +122,10 @@ def test_path_filter_ancestors_of_keeps_a_driver_root_but_not_its_other_mounts()
 
 def test_the_daemon_judges_mounts_against_every_path_a_scan_reads() -> None:
     view = HostView(root="/host", proc="/host/proc", validations_dir="/run/nvidia/validations")
-    relevant = _mount_filter(view, ["/run/nvidia/driver/dev"], ["/run/nvidia/driver", "/"])
+    paths = ScanPaths(
+        ("/run/nvidia/driver/dev", "/dev"), ("/run/nvidia/driver", "/"), view.validations_dir
+    )
+    relevant = mount_filter(view, paths)
     for path in (
         "/host/run/nvidia/driver/dev/nvidia-caps",  # in a dev root
         "/host/dev",  # /dev, always listed

@@ -16,13 +16,15 @@ import pytest
 
 from watcher.core.devices import (
     AMD,
+    FAMILIES,
     NVIDIA,
     amd_unique_id,
     parse_kfd_properties,
     pci_address,
 )
 from watcher.core.mountinfo import MountTable
-from watcher.core.scan import (
+from watcher.core.scan import build_map
+from watcher.core.snapshot import (
     Candidate,
     DevRootListing,
     DrmNode,
@@ -30,7 +32,7 @@ from watcher.core.scan import (
     HostView,
     KfdNode,
     NodeEntry,
-    build_map,
+    scan_paths,
 )
 
 MI300X = "AMD Instinct MI300X"
@@ -135,6 +137,7 @@ def snapshot(*, kfd_names: tuple[int, ...], sysfs_identity: bool = True) -> Host
         mounts_error=None,
         driver_ready=None,
         candidates=[Candidate("/", "/dev", False)],
+        paths=scan_paths(HostView(), [Candidate("/", "/dev", False)], FAMILIES),
         listings={
             "/dev": DevRootListing(
                 "/dev",

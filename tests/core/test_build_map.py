@@ -7,17 +7,19 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from watcher.core.devices import FAMILIES
 from watcher.core.model import Device, DeviceMap, Gpu, Mount, Problem
 from watcher.core.mountinfo import MountTable, parse_mountinfo
 from watcher.core.procfs import GpuInformation, parse_gpu_information
-from watcher.core.scan import (
+from watcher.core.scan import build_map
+from watcher.core.snapshot import (
     Candidate,
     DevRootListing,
     HostSnapshot,
     HostView,
     NodeEntry,
-    build_map,
     candidates_for,
+    scan_paths,
 )
 
 from ._fixtures import fixture_text
@@ -95,11 +97,9 @@ class Host:
 
     def snapshot(self) -> HostSnapshot:
         candidates = candidates_for(self.view, self.driver_ready)
-        wanted = [candidate.dev_root for candidate in candidates]
-        if "/dev" not in wanted:
-            wanted.append("/dev")
+        paths = scan_paths(self.view, candidates, FAMILIES)
         listings = {}
-        for dev_root in wanted:
+        for dev_root in paths.dev_roots:
             entries = self.dev_roots.get(dev_root)
             listings[dev_root] = (
                 DevRootListing(dev_root, exists=False)
@@ -117,6 +117,7 @@ class Host:
             driver_ready_error=self.driver_ready_error,
             candidates=candidates,
             listings=listings,
+            paths=paths,
             driver_roots_existing=self.existing,
         )
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.hostfiles import mknod, proc_devices_text
-from watcher.core.scan import HostView, build_map, cuda_checkpoint_candidates
+from watcher.core.scan import build_map
+from watcher.core.snapshot import HostView, cuda_checkpoint_candidates
 from watcher.probe import read_host, scan
 
 from .test_build_map import OPERATOR_ROOT, UPDATED, operator_host

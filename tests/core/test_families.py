@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.hostfiles import mknod
 from watcher.core.devices import NVIDIA, Expected, Family, NodeSpec
-from watcher.core.scan import HostView
+from watcher.core.snapshot import HostView
 from watcher.daemon.scanning import event_filter, watched_subdirs
 from watcher.probe import scan
 

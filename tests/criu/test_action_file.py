@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.support.hostfiles import drm_partition, drm_render, kfd_node, proc_devices_text
-from watcher import actionfile
+from watcher.criu import actionfile
 
 from .harness import Criu, Tree, alive
 from .simhost import SimHost

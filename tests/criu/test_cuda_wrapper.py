@@ -24,7 +24,7 @@ import pytest
 
 from tests.criu.harness import WRAPPER, stage_wrapper
 from tests.criu.test_gate import H200, U, host, record
-from watcher import actionfile
+from watcher.criu import actionfile
 from watcher.criu.cudacheckpoint import WRAPPER_MARKER, is_wrapper
 from watcher.criu.cudawrap import elf_interpreter
 

@@ -1,4 +1,4 @@
-"""watcher.proctree on the real kernel: real process trees, real fds, real mappings.
+"""watcher.criu.proctree on the real kernel: real process trees, real fds, real mappings.
 
 Every child runs in its own session; each test kills its whole process group in a finally
 block, and every wait is bounded.
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from watcher import proctree
-from watcher.proctree import DeviceUse, open_char_devices, process_tree, used_devices
+from watcher.criu import proctree
+from watcher.criu.proctree import DeviceUse, open_char_devices, process_tree, used_devices
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 15.0
@@ -356,7 +356,7 @@ def test_unreadable_processes_are_skipped_and_reported(spawn: Spawn) -> None:
     probe = textwrap.dedent(
         f"""
         import json, os
-        from watcher.proctree import open_char_devices, process_tree
+        from watcher.criu.proctree import open_char_devices, process_tree
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
@@ -563,7 +563,7 @@ MAPPER = f"""
 # VmHWM, not ru_maxrss: the latter carries the parent's peak over fork and exec.
 MEASURE = """
 import sys
-from watcher.proctree import used_devices
+from watcher.criu.proctree import used_devices
 pid = int(sys.argv[1])
 libraries = set()
 used = used_devices(pid, [], library_suffix=".so.580.95.05", libraries=libraries)

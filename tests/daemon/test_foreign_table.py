@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.hostview import foreign_mount_table
+from watcher.config import foreign_mount_table
 
 from .harness import DEV_ROOT, DRIVER_ROOT, NODES, TIMEOUT, Daemon, Namespace, device, names
 from .harness import problem_codes as codes
@@ -89,7 +89,7 @@ def test_which_tables_are_another_process_s(namespaces_available: None, tmp_path
     as_init = subprocess.run(
         [
             *("unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"),
-            "import os; from watcher.hostview import foreign_mount_table as f; "
+            "import os; from watcher.config import foreign_mount_table as f; "
             "print(os.getpid(), f('/proc/1/mountinfo'))",
         ],
         capture_output=True,

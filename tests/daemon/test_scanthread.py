@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from watcher.daemon.scanthread import DEFAULT_SCAN_DEADLINE_S, ScanRunner, parse_deadline
-from watcher.state import Counters
+from watcher.daemon.state import Counters
 
 TIMEOUT = 10.0
 

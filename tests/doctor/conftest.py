@@ -12,7 +12,7 @@ from tests.doctor.simnode import SimNode, build
 
 @pytest.fixture(scope="session")
 def action_bytes() -> bytes:
-    from watcher import actionfile
+    from watcher.criu import actionfile
 
     return actionfile.build().data
 

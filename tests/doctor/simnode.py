@@ -143,7 +143,7 @@ WRAPPER = f"{ACTION_DIR}/cuda-checkpoint"
 
 def wrapper_script() -> bytes:
     """The wrapper `install-action` writes beside the action."""
-    from watcher.actionfile import wrapper_bytes
+    from watcher.criu.actionfile import wrapper_bytes
 
     return wrapper_bytes()
 

@@ -85,7 +85,7 @@ def _stale_action(node: SimNode) -> None:
 
 
 def _reinstall_action(node: SimNode) -> None:
-    from watcher import actionfile
+    from watcher.criu import actionfile
 
     node.write(ACTION, actionfile.build().data, 0o755)
 

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from watcher.core.model import Problem
+from watcher.daemon.state import Counters, MapState
 from watcher.publish.metrics import MapCollector, MetricsServer, registry_for
-from watcher.state import Counters, MapState
 
 from .maps import device, operator_map
 

@@ -232,7 +232,7 @@ def _run(host: FakeHost, step: dict[str, Any]) -> None:
 
 
 def _child(spec: dict[str, Any]) -> bytes:
-    from watcher.core.scan import DEFAULT_DRIVER_ROOTS, HostView
+    from watcher.core.snapshot import DEFAULT_DRIVER_ROOTS, HostView
     from watcher.probe import scan
 
     workdir, root, proc = spec["workdir"], spec["root"], spec["proc"]

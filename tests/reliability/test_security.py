@@ -26,7 +26,7 @@ import pytest
 
 from watcher.config import ConfigError, check_file_safety, load_config_file
 from watcher.contract import config_file_problem
-from watcher.core.scan import HostView
+from watcher.core.snapshot import HostView
 from watcher.probe import scan
 
 from .harness import (

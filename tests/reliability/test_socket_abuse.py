@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from watcher.protocol import (
+from watcher.server.protocol import (
     ErrorReply,
     Get,
     Rescan,
@@ -34,7 +34,7 @@ from watcher.protocol import (
     decode_request,
     encode,
 )
-from watcher.protocol import Path as PathRequest
+from watcher.server.protocol import Path as PathRequest
 
 from .harness import Client, Daemon, Host, check_reply_shape, mknod
 

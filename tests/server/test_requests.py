@@ -33,8 +33,17 @@ from hypothesis import strategies as st
 import watcher
 from watcher.config import Settings
 from watcher.core.model import Device, DeviceMap, Driver, Kind, Mount, Problem
-from watcher.core.scan import HostView
-from watcher.protocol import (
+from watcher.core.snapshot import HostView
+from watcher.daemon.state import Counters, MapState
+from watcher.server import (
+    Server,
+    SocketInUseError,
+    SocketSetupError,
+    UnixServerSocket,
+    bind_unix_socket,
+    unlink_socket,
+)
+from watcher.server.protocol import (
     ERROR_CODES,
     KNOWN_OPS,
     MAX_LINE,
@@ -47,18 +56,9 @@ from watcher.protocol import (
     decode_request,
     encode,
 )
-from watcher.protocol import (
+from watcher.server.protocol import (
     Path as PathRequest,
 )
-from watcher.server import (
-    Server,
-    SocketInUseError,
-    SocketSetupError,
-    UnixServerSocket,
-    bind_unix_socket,
-    unlink_socket,
-)
-from watcher.state import Counters, MapState
 
 TIMEOUT = 10.0
 NOBODY = 65534

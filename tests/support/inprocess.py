@@ -23,12 +23,11 @@ import msgspec
 
 from tests.support.host import FakeHost
 from watcher.config import ConfigError, Settings
-from watcher.core.scan import HostView
-from watcher.daemon import Daemon, Sources
+from watcher.core.snapshot import HostView
 from watcher.daemon.lifecycle import Lifecycle
-from watcher.daemon.service import EventSource
+from watcher.daemon.service import Daemon, EventSource, Sources
+from watcher.daemon.systemd import Notifier
 from watcher.server import bind_unix_socket
-from watcher.systemd import Notifier
 
 __all__ = ["Host", "Running", "ScriptedMounts", "ScriptedTree", "running_daemon"]
 

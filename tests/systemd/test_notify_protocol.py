@@ -1,4 +1,4 @@
-"""watcher.systemd against real sockets and the real systemd-socket-activate binary."""
+"""watcher.daemon.systemd against real sockets and the real systemd-socket-activate binary."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.systemd import Notifier, NotifyError, listen_fds, watchdog_interval
+from watcher.daemon.systemd import Notifier, NotifyError, listen_fds, watchdog_interval
 
 REPO = Path(__file__).resolve().parents[2]
 SOCKET_ACTIVATE = Path("/usr/bin/systemd-socket-activate")
@@ -243,7 +243,7 @@ def report(socks):
 """
 
 ACTIVATED_CHILD = (
-    "import json, os\nfrom watcher.systemd import listen_fds\n"
+    "import json, os\nfrom watcher.daemon.systemd import listen_fds\n"
     + REPORT
     + """
 socks = listen_fds()
@@ -267,7 +267,7 @@ if src != 3:
     os.dup2(src, 3)
     os.close(src)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="api")
-from watcher.systemd import listen_fds
+from watcher.daemon.systemd import listen_fds
 try:
     out = report(listen_fds())
 except ValueError as exc:

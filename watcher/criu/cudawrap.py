@@ -166,7 +166,7 @@ def _quiet_map(environ: Mapping[str, str]) -> dict[str, Any] | None:
     except ImportError:
         return None  # the action file packs no scanner
     from watcher.config import ConfigError, resolve_settings  # noqa: PLC0415
-    from watcher.core.scan import HostView  # noqa: PLC0415
+    from watcher.core.snapshot import HostView  # noqa: PLC0415
     from watcher.criu.settings import config_path  # noqa: PLC0415
     from watcher.probe import scan  # noqa: PLC0415
 

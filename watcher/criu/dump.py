@@ -190,7 +190,7 @@ def pre_dump(environ: Mapping[str, str]) -> int:
         return EXIT_USAGE
     pid = int(pid_text)
 
-    from watcher import proctree  # noqa: PLC0415
+    from watcher.criu import proctree  # noqa: PLC0415
 
     if not proctree.is_running(pid):
         say(

@@ -48,7 +48,7 @@ def direct_scan(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
         raise SystemExit(without_scanner(environ)) from None
 
     from watcher.config import ConfigError, resolve_settings  # noqa: PLC0415
-    from watcher.core.scan import HostView  # noqa: PLC0415
+    from watcher.core.snapshot import HostView  # noqa: PLC0415
     from watcher.probe import scan  # noqa: PLC0415
 
     path, explicit = config_path(environ)
@@ -84,7 +84,7 @@ def without_scanner(environ: Mapping[str, str]) -> int:
         return EXIT_REFUSE
     # pre_dump checked it: digits, a running process.
     pid = int(environ["CRTOOLS_INIT_PID"])
-    from watcher import proctree  # noqa: PLC0415
+    from watcher.criu import proctree  # noqa: PLC0415
     from watcher.criu.settings import proc_dir, sys_dir  # noqa: PLC0415
 
     devices = f"{proc_dir(environ)}/devices"

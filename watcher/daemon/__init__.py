@@ -6,24 +6,10 @@
 - `scanning`: one scan as the daemon runs it; watch targets, mount filter, event filter.
 - `service`: the `Daemon`: events -> scheduler -> scan -> published generation; reload.
 - `compose`: `run()`, the composition root: environment, socket, real sources, wiring.
+- `state`: the one live map (`MapState`) and the counters, read by the server and publishers.
+- `systemd`, `logs`: sd_notify and socket activation; the log formats.
+- `scanthread`: the scan's own thread and its watchdog.
+
+Nothing is imported here: the server and the publishers import `state` without pulling in
+the daemon's composition (which imports them).
 """
-
-from __future__ import annotations
-
-from watcher.daemon.compose import real_sources, run
-from watcher.daemon.judge import MOUNT_EVENTS_MODES
-from watcher.daemon.scanning import mount_filter, summary
-from watcher.daemon.service import Daemon, Sources
-
-# The old private name, still imported by tests of the mount filter.
-_mount_filter = mount_filter
-
-__all__ = [
-    "MOUNT_EVENTS_MODES",
-    "Daemon",
-    "Sources",
-    "mount_filter",
-    "real_sources",
-    "run",
-    "summary",
-]

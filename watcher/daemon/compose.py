@@ -11,20 +11,20 @@ from dataclasses import replace
 
 import anyio
 
-from watcher import logs
 from watcher.config import Settings
 from watcher.contract import MOUNT_EVENTS_ENV, SCAN_DEADLINE_ENV
+from watcher.daemon import logs
 from watcher.daemon.judge import mount_events_mode
 from watcher.daemon.lifecycle import Lifecycle
 from watcher.daemon.scanning import event_filter, uevent_interest, watched_subdirs
 from watcher.daemon.scanthread import parse_deadline
 from watcher.daemon.service import Daemon, Sources
+from watcher.daemon.systemd import ActivatedSocket, Notifier, listen_fds, watchdog_interval
 from watcher.errors import SocketSetupError
 from watcher.server import bind_unix_socket, unlink_socket
 from watcher.sources.inotify import TreeWatcher
 from watcher.sources.mounts import MountTableWatcher
 from watcher.sources.uevents import UeventSource
-from watcher.systemd import ActivatedSocket, Notifier, listen_fds, watchdog_interval
 
 __all__ = ["real_sources", "run"]
 

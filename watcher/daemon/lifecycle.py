@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from watcher.systemd import Notifier, NotifyError
+from watcher.daemon.systemd import Notifier, NotifyError
 
 __all__ = ["Lifecycle"]
 

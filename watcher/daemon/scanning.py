@@ -13,7 +13,8 @@ from watcher.contract import summary_line, utc_timestamp
 from watcher.core.devices import FAMILIES, Family
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import PathFilter
-from watcher.core.scan import HostView, build_map
+from watcher.core.scan import build_map
+from watcher.core.snapshot import HostView, ScanPaths
 from watcher.probe import MountCache, read_host
 from watcher.sources.uevents import UeventInterest
 
@@ -51,19 +52,19 @@ def summary(device_map: DeviceMap) -> str:
     )
 
 
-def watch_targets(view: HostView, dev_roots: list[str]) -> list[str]:
-    host_paths = [*dev_roots, "/dev", view.validations_dir]
-    return [view.fs_path(path) for path in dict.fromkeys(host_paths)]
+def watch_targets(view: HostView, paths: ScanPaths) -> list[str]:
+    """The directories to watch, as this process sees them."""
+    return [view.fs_path(path) for path in paths.watched()]
 
 
-def mount_filter(view: HostView, dev_roots: list[str], driver_roots: list[str]) -> PathFilter:
+def mount_filter(view: HostView, paths: ScanPaths) -> PathFilter:
     """Which mount points (as this process sees them) can change the map: on, above or below
-    what a scan lists, watches or reads, and on or above the driver roots (a scan only asks
-    whether those exist). A superset only costs rescans."""
-    paths = {view.fs_path(path) for path in [*dev_roots, "/dev", view.validations_dir]}
-    paths.add(os.path.abspath(view.proc))
-    paths.add(os.path.abspath(view.sys))  # class/drm is read there (the AMD family)
-    return PathFilter(sorted(paths), sorted({view.fs_path(path) for path in driver_roots}))
+    what a scan lists, watches or reads (proc and sys included), and on or above the driver
+    roots (a scan only asks whether those exist). A superset only costs rescans."""
+    watched = {view.fs_path(path) for path in paths.watched()}
+    watched.add(os.path.abspath(view.proc))
+    watched.add(os.path.abspath(view.sys))  # class/drm is read there (the AMD family)
+    return PathFilter(sorted(watched), sorted({view.fs_path(path) for path in paths.driver_roots}))
 
 
 # What the GPU Operator writes into the validations directory; the rest of it is noise.
@@ -100,9 +101,9 @@ matters = event_filter()
 @dataclass(frozen=True, slots=True)
 class Scanned:
     map: DeviceMap
-    dev_roots: list[str]
+    # What the scan read: the daemon watches and judges mounts by it.
+    paths: ScanPaths
     milliseconds: float
-    driver_roots: list[str]
 
 
 def scan_host(
@@ -118,7 +119,6 @@ def scan_host(
     )
     return Scanned(
         map=device_map,
-        dev_roots=[candidate.dev_root for candidate in snapshot.candidates],
+        paths=snapshot.paths,
         milliseconds=round((time.perf_counter() - started) * 1000, 3),
-        driver_roots=[candidate.driver_root for candidate in snapshot.candidates],
     )

@@ -22,7 +22,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from watcher.contract import SCAN_DEADLINE_ENV
-from watcher.state import Counters
+from watcher.daemon.state import Counters
 
 __all__ = ["DEFAULT_SCAN_DEADLINE_S", "ScanRunner", "parse_deadline"]
 

@@ -21,18 +21,20 @@ import anyio
 import anyio.abc
 
 from watcher.config import RELOAD_ON_RESTART, ConfigError, Settings
+from watcher.core.devices import FAMILIES
 from watcher.core.diff import describe
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import PathFilter
+from watcher.core.snapshot import scan_paths
 from watcher.daemon.judge import MountJudging
 from watcher.daemon.lifecycle import Lifecycle
 from watcher.daemon.scanning import Scanned, mount_filter, scan_host, summary, watch_targets
 from watcher.daemon.scanthread import DEFAULT_SCAN_DEADLINE_S, ScanRunner
 from watcher.daemon.scheduler import RescanScheduler
+from watcher.daemon.state import Counters, MapState
 from watcher.probe import MountCache
 from watcher.publish import Publisher
 from watcher.server import Server
-from watcher.state import Counters, MapState
 
 __all__ = ["Daemon", "EventSource", "MountSource", "Sources", "TreeSource"]
 
@@ -108,8 +110,8 @@ class Daemon:
         self.counters = Counters()
         self._scans = ScanRunner(self.counters, scan_deadline_s)
         self.scheduler = RescanScheduler(self._scan, debounce_s=settings.debounce_ms / 1000)
-        self._dev_roots: list[str] = []
-        self._driver_roots: list[str] = []
+        # What the last scan read; the watches and the mount judge follow it.
+        self._paths = scan_paths(settings.view, [], FAMILIES)
         # Reused by rescans that follow no relevant mount change (see MountCache).
         self._mount_cache = MountCache()
         self._mounts: _MountWatch | None = None
@@ -131,15 +133,14 @@ class Daemon:
     def _account(self, scanned: Scanned) -> DeviceMap:
         """Book a finished scan (on the event loop): counters and the roots to watch."""
         self.counters.book_scan(scanned.milliseconds)
-        self._dev_roots = scanned.dev_roots
-        self._driver_roots = scanned.driver_roots
+        self._paths = scanned.paths
         if self._mounts is not None:
             # driver-ready may have named another root: judge mounts against it from now on.
             self._mounts.judging.set_filter(self.mount_filter())
         return scanned.map
 
     def mount_filter(self) -> PathFilter:
-        return mount_filter(self.settings.view, self._dev_roots, self._driver_roots)
+        return mount_filter(self.settings.view, self._paths)
 
     async def _scan_off_loop(self, generation: int) -> DeviceMap:
         # A scan reads files and lists directories: keep it off the loop so queries are
@@ -149,7 +150,7 @@ class Daemon:
         return self._account(scanned)
 
     def _rearm(self) -> None:
-        self._sources.tree.set_targets(watch_targets(self.settings.view, self._dev_roots))
+        self._sources.tree.set_targets(watch_targets(self.settings.view, self._paths))
 
     async def _scan(self, *, full: bool, rearm: bool) -> None:
         """One rescan, run by the scheduler; publishes a new generation if the map changed.
@@ -161,9 +162,9 @@ class Daemon:
             self._mount_cache.invalidate()
         if rearm:
             self._rearm()
-        targets_before = self._dev_roots
+        targets_before = self._paths.dev_roots
         candidate = await self._scan_off_loop(self.state.generation)
-        if self._dev_roots != targets_before:
+        if self._paths.dev_roots != targets_before:
             # driver-ready named another root: watch it too, then look once more.
             self._rearm()
             candidate = await self._scan_off_loop(self.state.generation)

@@ -45,8 +45,8 @@ from prometheus_client.core import (
 )
 
 from watcher.core.model import Kind, ProblemCode, Severity
+from watcher.daemon.state import SCAN_BUCKETS, Counters, MapState
 from watcher.publish.labels import checkpoint_ready
-from watcher.state import SCAN_BUCKETS, Counters, MapState
 
 __all__ = [
     "ACCEPT_RATE",

@@ -24,9 +24,9 @@ import anyio
 import anyio.abc
 
 from watcher.config import Settings, format_listen
+from watcher.daemon.state import Counters, MapState, Publication
 from watcher.publish.labels import PREFIX, compute_labels, render
 from watcher.publish.nfd import remove_if_ours, write_atomically
-from watcher.state import Counters, MapState, Publication
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

@@ -18,7 +18,7 @@ import struct
 from typing import Final
 
 from watcher.config import Settings
-from watcher.protocol import encode_error
+from watcher.server.protocol import encode_error
 
 __all__ = ["Admission", "Peer", "peer_of"]
 

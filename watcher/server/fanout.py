@@ -13,9 +13,9 @@ from typing import Final
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from watcher.protocol import encode_changes, encode_error
+from watcher.daemon.state import MapState, Publication
 from watcher.server.framing import GONE, Connection, peer_hung_up
-from watcher.state import MapState, Publication
+from watcher.server.protocol import encode_changes, encode_error
 
 __all__ = ["DEFAULT_SEND_GRACE", "DEFAULT_SUBSCRIBER_QUEUE", "Fanout"]
 

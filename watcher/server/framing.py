@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from watcher.protocol import MAX_LINE
+from watcher.server.protocol import MAX_LINE
 
 __all__ = [
     "GONE",

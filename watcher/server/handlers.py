@@ -16,7 +16,10 @@ import anyio
 
 from watcher import __version__
 from watcher.core.explain import why_unusable
-from watcher.protocol import (
+from watcher.daemon.state import Counters, MapState
+from watcher.server.fanout import Fanout
+from watcher.server.framing import GONE, Connection, peer_hung_up
+from watcher.server.protocol import (
     MAX_LINE,
     Get,
     Path,
@@ -31,9 +34,6 @@ from watcher.protocol import (
     encode,
     encode_error,
 )
-from watcher.server.fanout import Fanout
-from watcher.server.framing import GONE, Connection, peer_hung_up
-from watcher.state import Counters, MapState
 
 __all__ = ["Handlers"]
 

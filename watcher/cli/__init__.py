@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from watcher import __version__, client, render
+from watcher import __version__, client
+from watcher.cli import render
 from watcher.contract import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -287,7 +288,7 @@ def command_scan(arguments: argparse.Namespace) -> int:
 
 
 def command_serve(arguments: argparse.Namespace) -> int:
-    from watcher.daemon import run  # noqa: PLC0415
+    from watcher.daemon.compose import run  # noqa: PLC0415
 
     _check_host_view(arguments)
     return run(_settings(arguments), lambda: _settings(arguments))
@@ -406,7 +407,7 @@ def command_doctor(arguments: argparse.Namespace) -> int:
 
 
 def command_install_action(arguments: argparse.Namespace) -> int:
-    from watcher import actionfile  # noqa: PLC0415
+    from watcher.criu import actionfile  # noqa: PLC0415
 
     try:
         built = actionfile.build()

@@ -322,7 +322,7 @@ WRAPPER_NAME = "cuda-checkpoint"
 
 def wrapper_bytes() -> bytes:
     """The `cuda-checkpoint` wrapper's /bin/sh front, as the wheel installs it."""
-    return (Path(__file__).parent / "criu" / "wrapper.sh").read_bytes()
+    return Path(__file__).with_name("wrapper.sh").read_bytes()
 
 
 def install_wrapper(directory: str) -> str:
