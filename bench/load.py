@@ -34,19 +34,24 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def run_load(path: str, clients: int, seconds: float, requests: int | None) -> dict[str, float]:
-    poller = select.epoll()
+def _connect(path: str, clients: int, poller: select.epoll) -> dict[int, socket.socket]:
+    """`clients` non-blocking connections to `path`, registered for reading, by fd."""
     connections: dict[int, socket.socket] = {}
-    buffers: dict[int, bytes] = {}
-    sent_at: dict[int, float] = {}
     for _ in range(clients):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(STALL_S)
         sock.connect(path)
         sock.setblocking(False)
         connections[sock.fileno()] = sock
-        buffers[sock.fileno()] = b""
         poller.register(sock.fileno(), select.EPOLLIN)
+    return connections
+
+
+def run_load(path: str, clients: int, seconds: float, requests: int | None) -> dict[str, float]:
+    poller = select.epoll()
+    connections = _connect(path, clients, poller)
+    buffers = dict.fromkeys(connections, b"")
+    sent_at: dict[int, float] = {}
     latencies: list[float] = []
     clock = time.perf_counter
     started = clock()

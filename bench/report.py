@@ -61,7 +61,43 @@ def rows(results: dict[str, Any]) -> list[Row]:
     live = results.get("live", {})
     out: list[Row] = []
 
-    # a. query
+    out += _query_rows(live)
+    out += _process_rows(live)
+    out += _event_rows(live)
+    out += _idle_rows(live)
+    out += _storm_rows(live)
+    out += _memory_rows(live)
+    out += _throughput_rows(live)
+    out += _unprivileged_rows(live.get("unprivileged"))
+    out += _uevent_rows(live.get("uevents"))
+
+    # h. CRIU
+    criu = results.get("criu")
+    if criu and not criu.get("skipped"):
+        for stage in ("dump", "restore"):
+            base = criu["baseline"][f"{stage}_ms"]
+            action = criu["action"][f"{stage}_ms"]
+            out.append(
+                Row(
+                    f"h. CRIU {stage}: time the action adds (median of {criu['runs']})",
+                    f"{action - base:+.1f} ms ({action:.1f} ms)",
+                    f"no action script {base:.1f} ms",
+                    _x(action / base),
+                    "",
+                    None,
+                )
+            )
+        out += _stage_rows(criu)
+        out += _wrapper_rows(criu.get("cuda_checkpoint"), criu["stage_runs"])
+    elif criu:
+        out.append(Row("h. CRIU", f"skipped: {criu['skipped']}", "", ""))
+    out += _flood_rows(results.get("scrape_flood", {}))
+    return out
+
+
+def _query_rows(live: dict[str, Any]) -> list[Row]:
+    """a. query"""
+    out: list[Row] = []
     for entry in live.get("get_vs_scan", []):
         get, scan = entry["get"], entry["scan"]
         big = entry["mounts"] >= 10_000
@@ -75,8 +111,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 (entry["ratio_p50"] >= 50 and get["p99_ms"] < 1.0) if big else None,
             )
         )
+    return out
 
-    # b. whole processes
+
+def _process_rows(live: dict[str, Any]) -> list[Row]:
+    """b. whole processes"""
+    out: list[Row] = []
     processes = live.get("processes")
     if processes:
         python = processes["python"]["median_ms"]
@@ -97,8 +137,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     ratio <= goal if goal else None,
                 )
             )
+    return out
 
-    # c. change detection
+
+def _event_rows(live: dict[str, Any]) -> list[Row]:
+    """c. change detection"""
+    out: list[Row] = []
     events = live.get("events")
     if events:
         debounce = events["debounce_ms"]
@@ -126,8 +170,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 node["p99_ms"] < 100,
             )
         )
+    return out
 
-    # d. idle
+
+def _idle_rows(live: dict[str, Any]) -> list[Row]:
+    """d. idle"""
+    out: list[Row] = []
     idle = live.get("idle")
     if idle:
         daemon, poller = idle["daemon"], idle["poller"]
@@ -141,8 +189,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 daemon["wakeups"] == 0,
             )
         )
+    return out
 
-    # e. storm
+
+def _storm_rows(live: dict[str, Any]) -> list[Row]:
+    """e. storm"""
+    out: list[Row] = []
     auto, fallback = live.get("storm_auto"), live.get("storm_mountinfo")
     findmnt_storm = live.get("storm_findmnt")
     if auto and fallback and findmnt_storm:
@@ -189,8 +241,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 bool(auto["correct"] and fallback["correct"]),
             )
         )
+    return out
 
-    # f. memory
+
+def _memory_rows(live: dict[str, Any]) -> list[Row]:
+    """f. memory"""
+    out: list[Row] = []
     memory = live.get("memory")
     if memory and "queries" in memory:
         queries = memory["queries"]
@@ -221,8 +277,12 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 queries["growth_kib"] < MIB,
             )
         )
+    return out
 
-    # g. throughput
+
+def _throughput_rows(live: dict[str, Any]) -> list[Row]:
+    """g. throughput"""
+    out: list[Row] = []
     throughput = live.get("throughput")
     if throughput:
         for clients, figures in throughput["daemon"].items():
@@ -238,31 +298,6 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     figures["requests_per_s"] >= 10_000 if goal else None,
                 )
             )
-
-    out += _unprivileged_rows(live.get("unprivileged"))
-    out += _uevent_rows(live.get("uevents"))
-
-    # h. CRIU
-    criu = results.get("criu")
-    if criu and not criu.get("skipped"):
-        for stage in ("dump", "restore"):
-            base = criu["baseline"][f"{stage}_ms"]
-            action = criu["action"][f"{stage}_ms"]
-            out.append(
-                Row(
-                    f"h. CRIU {stage}: time the action adds (median of {criu['runs']})",
-                    f"{action - base:+.1f} ms ({action:.1f} ms)",
-                    f"no action script {base:.1f} ms",
-                    _x(action / base),
-                    "",
-                    None,
-                )
-            )
-        out += _stage_rows(criu)
-        out += _wrapper_rows(criu.get("cuda_checkpoint"), criu["stage_runs"])
-    elif criu:
-        out.append(Row("h. CRIU", f"skipped: {criu['skipped']}", "", ""))
-    out += _flood_rows(results.get("scrape_flood", {}))
     return out
 
 

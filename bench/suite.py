@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -576,8 +576,7 @@ def run(plan: Plan, only: str = "abcdefg") -> dict[str, Any]:
     compile_bytecode()
     with scratch_tmpfs() as base:
         root, proc = build_operator_host(base)
-        dev_root = root / DEV_ROOT
-        view = HostView(root=str(root), proc=str(proc))
+        host = _BenchHost(root, proc, base, HostView(root=str(root), proc=str(proc)))
         daemon = Daemon(root, proc, base, name="auto")
         try:
             time.sleep(1.0)
@@ -586,50 +585,77 @@ def run(plan: Plan, only: str = "abcdefg") -> dict[str, Any]:
             # The mount events mode of a daemon is what its log says it uses.
             results["mode_auto"] = _mode_line(daemon)
             memory["python_kib"] = python_rss_kib()
-            if "c" in only:
-                phase(results, "c. change detection")
-                results["events"] = change_detection(daemon, dev_root, plan)
-            if "b" in only:
-                phase(results, "b. whole processes")
-                results["processes"] = processes(daemon, root, proc, base, plan)
-            if "d" in only:
-                phase(results, "d. idle")
-                daemon.settle()
-                results["idle"] = idle(daemon, dev_root, plan.idle_s)
-            if "f" in only:
-                phase(results, "f. memory under queries")
-                memory["queries"] = memory_under_queries(daemon, plan)
-            if "g" in only:
-                phase(results, "g. throughput")
-                results["throughput"] = throughput(daemon, base, plan)
-            if "a" in only:
-                phase(results, "a. get vs scan")
-                results["get_vs_scan"] = get_vs_scan(daemon, view, base, plan)
-            else:
-                grow_mount_table(base / "mounts", plan.sizes[-1])
-            memory["at_10k_kib"] = rss_kib(daemon.pid)
-            if "e" in only:
-                phase(results, "e. storm, fanotify")
-                results["storm_auto"] = storm_with_daemon(daemon, view, base, dev_root, plan)
-                memory["after_storm_kib"] = results["storm_auto"]["rss_kib"]
+            _auto_phases(results, plan, only, daemon, host)
         finally:
             results["warnings_auto"] = _warnings(daemon)
             results["daemon_exit_auto"] = daemon.stop()
         if "e" not in only:
             return results
-        phase(results, "e. storm, findmnt --poll")
-        results["storm_findmnt"] = storm_with_findmnt(base, dev_root, plan)
-        phase(results, "e. storm, mountinfo path")
-        fallback = Daemon(root, proc, base, env={MODE_ENV: "mountinfo"}, name="mountinfo")
-        try:
-            time.sleep(1.0)
-            results["mode_mountinfo"] = _mode_line(fallback)
-            results["storm_mountinfo"] = storm_with_daemon(fallback, view, base, dev_root, plan)
-            memory["mountinfo_after_storm_kib"] = results["storm_mountinfo"]["rss_kib"]
-        finally:
-            results["warnings_mountinfo"] = _warnings(fallback)
-            results["daemon_exit_mountinfo"] = fallback.stop()
+        _mountinfo_storm(results, plan, host)
     return results
+
+
+class _BenchHost(NamedTuple):
+    """The simulated GPU Operator host every phase of `run` works on."""
+
+    root: Path
+    proc: Path
+    base: Path
+    view: HostView
+
+
+def _auto_phases(
+    results: dict[str, Any], plan: Plan, only: str, daemon: Daemon, host: _BenchHost
+) -> None:
+    """The phases run against the first daemon (mount events as it chooses them)."""
+    memory = results["memory"]
+    root, proc, base, view = host
+    dev_root = root / DEV_ROOT
+    if "c" in only:
+        phase(results, "c. change detection")
+        results["events"] = change_detection(daemon, dev_root, plan)
+    if "b" in only:
+        phase(results, "b. whole processes")
+        results["processes"] = processes(daemon, root, proc, base, plan)
+    if "d" in only:
+        phase(results, "d. idle")
+        daemon.settle()
+        results["idle"] = idle(daemon, dev_root, plan.idle_s)
+    if "f" in only:
+        phase(results, "f. memory under queries")
+        memory["queries"] = memory_under_queries(daemon, plan)
+    if "g" in only:
+        phase(results, "g. throughput")
+        results["throughput"] = throughput(daemon, base, plan)
+    if "a" in only:
+        phase(results, "a. get vs scan")
+        results["get_vs_scan"] = get_vs_scan(daemon, view, base, plan)
+    else:
+        grow_mount_table(base / "mounts", plan.sizes[-1])
+    memory["at_10k_kib"] = rss_kib(daemon.pid)
+    if "e" in only:
+        phase(results, "e. storm, fanotify")
+        results["storm_auto"] = storm_with_daemon(daemon, view, base, dev_root, plan)
+        memory["after_storm_kib"] = results["storm_auto"]["rss_kib"]
+
+
+def _mountinfo_storm(results: dict[str, Any], plan: Plan, host: _BenchHost) -> None:
+    """The storm against findmnt --poll and against a daemon on the mountinfo path."""
+    memory = results["memory"]
+    root, proc, base, view = host
+    dev_root = root / DEV_ROOT
+    phase(results, "e. storm, findmnt --poll")
+    results["storm_findmnt"] = storm_with_findmnt(base, dev_root, plan)
+    phase(results, "e. storm, mountinfo path")
+    fallback = Daemon(root, proc, base, env={MODE_ENV: "mountinfo"}, name="mountinfo")
+    try:
+        time.sleep(1.0)
+        results["mode_mountinfo"] = _mode_line(fallback)
+        results["storm_mountinfo"] = storm_with_daemon(fallback, view, base, dev_root, plan)
+        memory["mountinfo_after_storm_kib"] = results["storm_mountinfo"]["rss_kib"]
+    finally:
+        results["warnings_mountinfo"] = _warnings(fallback)
+        results["daemon_exit_mountinfo"] = fallback.stop()
 
 
 def _mode_line(daemon: Daemon) -> str:

@@ -64,7 +64,7 @@ class NodeCheck:
     loaded: bool
     mounts: MountTable
 
-    def judge(self, dev_root: str, entry: NodeEntry) -> NodeVerdict | None:
+    def verdict(self, dev_root: str, entry: NodeEntry) -> NodeVerdict | None:
         """A node's Device record and what is wrong with it; None for names outside the family."""
         matched = self.family.match(entry.name)
         if matched is None or entry.file_type not in ("char", "block"):
@@ -131,7 +131,7 @@ class NodeCheck:
 
     def verdicts(self, listing: DevRootListing) -> Iterator[NodeVerdict]:
         for entry in listing.entries:
-            verdict = self.judge(listing.dev_root, entry)
+            verdict = self.verdict(listing.dev_root, entry)
             if verdict is not None:
                 yield verdict
 
@@ -139,5 +139,5 @@ class NodeCheck:
         control = listing.entry(self.family.control)
         if control is None:
             return False
-        verdict = self.judge(listing.dev_root, control)
+        verdict = self.verdict(listing.dev_root, control)
         return verdict is not None and verdict.device.valid

@@ -143,11 +143,11 @@ def driver_root_problems(
 
 
 def not_in_dev(
-    in_dev: DevRootListing | None, chosen: Candidate, judge: NodeCheck, problems: Problems
+    in_dev: DevRootListing | None, chosen: Candidate, nodes: NodeCheck, problems: Problems
 ) -> None:
-    family = judge.family
+    family = nodes.family
     # A stale or planted control node in /dev does not help a tool that opens it.
-    if in_dev is None or not judge.has_valid_control(in_dev):
+    if in_dev is None or not nodes.has_valid_control(in_dev):
         problems.add(
             "not-in-dev",
             "warning",

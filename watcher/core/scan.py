@@ -155,22 +155,22 @@ def _scan_family(
         problems = Problems(family.name)  # a family that is not here says nothing
     elif not loaded and not unparsed:
         not_loaded(view, snapshot, family, problems)
-    judge = NodeCheck(view, family, majors, loaded, snapshot.mounts)
+    nodes = NodeCheck(view, family, majors, loaded, snapshot.mounts)
     candidates = _candidates(snapshot, family)
     listings = {
         candidate.dev_root: family_listing(snapshot, family, candidate.dev_root)
         for candidate in [*candidates, Candidate("/", "/dev", False)]
     }
-    chosen = _choose_dev_root(candidates, listings, judge)
+    chosen = _choose_dev_root(candidates, listings, nodes)
     chosen_listing = listings.get(chosen.dev_root) if chosen else None
-    devices = devices_of(chosen_listing, judge, problems) if chosen_listing is not None else []
+    devices = devices_of(chosen_listing, nodes, problems) if chosen_listing is not None else []
     devices = [msgspec.structs.replace(device, family=family.name) for device in devices]
     if chosen is None:
         no_device_root(snapshot, candidates, family, problems)
     if family.fixed_dev_root is None:
         driver_root_problems(snapshot, chosen, family, problems)
         if chosen is not None and chosen.dev_root != "/dev":
-            not_in_dev(listings.get("/dev"), chosen, judge, problems)
+            not_in_dev(listings.get("/dev"), chosen, nodes, problems)
         if snapshot.driver_ready is not None:
             check_validations(view, snapshot, chosen, problems, family)
         elif snapshot.driver_ready_error is not None:
@@ -275,12 +275,12 @@ def _majors(
 
 
 def _choose_dev_root(
-    candidates: list[Candidate], listings: dict[str, DevRootListing], judge: NodeCheck
+    candidates: list[Candidate], listings: dict[str, DevRootListing], nodes: NodeCheck
 ) -> Candidate | None:
     """The first candidate with a valid control node, else the first with any node."""
     for candidate in candidates:
         listing = listings.get(candidate.dev_root)
-        if listing is not None and judge.has_valid_control(listing):
+        if listing is not None and nodes.has_valid_control(listing):
             return candidate
     for candidate in candidates:
         listing = listings.get(candidate.dev_root)
@@ -289,10 +289,10 @@ def _choose_dev_root(
     return None
 
 
-def devices_of(listing: DevRootListing, judge: NodeCheck, problems: Problems) -> list[Device]:
+def devices_of(listing: DevRootListing, nodes: NodeCheck, problems: Problems) -> list[Device]:
     """Every node of the chosen dev root, sorted by name, with what is wrong with each."""
     devices: list[Device] = []
-    for verdict in judge.verdicts(listing):
+    for verdict in nodes.verdicts(listing):
         devices.append(verdict.device)
         if verdict.live:
             for code, message in verdict.problems:

@@ -201,8 +201,20 @@ class _Assembler:
 
 
 def filter_program(interest: UeventInterest) -> bytes:
-    """The socket filter that passes what `relevance` may accept, as packed `sock_filter`s."""
+    """The socket filter that passes what `relevance` may accept, as packed `sock_filter`s.
+
+    In order: the action (add or remove), the end of the header, the subsystem (module or
+    drm), then a module's name or a render node's device path; anything else is dropped."""
     asm = _Assembler()
+    _match_action(asm)
+    _find_header_end(asm)
+    _match_subsystem(asm, interest)
+    _match_module(asm, interest)
+    _match_render_node(asm)
+    return asm.assemble()
+
+
+def _match_action(asm: _Assembler) -> None:
     # The action: "add@" (DEVPATH at 4) or "remove@" (DEVPATH at 7), kept in M[1].
     asm.emit(_LD | _W | _ABS, 0)
     asm.emit(_JMP | _JEQ | _K, int.from_bytes(b"add@", "big"), jt="add")
@@ -217,6 +229,8 @@ def filter_program(interest: UeventInterest) -> bytes:
     asm.emit(_LD | _IMM, 4)
     asm.emit(_ST, 1)
 
+
+def _find_header_end(asm: _Assembler) -> None:
     # The end of the header: the first word from offset 4 holding a zero byte
     # ((v - 0x01010101) & ~v & 0x80808080 is non-zero exactly then), then the byte in it.
     asm.label("scan")
@@ -249,6 +263,8 @@ def filter_program(interest: UeventInterest) -> bytes:
         if byte < 2:
             asm.jump("header_length")
 
+
+def _match_subsystem(asm: _Assembler, interest: UeventInterest) -> None:
     # A = the header's length, kept in M[0]; SUBSYSTEM= follows ACTION= and DEVPATH=.
     asm.label("header_length")
     asm.emit(_ST, 0)
@@ -268,6 +284,8 @@ def filter_program(interest: UeventInterest) -> bytes:
     asm.label("other_subsystem")
     asm.emit(_RET | _K, 0)
 
+
+def _match_module(asm: _Assembler, interest: UeventInterest) -> None:
     # DEVPATH is /module/<name>: one of the family table's names, NUL-terminated.
     asm.label("module")
     asm.emit(_LD | _MEM, 1)
@@ -283,6 +301,8 @@ def filter_program(interest: UeventInterest) -> bytes:
         asm.label(f"m{number}")
     asm.emit(_RET | _K, 0)
 
+
+def _match_render_node(asm: _Assembler) -> None:
     # A render node: the header ends in "/renderD" and 1 to 7 digits (checked here again).
     asm.label("drm")
     for digits in range(1, 8):
@@ -294,7 +314,6 @@ def filter_program(interest: UeventInterest) -> bytes:
         asm.label(f"d{digits}")
     asm.label("drop")
     asm.emit(_RET | _K, 0)
-    return asm.assemble()
 
 
 class _SockFprog(ctypes.Structure):
