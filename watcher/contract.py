@@ -30,6 +30,7 @@ __all__ = [
     "SOCKET_ENV",
     "config_file_problem",
     "escape_char",
+    "file_kind",
     "gfd_product_label",
     "printable",
     "socket_path",
@@ -131,6 +132,22 @@ def config_file_problem(
 
 CHANGE_WORDS = {"added": "appeared at", "removed": "disappeared from", "changed": "changed at"}
 """How a change of the map reads in logs and `watch`: "nvidia0 appeared at /dev/nvidia0"."""
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words, for the one-line refusals of the
+    host files the scan reads and of the CRIU record."""
+    if stat.S_ISLNK(mode):
+        return "a symlink (not followed)"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 def escape_char(char: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from watcher.contract import utc_timestamp
+from watcher.contract import file_kind, utc_timestamp
 from watcher.core.devices import FAMILIES, KFD_TOPOLOGY_NODES, Family, parse_kfd_properties
 from watcher.core.model import DeviceMap
 from watcher.core.mountinfo import MountTable, PathFilter, parse_mountinfo
@@ -71,18 +71,6 @@ class UnreadableFile(OSError):
     """A host file refused before or while reading it: not a regular file, or too large."""
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device node"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def read_file(path: str, *, limit: int = HOST_FILE_LIMIT, follow: bool = False) -> bytes:
     """The bytes of the regular file `path`, at most `limit` of them.
 
@@ -96,7 +84,7 @@ def read_file(path: str, *, limit: int = HOST_FILE_LIMIT, follow: bool = False) 
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise UnreadableFile(errno.EINVAL, f"{_kind(mode)}, not a regular file")
+            raise UnreadableFile(errno.EINVAL, f"{file_kind(mode)}, not a regular file")
         chunks: list[bytes] = []
         total = 0
         # One byte past the limit tells "exactly the limit" from "more"; /proc files report

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import stat
 
+from watcher.contract import file_kind
 from watcher.criu import RECORD_NAME
 from watcher.criu.text import shown
 from watcher.leanjson import loads
@@ -52,20 +53,6 @@ def _unreadable(message: str) -> RecordError:
     return RecordError(UNREADABLE, message)
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symlink (not followed)"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device node"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def read_bytes(image_dir: str) -> bytes | None:
     """The record's bytes; None when the image directory holds none. Raises RecordError."""
     try:
@@ -80,7 +67,7 @@ def read_bytes(image_dir: str) -> bytes | None:
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(before.st_mode):
-            raise _unreadable(f"{RECORD_NAME} is {_kind(before.st_mode)}, not a regular file")
+            raise _unreadable(f"{RECORD_NAME} is {file_kind(before.st_mode)}, not a regular file")
         if before.st_size > MAX_RECORD_BYTES:
             raise _unreadable(
                 f"{RECORD_NAME} holds {before.st_size} bytes, more than the "
