@@ -274,6 +274,44 @@ def _umount(*args: str) -> None:
     subprocess.run(["umount", *args], check=True, timeout=30)
 
 
+def _elsewhere_is_irrelevant(events: MountEvents, other: Path) -> None:
+    """Mounted, remounted, unmounted elsewhere: no reason, no recheck hit."""
+    _mount("-t", "tmpfs", "gdw-other", str(other))
+    assert events.drain() == []
+    _mount("-o", "remount,nodev", str(other))
+    assert events.recheck() is None
+    _umount(str(other))
+    assert events.drain() == []
+
+
+def _over_the_dev_root(events: MountEvents, dev: Path) -> None:
+    """Attached over the dev root, remounted (no fanotify event), detached."""
+    _mount("-t", "tmpfs", "gdw-dev", str(dev))
+    assert events.drain() == [f"mount attached on {dev}"]
+    assert events.recheck() is None
+    _mount("-o", "remount,nodev", str(dev))
+    assert events.drain() == []
+    assert events.recheck() == f"mount on {dev} changed (remount or move)"
+    assert events.recheck() is None
+    _umount(str(dev))
+    assert events.drain() == [f"mount detached from {dev}"]
+
+
+def _a_driver_root_by_itself(events: MountEvents, scratch: Path, dev: Path) -> None:
+    """A driver root counts by itself and its ancestors, not by what is mounted below it."""
+    driver = scratch / "root"
+    (driver / "usr").mkdir()
+    events.set_filter(PathFilter([str(dev)], ancestors_of=[str(driver)]))
+    _mount("-t", "tmpfs", "gdw-usr", str(driver / "usr"))
+    assert events.drain() == []
+    _mount("-t", "tmpfs", "gdw-driver", str(driver))
+    assert events.drain() == [f"mount attached on {driver}"]
+    _umount(str(driver))
+    assert events.drain() == [f"mount detached from {driver}"]
+    _umount(str(driver / "usr"))
+    assert events.drain() == []
+
+
 async def scenario_judge(scratch: Path) -> None:
     _mount("-t", "tmpfs", "gdw-scratch", str(scratch))
     dev = scratch / "root/dev"
@@ -285,24 +323,9 @@ async def scenario_judge(scratch: Path) -> None:
         assert set(events.relevant.values()) >= {"/", str(scratch)}
         assert events.drain() == []
 
-        # Irrelevant: mounted, remounted, unmounted elsewhere. No reason, no recheck hit.
-        _mount("-t", "tmpfs", "gdw-other", str(other))
-        assert events.drain() == []
-        _mount("-o", "remount,nodev", str(other))
-        assert events.recheck() is None
-        _umount(str(other))
-        assert events.drain() == []
+        _elsewhere_is_irrelevant(events, other)
 
-        # Over the dev root: attach, remount (no fanotify event), detach.
-        _mount("-t", "tmpfs", "gdw-dev", str(dev))
-        assert events.drain() == [f"mount attached on {dev}"]
-        assert events.recheck() is None
-        _mount("-o", "remount,nodev", str(dev))
-        assert events.drain() == []
-        assert events.recheck() == f"mount on {dev} changed (remount or move)"
-        assert events.recheck() is None
-        _umount(str(dev))
-        assert events.drain() == [f"mount detached from {dev}"]
+        _over_the_dev_root(events, dev)
 
         # Below the dev root, and moved in from elsewhere (one event, both bits).
         (dev / "nvidia-caps").mkdir()
@@ -330,18 +353,7 @@ async def scenario_judge(scratch: Path) -> None:
         _mount("-o", "remount,noexec", str(scratch))
         assert events.recheck() == f"mount on {scratch} changed (remount or move)"
 
-        # A driver root counts by itself and its ancestors, not by what is mounted below it.
-        driver = scratch / "root"
-        (driver / "usr").mkdir()
-        events.set_filter(PathFilter([str(dev)], ancestors_of=[str(driver)]))
-        _mount("-t", "tmpfs", "gdw-usr", str(driver / "usr"))
-        assert events.drain() == []
-        _mount("-t", "tmpfs", "gdw-driver", str(driver))
-        assert events.drain() == [f"mount attached on {driver}"]
-        _umount(str(driver))
-        assert events.drain() == [f"mount detached from {driver}"]
-        _umount(str(driver / "usr"))
-        assert events.drain() == []
+        _a_driver_root_by_itself(events, scratch, dev)
     _umount("-l", str(scratch))
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,37 @@ def overlay(target: str, upper: Path, work: Path) -> None:
     )
 
 
-def main(spec_path: str) -> int:
-    spec: dict[str, Any] = json.loads(Path(spec_path).read_text())
-    scratch = Path(spec["scratch"])
+def _private_etc_and_run(spec: dict[str, Any], scratch: Path) -> Path:
+    """/etc (holding criu/runc.conf naming the action) and /run as overlays on this
+    namespace's own; returns where the daemon's default socket link goes."""
     etc_upper = scratch / "etc-upper"
     (etc_upper / "criu").mkdir(parents=True, exist_ok=True)
     (etc_upper / "criu" / "runc.conf").write_text(f"action-script {spec['action']}\n")
     overlay("/etc", etc_upper, scratch / "etc-work")
     overlay("/run", scratch / "run-upper", scratch / "run-work")
     SOCKET_DIR.mkdir(exist_ok=True)
-    link = SOCKET_DIR / "gpu-device-watcher.sock"
+    return SOCKET_DIR / "gpu-device-watcher.sock"
+
+
+def _held_device(step: Callable[..., subprocess.CompletedProcess[str]]) -> list[int] | None:
+    """The major and minor of the device the container's process holds on fd 3, if any."""
+    inspected = step("inspect", "inspect", "--format", "{{.State.Pid}}", CONTAINER)
+    if inspected.returncode != 0 or not inspected.stdout.strip().isdigit():
+        return None
+    pid = int(inspected.stdout.strip())
+    if pid == 0:
+        return None
+    try:
+        rdev = os.stat(f"/proc/{pid}/fd/3").st_rdev
+    except OSError:
+        return None
+    return [os.major(rdev), os.minor(rdev)]
+
+
+def main(spec_path: str) -> int:
+    spec: dict[str, Any] = json.loads(Path(spec_path).read_text())
+    scratch = Path(spec["scratch"])
+    link = _private_etc_and_run(spec, scratch)
 
     def on_node(name: str) -> None:
         link.unlink(missing_ok=True)
@@ -91,19 +113,6 @@ def main(spec_path: str) -> int:
             for path in sorted((scratch / "storage").rglob("restore.log"))
         ]
 
-    def held_device() -> list[int] | None:
-        inspected = step("inspect", "inspect", "--format", "{{.State.Pid}}", CONTAINER)
-        if inspected.returncode != 0 or not inspected.stdout.strip().isdigit():
-            return None
-        pid = int(inspected.stdout.strip())
-        if pid == 0:
-            return None
-        try:
-            rdev = os.stat(f"/proc/{pid}/fd/3").st_rdev
-        except OSError:
-            return None
-        return [os.major(rdev), os.minor(rdev)]
-
     try:
         if step("import", "import", spec["image_tar"], "gdw-podman-e2e:1").returncode != 0:
             return 0
@@ -119,7 +128,7 @@ def main(spec_path: str) -> int:
         )
         if run.returncode != 0:
             return 0
-        results["held_before"] = held_device()
+        results["held_before"] = _held_device(step)
         zstd = spec["archives"]["zstd"]
         if step(
             "checkpoint_zstd", "container", "checkpoint", "--export", zstd, CONTAINER
@@ -130,13 +139,13 @@ def main(spec_path: str) -> int:
         on_node("C")
         step("restore_on_c", "container", "restore", "--import", zstd)
         results["restore_logs_c"] = restore_logs()
-        results["held_on_c"] = held_device()
+        results["held_on_c"] = _held_device(step)
         step("ps_after_c", "ps", "--all", "--format", "{{.Names}} {{.State}}")
         step("rm_after_c", "rm", "--force", "--ignore", CONTAINER)
 
         on_node("A")
         step("restore_on_a", "container", "restore", "--import", zstd)
-        results["held_on_a"] = held_device()
+        results["held_on_a"] = _held_device(step)
         results["restore_logs_a"] = restore_logs()
         plain = spec["archives"]["plain"]
         step(

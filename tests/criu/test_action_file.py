@@ -446,6 +446,26 @@ time.sleep(1000)
 """
 
 
+def _a_device_only_mapped_stops_the_dump(
+    run: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    """A device only mapped, no longer open (major 1, /dev/zero's, named `nvidia`)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", MAP_ONLY], stdout=subprocess.PIPE, text=True
+    ) as mapper:
+        try:
+            assert mapper.stdout is not None
+            assert mapper.stdout.readline() == "ready\n"
+            zero = os.stat("/dev/zero").st_rdev
+            mapped = run(
+                "pre-dump", pid=mapper.pid, devices=proc_devices_text({"nvidia": os.major(zero)})
+            )
+        finally:
+            mapper.kill()
+    assert mapped.returncode == 1
+    assert f" {os.major(zero)}:{os.minor(zero)} " in mapped.stderr
+
+
 @pytest.mark.parametrize("interpreter", ["absent", "3.10"])
 def test_without_python_only_a_stage_that_needs_a_record_fails(
     namespaces_available: None,
@@ -495,21 +515,7 @@ def test_without_python_only_a_stage_that_needs_a_record_fails(
     assert f" {os.major(ptmx)}:{os.minor(ptmx)} " in line
     assert line.endswith(f"found: {found}): {install_hint}; dump stopped")
 
-    # A device only mapped, no longer open (major 1, /dev/zero's, named `nvidia`).
-    with subprocess.Popen(
-        [sys.executable, "-c", MAP_ONLY], stdout=subprocess.PIPE, text=True
-    ) as mapper:
-        try:
-            assert mapper.stdout is not None
-            assert mapper.stdout.readline() == "ready\n"
-            zero = os.stat("/dev/zero").st_rdev
-            mapped = run(
-                "pre-dump", pid=mapper.pid, devices=proc_devices_text({"nvidia": os.major(zero)})
-            )
-        finally:
-            mapper.kill()
-    assert mapped.returncode == 1
-    assert f" {os.major(zero)}:{os.minor(zero)} " in mapped.stderr
+    _a_device_only_mapped_stops_the_dump(run)
 
     # A pid that is gone.
     gone = run("pre-dump", pid=2**22 + 1, devices=gpu_devices)

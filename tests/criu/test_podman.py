@@ -91,12 +91,8 @@ def kubelet_archive(unpacked: Path, target: Path) -> None:
             archive.addfile(info, io.BytesIO(data))
 
 
-def test_podman_export_restore_check_and_the_gate(
-    criu: Criu, make_host: Callable[..., SimHost], scratch: Path
-) -> None:
-    node_a = make_host(name="a")
-    node_b = make_host(other_minor_spec(), name="b")
-    node_c = make_host(other_minor_spec("NVIDIA A100-SXM4-80GB"), name="c")
+def _installed_action_directory(scratch: Path) -> Path:
+    """The action as `install-action` writes it, in SCRATCH/libexec."""
     actions = scratch / "libexec"
     actions.mkdir()
     installed = subprocess.run(
@@ -107,6 +103,33 @@ def test_podman_export_restore_check_and_the_gate(
         check=False,
     )
     assert installed.returncode == 0, installed.stderr
+    return actions
+
+
+def _every_form_of(plain: Path, scratch: Path) -> list[Path]:
+    """The plain export unpacked, its checkpoint/ directory, compressed four ways, and as
+    the kubelet's archive."""
+    unpacked = scratch / "unpacked"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xf", str(plain), "-C", str(unpacked)], check=True, timeout=60)
+    forms = [unpacked, unpacked / "checkpoint"]
+    for compression in ("gzip", "xz", "bzip2", "zstd"):
+        copy = scratch / f"ck-{compression}.bin"
+        copy.write_bytes(compress(plain.read_bytes(), compression))
+        forms.append(copy)
+    kubelet = scratch / "checkpoint-gpu-worker_default-worker-2026-12-06T04:00:00Z.tar"
+    kubelet_archive(unpacked, kubelet)
+    forms.append(kubelet)
+    return forms
+
+
+def test_podman_export_restore_check_and_the_gate(
+    criu: Criu, make_host: Callable[..., SimHost], scratch: Path
+) -> None:
+    node_a = make_host(name="a")
+    node_b = make_host(other_minor_spec(), name="b")
+    node_c = make_host(other_minor_spec("NVIDIA A100-SXM4-80GB"), name="c")
+    actions = _installed_action_directory(scratch)
     bin_dir = scratch / "bin"
     bin_dir.mkdir()
     (bin_dir / "criu").symlink_to(criu.binary)
@@ -174,17 +197,7 @@ def test_podman_export_restore_check_and_the_gate(
     expected = {"b": verdict(plain, node_b), "c": verdict(plain, node_c)}
     assert expected["b"]["device_map"] == {UUID_A: UUID_C}
     assert [reason["code"] for reason in expected["c"]["reasons"]] == ["gpu-model"]
-    unpacked = scratch / "unpacked"
-    unpacked.mkdir()
-    subprocess.run(["tar", "-xf", str(plain), "-C", str(unpacked)], check=True, timeout=60)
-    forms = [unpacked, unpacked / "checkpoint"]
-    for compression in ("gzip", "xz", "bzip2", "zstd"):
-        copy = scratch / f"ck-{compression}.bin"
-        copy.write_bytes(compress(plain.read_bytes(), compression))
-        forms.append(copy)
-    kubelet = scratch / "checkpoint-gpu-worker_default-worker-2026-12-06T04:00:00Z.tar"
-    kubelet_archive(unpacked, kubelet)
-    forms.append(kubelet)
+    forms = _every_form_of(plain, scratch)
     for form in forms:
         assert verdict(form, node_b) == expected["b"], form
         assert verdict(form, node_c) == expected["c"], form

@@ -170,15 +170,10 @@ def _action_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "gpu-device-watcher: " in line]
 
 
-def test_runc_checkpoint_and_restore_with_the_installed_action(
-    criu: Criu,
-    make_host: Callable[..., SimHost],
-    scratch: Path,
-) -> None:
-    here = make_host(name="here")
-    # Another host: the same driver, but a GPU of another model, which no device map can
-    # stand in for.
-    elsewhere = make_host(
+def _a_host_with_another_gpu_model(make_host: Callable[..., SimHost]) -> SimHost:
+    """Another host: the same driver, but a GPU of another model, which no device map can
+    stand in for."""
+    return make_host(
         HostSpec(
             nodes={"nvidiactl": (NVIDIA_MAJOR, 255), "nvidia7": DEV_FULL},
             gpus=[
@@ -192,7 +187,10 @@ def test_runc_checkpoint_and_restore_with_the_installed_action(
         ),
         name="elsewhere",
     )
-    # The action as the DaemonSet's init container installs it, and runc's CRIU config.
+
+
+def _runc_with_the_installed_action(criu: Criu, scratch: Path) -> Runc:
+    """The action as the DaemonSet's init container installs it, and runc's CRIU config."""
     actions = scratch / "libexec"
     actions.mkdir()
     installed = subprocess.run(
@@ -206,7 +204,37 @@ def test_runc_checkpoint_and_restore_with_the_installed_action(
     conf = scratch / "etc-criu"
     conf.mkdir()
     (conf / "runc.conf").write_text(f"action-script {actions / 'gpu-device-watcher-criu-action'}\n")
-    runc = Runc(criu.binary, scratch, conf)
+    return Runc(criu.binary, scratch, conf)
+
+
+def _the_gate_refuses_it_elsewhere(
+    runc: Runc, scratch: Path, images: Path, bundle: Path, env_elsewhere: dict[str, str]
+) -> None:
+    """A host without a GPU of that model: the gate stops the restore before any process
+    exists."""
+    refused_work = scratch / "work-refused"
+    refused = runc(
+        *("restore", "--detach", "--image-path", str(images)),
+        *("--work-path", str(refused_work), "--bundle", str(bundle), CONTAINER),
+        env=env_elsewhere,
+    )
+    refused_log = (refused_work / "restore.log").read_text(errors="replace")
+    assert refused.returncode != 0, refused_log[-4000:]
+    reasons = _action_lines(refused_log)
+    assert any("gpu-model" in line and "nvidia5" in line for line in reasons), refused_log
+    assert any("restore stopped" in line for line in reasons), refused_log
+    assert runc.pid(env_elsewhere) is None
+    runc.remove(env_elsewhere)
+
+
+def test_runc_checkpoint_and_restore_with_the_installed_action(
+    criu: Criu,
+    make_host: Callable[..., SimHost],
+    scratch: Path,
+) -> None:
+    here = make_host(name="here")
+    elsewhere = _a_host_with_another_gpu_model(make_host)
+    runc = _runc_with_the_installed_action(criu, scratch)
     bundle = _bundle(scratch / "bundle")
     base_env = {
         # The system's python3 runs the action (/usr/bin first): nothing of ours is there.
@@ -239,21 +267,7 @@ def test_runc_checkpoint_and_restore_with_the_installed_action(
         ], record["used"]
         assert any("recorded generation" in line for line in _action_lines(dump_log)), dump_log
 
-        # A host without a GPU of that model: the gate stops the restore before any process
-        # exists.
-        refused_work = scratch / "work-refused"
-        refused = runc(
-            *("restore", "--detach", "--image-path", str(images)),
-            *("--work-path", str(refused_work), "--bundle", str(bundle), CONTAINER),
-            env=env_elsewhere,
-        )
-        refused_log = (refused_work / "restore.log").read_text(errors="replace")
-        assert refused.returncode != 0, refused_log[-4000:]
-        reasons = _action_lines(refused_log)
-        assert any("gpu-model" in line and "nvidia5" in line for line in reasons), refused_log
-        assert any("restore stopped" in line for line in reasons), refused_log
-        assert runc.pid(env_elsewhere) is None
-        runc.remove(env_elsewhere)
+        _the_gate_refuses_it_elsewhere(runc, scratch, images, bundle, env_elsewhere)
 
         # The host it came from takes it back: the process holds /dev/nvidia0 again.
         restore_work = scratch / "work-restore"

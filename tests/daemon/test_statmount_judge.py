@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +255,11 @@ def _run(*args: str) -> None:
     subprocess.run(args, check=True, timeout=30)
 
 
-def scenario_judge(scratch: Path) -> None:
+Check = Callable[..., None]
+
+
+def _scratch_tree(scratch: Path) -> tuple[Path, Path, Path]:
+    """A tmpfs at SCRATCH holding a driver root, its dev root and a place elsewhere."""
     _run("mount", "-t", "tmpfs", "-o", "mode=755", "gdw-scratch", str(scratch))
     driver = scratch / "root/run/nvidia/driver"
     dev = driver / "dev"
@@ -264,6 +268,11 @@ def scenario_judge(scratch: Path) -> None:
         directory.mkdir(parents=True)
     for directory in scratch.rglob("*"):
         directory.chmod(0o755)
+    return driver, dev, other
+
+
+def _the_judge(scratch: Path) -> _Local | _Remote:
+    """The judge in this process, or in one as uid 65534 with no capabilities if asked."""
     marker = scratch.parent / "nobody"
     judge: _Local | _Remote
     if marker.exists():
@@ -272,6 +281,115 @@ def scenario_judge(scratch: Path) -> None:
         assert uid == NOBODY and capabilities == "0000000000000000", capabilities
     else:
         judge = _Local()
+    return judge
+
+
+def _a_changed_table_is_caught(
+    scratch: Path, driver: Path, dev: Path, relevant: PathFilter, check: Check
+) -> None:
+    """A mount on the driver root whose options differ in a copy of the table: a mismatch."""
+    _run("mount", "-t", "tmpfs", "gdw-driver0", str(driver))
+    dev.mkdir()
+    check("mount on the driver root", relevant=True)
+    text = Path("/proc/self/mountinfo").read_text()
+    altered = "\n".join(
+        line.replace(" rw,relatime ", " rw,nodev,relatime ", 1) if f" {driver} " in line else line
+        for line in text.split("\n")
+    )
+    assert altered != text
+    copy = scratch.parent / "mountinfo-copy"
+    copy.write_text(altered)
+    mismatch = targeted_mismatch(str(copy), relevant)
+    assert mismatch is not None and "disagree about the mount of" in mismatch, mismatch
+    _run("umount", str(driver))
+    check("umount of the driver root", relevant=True)
+
+
+def _irrelevant_churn(driver: Path, other: Path, check: Check) -> None:
+    """A storm of irrelevant mounts and remounts, then a mount below the driver root only."""
+    for index in range(40):
+        _run("mount", "-t", "tmpfs", f"gdw-churn{index}", str(other))
+        check(f"irrelevant mount {index}", relevant=False)
+        if index % 10 == 0:
+            _run("mount", "-o", "remount,nodev", str(other))
+            check("irrelevant remount", relevant=False)
+        _run("umount", str(other))
+        check(f"irrelevant umount {index}", relevant=False)
+    # Below a driver root but not below its dev root: not relevant (ancestors_of).
+    _run("mount", "-t", "tmpfs", "gdw-usr", str(driver / "usr"))
+    check("mount below the driver root", relevant=False)
+    _run("umount", str(driver / "usr"))
+    check("umount below the driver root", relevant=False)
+
+
+def _over_the_dev_root(dev: Path, check: Check) -> None:
+    """A mount over the (watched) dev root, remounted nodev and back, then gone."""
+    _run("mount", "-t", "tmpfs", "-o", "mode=755", "gdw-dev", str(dev))
+    check("mount over the dev root", relevant=True)
+    _run("mount", "-o", "remount,nodev", str(dev))
+    check("remount nodev", relevant=True)
+    _run("mount", "-o", "remount,dev", str(dev))
+    check("remount dev", relevant=True)
+    (dev / "nvidia-caps").mkdir()
+    _run("mount", "-t", "tmpfs", "-o", "nodev", "gdw-caps", str(dev / "nvidia-caps"))
+    check("mount below the dev root", relevant=True)
+    _run("mount", "-o", "remount,ro", str(dev / "nvidia-caps"))
+    check("remount below the dev root", relevant=True)
+    _run("umount", str(dev / "nvidia-caps"))
+    check("umount below the dev root", relevant=True)
+    _run("umount", str(dev))
+    check("umount of the dev root", relevant=True)
+
+
+def _above_the_dev_root(scratch: Path, driver: Path, dev: Path, other: Path, check: Check) -> None:
+    """The driver root, an ancestor further up, and a mount moved onto the dev root."""
+    _run("mount", "-t", "tmpfs", "gdw-driver", str(driver))
+    check("mount on the driver root", relevant=True)
+    _run("umount", str(driver))
+    check("umount of the driver root", relevant=True)
+    _run("mount", "-o", "remount,nodev", str(scratch))
+    check("remount of an ancestor", relevant=True)
+    _run("mount", "-o", "remount,dev", str(scratch))
+    check("remount of an ancestor back", relevant=True)
+    _run("mount", "-t", "tmpfs", "gdw-stage", str(other))
+    _run("mount", "--move", str(other), str(dev))
+    check("move onto the dev root", relevant=True)
+    _run("umount", str(dev))
+    check("umount of the moved mount", relevant=True)
+
+
+def _moved_below_the_dev_root(dev: Path, other: Path, check: Check) -> None:
+    """Moved from elsewhere to below the dev root: the mount keeps its id, and the count
+    of mounts does not change; the mounts below the (small) mount are listed again."""
+    _run("mount", "-t", "tmpfs", "-o", "nodev", "gdw-stage2", str(other))
+    check("mount elsewhere", relevant=False)
+    _run("mount", "--move", str(other), str(dev / "nvidia-caps"))
+    check("move below the dev root", relevant=True)
+    _run("mount", "--move", str(dev / "nvidia-caps"), str(other))
+    check("move out from below the dev root", relevant=True)
+    _run("umount", str(other))
+    check("umount elsewhere", relevant=False)
+
+
+def _among_many_mounts(scratch: Path, dev: Path, check: Check) -> None:
+    """Many mounts in the mount the dev root lies in: only new ones are listed per wake-up,
+    and a mount below the dev root is still seen as it comes and goes."""
+    many = scratch / "many"
+    for index in range(60):
+        (many / str(index)).mkdir(parents=True)
+        _run("mount", "-t", "tmpfs", "gdw-many", str(many / str(index)))
+    check("many irrelevant mounts", relevant=False)
+    _run("mount", "-t", "tmpfs", "gdw-caps2", str(dev / "nvidia-caps"))
+    check("mount below the dev root among many", relevant=True)
+    _run("umount", str(many / "7"))
+    check("irrelevant umount among many", relevant=False)
+    _run("umount", str(dev / "nvidia-caps"))
+    check("umount below the dev root among many", relevant=True)
+
+
+def scenario_judge(scratch: Path) -> None:
+    driver, dev, other = _scratch_tree(scratch)
+    judge = _the_judge(scratch)
     paths, ancestors = [str(dev), "/dev"], [str(driver)]
     probe = [str(dev), f"{dev}/nvidiactl", f"{dev}/nvidia-caps/nvidia-cap1", "/dev", str(driver)]
     judge.ask({"op": "open", "paths": paths, "ancestors": ancestors})
@@ -291,91 +409,12 @@ def scenario_judge(scratch: Path) -> None:
     # The statmount read stands in for the whole table here ...
     assert targeted_mismatch("/proc/self/mountinfo", PathFilter(paths, ancestors)) is None
     # ... and a table that says otherwise (a mount's options changed in a copy) is caught.
-    _run("mount", "-t", "tmpfs", "gdw-driver0", str(driver))
-    dev.mkdir()
-    check("mount on the driver root", relevant=True)
-    text = Path("/proc/self/mountinfo").read_text()
-    altered = "\n".join(
-        line.replace(" rw,relatime ", " rw,nodev,relatime ", 1) if f" {driver} " in line else line
-        for line in text.split("\n")
-    )
-    assert altered != text
-    copy = scratch.parent / "mountinfo-copy"
-    copy.write_text(altered)
-    mismatch = targeted_mismatch(str(copy), PathFilter(paths, ancestors))
-    assert mismatch is not None and "disagree about the mount of" in mismatch, mismatch
-    _run("umount", str(driver))
-    check("umount of the driver root", relevant=True)
-    # A storm of irrelevant mounts, and a remount there: nothing to rescan for.
-    for index in range(40):
-        _run("mount", "-t", "tmpfs", f"gdw-churn{index}", str(other))
-        check(f"irrelevant mount {index}", relevant=False)
-        if index % 10 == 0:
-            _run("mount", "-o", "remount,nodev", str(other))
-            check("irrelevant remount", relevant=False)
-        _run("umount", str(other))
-        check(f"irrelevant umount {index}", relevant=False)
-    # Below a driver root but not below its dev root: not relevant (ancestors_of).
-    _run("mount", "-t", "tmpfs", "gdw-usr", str(driver / "usr"))
-    check("mount below the driver root", relevant=False)
-    _run("umount", str(driver / "usr"))
-    check("umount below the driver root", relevant=False)
-
-    # A mount over the (watched) dev root, remounted nodev and back, then gone.
-    _run("mount", "-t", "tmpfs", "-o", "mode=755", "gdw-dev", str(dev))
-    check("mount over the dev root", relevant=True)
-    _run("mount", "-o", "remount,nodev", str(dev))
-    check("remount nodev", relevant=True)
-    _run("mount", "-o", "remount,dev", str(dev))
-    check("remount dev", relevant=True)
-    (dev / "nvidia-caps").mkdir()
-    _run("mount", "-t", "tmpfs", "-o", "nodev", "gdw-caps", str(dev / "nvidia-caps"))
-    check("mount below the dev root", relevant=True)
-    _run("mount", "-o", "remount,ro", str(dev / "nvidia-caps"))
-    check("remount below the dev root", relevant=True)
-    _run("umount", str(dev / "nvidia-caps"))
-    check("umount below the dev root", relevant=True)
-    _run("umount", str(dev))
-    check("umount of the dev root", relevant=True)
-
-    # Above the dev root: the driver root, and an ancestor further up.
-    _run("mount", "-t", "tmpfs", "gdw-driver", str(driver))
-    check("mount on the driver root", relevant=True)
-    _run("umount", str(driver))
-    check("umount of the driver root", relevant=True)
-    _run("mount", "-o", "remount,nodev", str(scratch))
-    check("remount of an ancestor", relevant=True)
-    _run("mount", "-o", "remount,dev", str(scratch))
-    check("remount of an ancestor back", relevant=True)
-    _run("mount", "-t", "tmpfs", "gdw-stage", str(other))
-    _run("mount", "--move", str(other), str(dev))
-    check("move onto the dev root", relevant=True)
-    _run("umount", str(dev))
-    check("umount of the moved mount", relevant=True)
-    # Moved from elsewhere to below the dev root: the mount keeps its id, and the count
-    # of mounts does not change; the mounts below the (small) mount are listed again.
-    _run("mount", "-t", "tmpfs", "-o", "nodev", "gdw-stage2", str(other))
-    check("mount elsewhere", relevant=False)
-    _run("mount", "--move", str(other), str(dev / "nvidia-caps"))
-    check("move below the dev root", relevant=True)
-    _run("mount", "--move", str(dev / "nvidia-caps"), str(other))
-    check("move out from below the dev root", relevant=True)
-    _run("umount", str(other))
-    check("umount elsewhere", relevant=False)
-
-    # Many mounts in the mount the dev root lies in: only new ones are listed per wake-up,
-    # and a mount below the dev root is still seen as it comes and goes.
-    many = scratch / "many"
-    for index in range(60):
-        (many / str(index)).mkdir(parents=True)
-        _run("mount", "-t", "tmpfs", "gdw-many", str(many / str(index)))
-    check("many irrelevant mounts", relevant=False)
-    _run("mount", "-t", "tmpfs", "gdw-caps2", str(dev / "nvidia-caps"))
-    check("mount below the dev root among many", relevant=True)
-    _run("umount", str(many / "7"))
-    check("irrelevant umount among many", relevant=False)
-    _run("umount", str(dev / "nvidia-caps"))
-    check("umount below the dev root among many", relevant=True)
+    _a_changed_table_is_caught(scratch, driver, dev, PathFilter(paths, ancestors), check)
+    _irrelevant_churn(driver, other, check)
+    _over_the_dev_root(dev, check)
+    _above_the_dev_root(scratch, driver, dev, other, check)
+    _moved_below_the_dev_root(dev, other, check)
+    _among_many_mounts(scratch, dev, check)
     judge.close()
     _run("umount", "-l", str(scratch))
 

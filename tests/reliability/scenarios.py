@@ -114,6 +114,53 @@ def _finish(daemon: Daemon, client: Client, result: dict[str, Any]) -> dict[str,
 # --- 1. driver-container restarts ----------------------------------------------------------
 
 
+def _new_majors(
+    rng: random.Random, uvm_major: int, counts: dict[str, int]
+) -> tuple[dict[str, int], int]:
+    """The majors a new driver registers: nvidia-uvm's maybe another, the core's maybe none."""
+    majors = dict(MAJORS)
+    if rng.random() < 0.5:
+        uvm_major = rng.choice([m for m in range(500, 512) if m != uvm_major])
+        counts["major_changes"] += 1
+    majors["nvidia-uvm"] = uvm_major
+    if rng.random() < 0.05:
+        majors = {"nvidia-uvm": uvm_major}  # the core module failed to load
+        counts["unloaded"] += 1
+    return majors, uvm_major
+
+
+def _uvm_appears_lazily(
+    rng: random.Random,
+    host: Host,
+    checker: Checker,
+    dev: Path,
+    *,
+    majors: dict[str, int],
+    uvm_major: int,
+    counts: dict[str, int],
+) -> int:
+    """nvidia-uvm appears lazily, on the first CUDA call, maybe after a look; returns its
+    major, which changes when nvidia-uvm is reloaded alone."""
+    if rng.random() < 0.7:
+        counts["lazy_uvm"] += 1
+        if rng.random() < 0.4:
+            checker.check("before nvidia-uvm appeared")
+        else:
+            jitter(rng, 0.02)
+        mknod(dev / "nvidia-uvm", uvm_major, 0)
+        mknod(dev / "nvidia-uvm-tools", uvm_major, 1)
+        if rng.random() < 0.2:
+            # nvidia-uvm reloaded alone: new major, nodes recreated by nvidia-modprobe.
+            counts["uvm_reloads"] += 1
+            uvm_major = rng.choice([m for m in range(500, 512) if m != uvm_major])
+            majors["nvidia-uvm"] = uvm_major
+            host.set_majors(majors)
+            for minor, name in enumerate(("nvidia-uvm", "nvidia-uvm-tools")):
+                (dev / name).unlink()
+                mknod(dev / name, uvm_major, minor)
+    return uvm_major
+
+
 def restarts(params: dict[str, Any]) -> dict[str, Any]:
     """Unmount and remount the driver root, with changing uvm majors and lazy nodes."""
     host, config, daemon, client = _start(params)
@@ -145,14 +192,7 @@ def restarts(params: dict[str, Any]) -> dict[str, Any]:
             checker.check("driver root unmounted")
         jitter(rng, 0.005)
         # The new driver registers its majors (uvm's is dynamic) before its root appears.
-        majors = dict(MAJORS)
-        if rng.random() < 0.5:
-            uvm_major = rng.choice([m for m in range(500, 512) if m != uvm_major])
-            counts["major_changes"] += 1
-        majors["nvidia-uvm"] = uvm_major
-        if rng.random() < 0.05:
-            majors = {"nvidia-uvm": uvm_major}  # the core module failed to load
-            counts["unloaded"] += 1
+        majors, uvm_major = _new_majors(rng, uvm_major, counts)
         host.set_majors(majors)
         mount(driver_root)
         up = True
@@ -164,24 +204,9 @@ def restarts(params: dict[str, Any]) -> dict[str, Any]:
             counts["nested_dev"] += 1
         jitter(rng, 0.003)
         host.nodes(dev, uvm=False)
-        # nvidia-uvm appears lazily, on the first CUDA call, maybe after a look.
-        if rng.random() < 0.7:
-            counts["lazy_uvm"] += 1
-            if rng.random() < 0.4:
-                checker.check("before nvidia-uvm appeared")
-            else:
-                jitter(rng, 0.02)
-            mknod(dev / "nvidia-uvm", uvm_major, 0)
-            mknod(dev / "nvidia-uvm-tools", uvm_major, 1)
-            if rng.random() < 0.2:
-                # nvidia-uvm reloaded alone: new major, nodes recreated by nvidia-modprobe.
-                counts["uvm_reloads"] += 1
-                uvm_major = rng.choice([m for m in range(500, 512) if m != uvm_major])
-                majors["nvidia-uvm"] = uvm_major
-                host.set_majors(majors)
-                for minor, name in enumerate(("nvidia-uvm", "nvidia-uvm-tools")):
-                    (dev / name).unlink()
-                    mknod(dev / name, uvm_major, minor)
+        uvm_major = _uvm_appears_lazily(
+            rng, host, checker, dev, majors=majors, uvm_major=uvm_major, counts=counts
+        )
         checker.check("driver up")
     return _finish(daemon, client, {**counts, **checker.summary()})
 
@@ -195,6 +220,39 @@ def _overflow_log_lines(log: Path) -> int:
         for line in log.read_text(errors="replace").splitlines()
         if line.endswith("event: overflow")
     )
+
+
+def _overflow_then_a_change(
+    params: dict[str, Any],
+    daemon: Daemon,
+    checker: Checker,
+    *,
+    dev: Path,
+    fresh_dev: Callable[[Path], None],
+    log: Path,
+    before: int,
+) -> dict[str, int]:
+    """Overflow rounds with the dev directory replaced while the queue is full, each followed
+    by a change in the new directory (see `churn`)."""
+    overflow = {"rounds": 0, "events_queued": 0, "recovered": 0, "later_change_seen": 0}
+    for round_number in range(params["overflow_rounds"]):
+        overflow["rounds"] += 1
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            for number in range(params["overflow_files"]):
+                junk = dev / f"junk{number}"
+                junk.touch()  # IN_CREATE, IN_OPEN, IN_CLOSE_WRITE (two in our mask)
+                junk.unlink()  # IN_DELETE
+            overflow["events_queued"] += 3 * params["overflow_files"]
+            shutil.rmtree(dev)
+            fresh_dev(dev)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        overflow["recovered"] += checker.check(f"overflow round {round_number}")
+        os.chmod(dev / "nvidiactl", 0o600 if round_number % 2 == 0 else 0o640)
+        overflow["later_change_seen"] += checker.check(f"change after overflow {round_number}")
+    overflow["overflow_events_logged"] = _overflow_log_lines(log) - before
+    return overflow
 
 
 def churn(params: dict[str, Any]) -> dict[str, Any]:
@@ -221,24 +279,9 @@ def churn(params: dict[str, Any]) -> dict[str, Any]:
     # event means a full rescan, so the map after that is right anyway; what only the
     # overflow handling (re-arm every watch) gets right is the *next* change, made in the new
     # directory, which the old, dead watch would never report.
-    overflow = {"rounds": 0, "events_queued": 0, "recovered": 0, "later_change_seen": 0}
-    for round_number in range(params["overflow_rounds"]):
-        overflow["rounds"] += 1
-        os.kill(daemon.pid, signal.SIGSTOP)
-        try:
-            for number in range(params["overflow_files"]):
-                junk = dev / f"junk{number}"
-                junk.touch()  # IN_CREATE, IN_OPEN, IN_CLOSE_WRITE (two in our mask)
-                junk.unlink()  # IN_DELETE
-            overflow["events_queued"] += 3 * params["overflow_files"]
-            shutil.rmtree(dev)
-            fresh_dev(dev)
-        finally:
-            os.kill(daemon.pid, signal.SIGCONT)
-        overflow["recovered"] += checker.check(f"overflow round {round_number}")
-        os.chmod(dev / "nvidiactl", 0o600 if round_number % 2 == 0 else 0o640)
-        overflow["later_change_seen"] += checker.check(f"change after overflow {round_number}")
-    overflow["overflow_events_logged"] = _overflow_log_lines(log) - before
+    overflow = _overflow_then_a_change(
+        params, daemon, checker, dev=dev, fresh_dev=fresh_dev, log=log, before=before
+    )
 
     # Watched directories deleted, renamed and recreated.
     recreate = {"rounds": 0, "steps": 0, "recovered": 0}

@@ -34,6 +34,31 @@ KILLS = 20
 READY_WITHIN_S = 1.0
 
 
+def _clients_of_the_old_daemon(socket_path: Path) -> tuple[Client, Client, Client]:
+    """Clients of the old daemon: one idle, one subscribed, one with a request in flight."""
+    idle = Client(socket_path)
+    assert idle.ask({"op": "get"})["ok"]
+    subscriber = Client(socket_path)
+    subscriber.send_raw(b'{"op":"subscribe"}\n')
+    assert subscriber.line()
+    busy = Client(socket_path)
+    busy.send_raw(b'{"op":"rescan"}\n{"op":"get"}\n' * 5)
+    return idle, subscriber, busy
+
+
+def _nobody_answers_and_old_clients_learn_it(
+    socket_path: Path, old_clients: tuple[Client, Client, Client]
+) -> None:
+    """The socket file is left behind, and nobody answers on it; old clients learn it at
+    once: end of stream or a reset, never a hang."""
+    assert stat.S_ISSOCK(socket_path.lstat().st_mode)
+    with pytest.raises(ConnectionRefusedError):
+        Client(socket_path).close()
+    for old in old_clients:
+        _read_to_the_end(old)
+        old.close()
+
+
 def test_sigkill_and_restart(
     base: Path, host: Host, soak: int, seed: int, record: Callable[..., None]
 ) -> None:
@@ -51,14 +76,7 @@ def test_sigkill_and_restart(
     try:
         for number in range(kills):
             old_inode = socket_path.stat().st_ino
-            # Clients of the old daemon: one idle, one subscribed, one with a request in flight.
-            idle = Client(socket_path)
-            assert idle.ask({"op": "get"})["ok"]
-            subscriber = Client(socket_path)
-            subscriber.send_raw(b'{"op":"subscribe"}\n')
-            assert subscriber.line()
-            busy = Client(socket_path)
-            busy.send_raw(b'{"op":"rescan"}\n{"op":"get"}\n' * 5)
+            old_clients = _clients_of_the_old_daemon(socket_path)
             # A change in flight when the kill lands, half of the time.
             if number % 2:
                 mknod(dev / f"nvidia{number % 7 + 1}", 195, number % 7 + 1)
@@ -67,14 +85,7 @@ def test_sigkill_and_restart(
             daemon.process.wait(10)
             daemon.notifications.close()
 
-            # The socket file is left behind, and nobody answers on it.
-            assert stat.S_ISSOCK(socket_path.lstat().st_mode)
-            with pytest.raises(ConnectionRefusedError):
-                Client(socket_path).close()
-            # Old clients learn it at once: end of stream or a reset, never a hang.
-            for old in (idle, subscriber, busy):
-                _read_to_the_end(old)
-                old.close()
+            _nobody_answers_and_old_clients_learn_it(socket_path, old_clients)
 
             daemon = Daemon(args, log)
             ready_s.append(daemon.ready_at - daemon.started)

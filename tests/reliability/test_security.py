@@ -228,12 +228,9 @@ def test_no_request_makes_the_daemon_touch_a_path(
 # --- symlinks ------------------------------------------------------------------------------
 
 
-def test_a_node_swapped_for_a_symlink_is_never_valid(
-    base: Path, soak: int, record: Callable[..., None]
-) -> None:
-    """A thread flips nvidiactl between a char node (0600) and a symlink to a valid-looking
-    node (0644) elsewhere, and the dev root between a directory and a symlink to a directory
-    of valid nodes. A scan that followed either link would report a valid 0644 nvidiactl."""
+def _a_host_and_a_decoy(base: Path) -> tuple[HostView, Path, Path]:
+    """A host whose dev root holds nvidia-modeset, and a decoy directory with a valid-looking
+    (0644) nvidiactl; returns the host's view, its dev root and the decoy directory."""
     root = base / "root"
     dev = root / "run/nvidia/driver/dev"
     decoy = base / "decoy"
@@ -247,6 +244,16 @@ def test_a_node_swapped_for_a_symlink_is_never_valid(
     mountinfo = base / "mountinfo"
     mountinfo.write_text("1 0 0:1 / / rw - tmpfs tmpfs rw\n")
     view = HostView(root=str(root), proc=str(proc), mountinfo=str(mountinfo))
+    return view, dev, decoy
+
+
+def test_a_node_swapped_for_a_symlink_is_never_valid(
+    base: Path, soak: int, record: Callable[..., None]
+) -> None:
+    """A thread flips nvidiactl between a char node (0600) and a symlink to a valid-looking
+    node (0644) elsewhere, and the dev root between a directory and a symlink to a directory
+    of valid nodes. A scan that followed either link would report a valid 0644 nvidiactl."""
+    view, dev, decoy = _a_host_and_a_decoy(base)
     stop = threading.Event()
     flips = 0
 

@@ -278,25 +278,19 @@ def _read_all_lines(sock: socket.socket, timeout: float = 10.0) -> list[bytes]:
     return data.splitlines(keepends=True)
 
 
-def test_a_thousand_connections_at_once(
-    start_daemon: Callable[..., Daemon], base: Path, soak: int, record: Callable[..., None]
-) -> None:
-    max_clients = 16
-    daemon = start_daemon(max_clients=max_clients)
-    socket_path = str(base / "gdw.sock")
-    probe = Client(socket_path)
-    probe.ask({"op": "status"})
-    fds_before = daemon.fd_count()
-    count = 1000 * soak
+def _connect_all_asking(socket_path: str, count: int) -> list[socket.socket]:
+    """COUNT connections, each sending one `get` at once, none read yet."""
     sockets = []
-    probe.close()  # it would hold a slot
     for _ in range(count):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(socket_path)
         sock.sendall(b'{"op":"get"}\n')
         sockets.append(sock)
-    # Read the first line of each; busy ones end right after it.
-    served, busy, other = [], 0, 0
+    return sockets
+
+
+def _first_lines(sockets: list[socket.socket], count: int) -> dict[socket.socket, bytes]:
+    """Read the first line of each; busy ones end right after it."""
     selector = selectors.DefaultSelector()
     firsts: dict[socket.socket, bytes] = {}
     for sock in sockets:
@@ -318,6 +312,14 @@ def test_a_thousand_connections_at_once(
                 selector.unregister(sock)
     selector.close()
     assert len(firsts) == count, f"only {len(firsts)} of {count} answered"
+    return firsts
+
+
+def _served_busy_other(
+    firsts: dict[socket.socket, bytes],
+) -> tuple[list[socket.socket], int, int]:
+    """The sockets served, and how many were answered `busy` or with another error."""
+    served, busy, other = [], 0, 0
     for sock, line in firsts.items():
         reply = check_reply_shape(line)
         if reply["ok"]:
@@ -326,6 +328,23 @@ def test_a_thousand_connections_at_once(
             busy += 1
         else:
             other += 1
+    return served, busy, other
+
+
+def test_a_thousand_connections_at_once(
+    start_daemon: Callable[..., Daemon], base: Path, soak: int, record: Callable[..., None]
+) -> None:
+    max_clients = 16
+    daemon = start_daemon(max_clients=max_clients)
+    socket_path = str(base / "gdw.sock")
+    probe = Client(socket_path)
+    probe.ask({"op": "status"})
+    fds_before = daemon.fd_count()
+    count = 1000 * soak
+    probe.close()  # it would hold a slot
+    sockets = _connect_all_asking(socket_path, count)
+    firsts = _first_lines(sockets, count)
+    served, busy, other = _served_busy_other(firsts)
     for sock in sockets:
         sock.setblocking(True)
         if sock not in served:

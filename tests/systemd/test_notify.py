@@ -54,6 +54,89 @@ def serve_argv(host: Host, config: Path, sock: Path, *before: str) -> list[str]:
     ]
 
 
+def _starts_confined_and_ready(daemon: Daemon, listener: NotifyListener, sock: Path) -> None:
+    """Confined (no capabilities, no new privileges), answering, then READY=1 and STATUS=."""
+    listener.until_field("READY")
+    confined = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
+    )
+    assert int(confined["CapBnd"], 16) == int(confined["CapEff"], 16) == 0, confined
+    assert confined["NoNewPrivs"] == "1", confined
+    # The server accepts before READY=1: a unit ordered after us finds it answering.
+    first = client.request(str(sock), {"op": "get"})
+    assert first["map"]["driver"]["dev_root"] == "/dev"
+    status = listener.until_field("STATUS").fields["STATUS"]
+    assert status.startswith(f"driver {VERSION}, 2 devices in /dev"), status
+
+
+def _pings_every_half_watchdog(listener: NotifyListener) -> None:
+    pings = [listener.until_field("WATCHDOG") for _ in range(4)]
+    # Receipt times, so only an upper bound holds under load; 100 ms is the nominal gap.
+    gaps = [b.at - a.at for a, b in itertools.pairwise(pings)]
+    assert all(gap < 1.0 for gap in gaps), gaps
+
+
+def _a_good_reload(
+    daemon: Daemon,
+    listener: NotifyListener,
+    *,
+    host: Host,
+    config: Path,
+    subscriber: client.Connection,
+    generation: int,
+) -> None:
+    config.write_text('driver_roots = ["/alt"]\nlog_level = "debug"\n')
+    before = monotonic_usec()
+    daemon.signal(signal.SIGHUP)
+    reloading = listener.until_field("RELOADING")
+    # In the same datagram, a CLOCK_MONOTONIC timestamp taken after our signal.
+    assert reloading.fields["RELOADING"] == "1"
+    assert before <= int(reloading.fields["MONOTONIC_USEC"]) <= monotonic_usec()
+    listener.until_field("READY", "READY=1 after the reload")
+    status = listener.until_field("STATUS").fields["STATUS"]
+    assert status.startswith(f"driver {VERSION}, 2 devices in /alt/dev"), status
+    update = subscriber.receive()
+    assert update["generation"] == generation + 1
+    assert update["map"]["driver"]["dev_root"] == "/alt/dev"
+    assert update["map"]["driver"]["source"] == "config"
+    # The watches follow the new root, and debug logging is on.
+    mknod(host.root / "alt/dev/nvidia1", 195, 1)
+    update = subscriber.receive()
+    assert update["generation"] == generation + 2
+    assert {"change": "added", "name": "nvidia1", "path": "/alt/dev/nvidia1"} in update["changes"]
+    assert [line for line in lines(daemon.log()) if line.startswith("<7>")]
+
+
+def _a_bad_reload(
+    daemon: Daemon,
+    listener: NotifyListener,
+    *,
+    host: Host,
+    config: Path,
+    sock: Path,
+    subscriber: client.Connection,
+    generation: int,
+) -> None:
+    config.write_text('driver_roots = "/elsewhere"\n')
+    log_before = lines(daemon.log())
+    daemon.signal(signal.SIGHUP)
+    listener.until_field("RELOADING")
+    listener.until_field("READY", "READY=1 after a refused reload")
+    status = listener.until_field("STATUS").fields["STATUS"]
+    assert "in /alt/dev" in status, status
+    new_lines = lines(daemon.log())[len(log_before) :]
+    refused = [line for line in new_lines if "reload refused" in line]
+    assert len(refused) == 1, new_lines
+    assert refused[0].startswith("<3>"), refused
+    assert "driver_roots" in refused[0], refused
+    current = client.request(str(sock), {"op": "get"})
+    assert current["generation"] == generation + 2
+    assert current["map"]["driver"]["dev_root"] == "/alt/dev"
+    # The subscriber is still there, and the kept config still watches /alt/dev.
+    mknod(host.root / "alt/dev/nvidia2", 195, 2)
+    assert subscriber.receive()["generation"] == generation + 3
+
+
 def test_lifecycle_in_order_with_good_and_bad_reloads(
     host: Host, listener: NotifyListener, tmp_path: Path
 ) -> None:
@@ -65,24 +148,9 @@ def test_lifecycle_in_order_with_good_and_bad_reloads(
         serve_argv(host, config, sock), tmp_path / "stderr", env=env, journal=True
     ) as daemon:
         # -- start: READY=1 once the first map is published, then STATUS= naming it --------
-        listener.until_field("READY")
-        confined = dict(
-            line.split(":\t", 1)
-            for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
-        )
-        assert int(confined["CapBnd"], 16) == int(confined["CapEff"], 16) == 0, confined
-        assert confined["NoNewPrivs"] == "1", confined
-        # The server accepts before READY=1: a unit ordered after us finds it answering.
-        first = client.request(str(sock), {"op": "get"})
-        assert first["map"]["driver"]["dev_root"] == "/dev"
-        status = listener.until_field("STATUS").fields["STATUS"]
-        assert status.startswith(f"driver {VERSION}, 2 devices in /dev"), status
-
+        _starts_confined_and_ready(daemon, listener, sock)
         # -- WATCHDOG=1 every WATCHDOG_USEC/2 ---------------------------------------------
-        pings = [listener.until_field("WATCHDOG") for _ in range(4)]
-        # Receipt times, so only an upper bound holds under load; 100 ms is the nominal gap.
-        gaps = [b.at - a.at for a, b in itertools.pairwise(pings)]
-        assert all(gap < 1.0 for gap in gaps), gaps
+        _pings_every_half_watchdog(listener)
 
         subscriber = client.Connection(str(sock), timeout=TIMEOUT)
         subscriber.send({"op": "subscribe"})
@@ -90,48 +158,19 @@ def test_lifecycle_in_order_with_good_and_bad_reloads(
         assert not [line for line in lines(daemon.log()) if line.startswith("<7>")]
 
         # -- a good config: another driver root and log level; clients stay connected -----
-        config.write_text('driver_roots = ["/alt"]\nlog_level = "debug"\n')
-        before = monotonic_usec()
-        daemon.signal(signal.SIGHUP)
-        reloading = listener.until_field("RELOADING")
-        # In the same datagram, a CLOCK_MONOTONIC timestamp taken after our signal.
-        assert reloading.fields["RELOADING"] == "1"
-        assert before <= int(reloading.fields["MONOTONIC_USEC"]) <= monotonic_usec()
-        listener.until_field("READY", "READY=1 after the reload")
-        status = listener.until_field("STATUS").fields["STATUS"]
-        assert status.startswith(f"driver {VERSION}, 2 devices in /alt/dev"), status
-        update = subscriber.receive()
-        assert update["generation"] == generation + 1
-        assert update["map"]["driver"]["dev_root"] == "/alt/dev"
-        assert update["map"]["driver"]["source"] == "config"
-        # The watches follow the new root, and debug logging is on.
-        mknod(host.root / "alt/dev/nvidia1", 195, 1)
-        update = subscriber.receive()
-        assert update["generation"] == generation + 2
-        assert {"change": "added", "name": "nvidia1", "path": "/alt/dev/nvidia1"} in update[
-            "changes"
-        ]
-        assert [line for line in lines(daemon.log()) if line.startswith("<7>")]
-
+        _a_good_reload(
+            daemon, listener, host=host, config=config, subscriber=subscriber, generation=generation
+        )
         # -- a bad config: refused in one line, the running one kept, READY=1 all the same -
-        config.write_text('driver_roots = "/elsewhere"\n')
-        log_before = lines(daemon.log())
-        daemon.signal(signal.SIGHUP)
-        listener.until_field("RELOADING")
-        listener.until_field("READY", "READY=1 after a refused reload")
-        status = listener.until_field("STATUS").fields["STATUS"]
-        assert "in /alt/dev" in status, status
-        new_lines = lines(daemon.log())[len(log_before) :]
-        refused = [line for line in new_lines if "reload refused" in line]
-        assert len(refused) == 1, new_lines
-        assert refused[0].startswith("<3>"), refused
-        assert "driver_roots" in refused[0], refused
-        current = client.request(str(sock), {"op": "get"})
-        assert current["generation"] == generation + 2
-        assert current["map"]["driver"]["dev_root"] == "/alt/dev"
-        # The subscriber is still there, and the kept config still watches /alt/dev.
-        mknod(host.root / "alt/dev/nvidia2", 195, 2)
-        assert subscriber.receive()["generation"] == generation + 3
+        _a_bad_reload(
+            daemon,
+            listener,
+            host=host,
+            config=config,
+            sock=sock,
+            subscriber=subscriber,
+            generation=generation,
+        )
 
         # -- SIGTERM: STOPPING=1, exit 0, connections closed --------------------------------
         daemon.signal(signal.SIGTERM)
