@@ -144,6 +144,19 @@ def node_spec(base: HostSpec, driver_root: Path, stand_in: str) -> HostSpec:
     return base
 
 
+def stand_in_under_driver_root(tmp_path: Path) -> tuple[Path, Path, str, Path]:
+    """(driver root, call log, stand-in text, its path): the stand-in `cuda-checkpoint` in
+    the simulated driver root's usr/bin, where only the map knows it."""
+    driver_root = tmp_path / "driver"
+    log = tmp_path / "cuda-checkpoint.calls"
+    stand_in = STAND_IN.format(log=log)
+    binary = driver_root / "usr/bin/cuda-checkpoint"
+    binary.parent.mkdir(parents=True)
+    binary.write_text(stand_in)
+    binary.chmod(0o755)
+    return driver_root, log, stand_in, binary
+
+
 def calls(log: Path, since: int = 0) -> list[str]:
     try:
         return log.read_text().splitlines()[since:]
@@ -158,13 +171,7 @@ def test_the_plugin_gets_the_driver_roots_binary_and_the_device_map(
     make_host: Callable[..., SimHost],
     tmp_path: Path,
 ) -> None:
-    driver_root = tmp_path / "driver"
-    log = tmp_path / "cuda-checkpoint.calls"
-    stand_in = STAND_IN.format(log=log)
-    binary = driver_root / "usr/bin/cuda-checkpoint"
-    binary.parent.mkdir(parents=True)
-    binary.write_text(stand_in)
-    binary.chmod(0o755)
+    driver_root, log, stand_in, binary = stand_in_under_driver_root(tmp_path)
     plugin = ["--libdir", str(cuda_plugin)]
 
     node_a = make_host(node_spec(HostSpec(), driver_root, stand_in), name="node-a")
@@ -224,13 +231,7 @@ def test_restored_where_it_was_dumped_no_map_is_added(
     make_host: Callable[..., SimHost],
     tmp_path: Path,
 ) -> None:
-    driver_root = tmp_path / "driver"
-    log = tmp_path / "cuda-checkpoint.calls"
-    stand_in = STAND_IN.format(log=log)
-    binary = driver_root / "usr/bin/cuda-checkpoint"
-    binary.parent.mkdir(parents=True)
-    binary.write_text(stand_in)
-    binary.chmod(0o755)
+    driver_root, log, stand_in, binary = stand_in_under_driver_root(tmp_path)
     plugin = ["--libdir", str(cuda_plugin)]
     node_a = make_host(node_spec(HostSpec(), driver_root, stand_in), name="node-a")
     tree = spawn_tree("/dev/zero", prefix=gpu_namespace.tree_prefix)
@@ -260,13 +261,7 @@ def test_without_the_wrapper_the_plugin_disables_itself(
     tmp_path: Path,
 ) -> None:
     # The GPU Operator node as it is: cuda-checkpoint only in the driver root, not on PATH.
-    driver_root = tmp_path / "driver"
-    log = tmp_path / "cuda-checkpoint.calls"
-    stand_in = STAND_IN.format(log=log)
-    binary = driver_root / "usr/bin/cuda-checkpoint"
-    binary.parent.mkdir(parents=True)
-    binary.write_text(stand_in)
-    binary.chmod(0o755)
+    driver_root, log, stand_in, _ = stand_in_under_driver_root(tmp_path)
     node = make_host(
         node_spec(HostSpec(gpus=[Gpu("0000:3b:00.0", 5)]), driver_root, stand_in), name="node"
     )
