@@ -32,11 +32,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.rootfs import copy_with_libraries
+
 from .harness import Criu
 from .simhost import SimHost
 from .test_archives import compress
 from .test_restore_check import UUID_A, UUID_C, other_minor_spec, restore_check
-from .test_runc import _copy_with_libraries
 
 pytestmark = pytest.mark.criu
 
@@ -59,7 +60,8 @@ def scratch() -> Iterator[Path]:
 def image_tar(scratch: Path) -> Path:
     """A root filesystem of copied binaries, as `podman import` takes it."""
     rootfs = scratch / "rootfs"
-    _copy_with_libraries(rootfs, "sh", "sleep")
+    for program in ("sh", "sleep"):
+        copy_with_libraries(rootfs, program)
     for name in ("dev", "proc", "sys", "tmp"):
         (rootfs / name).mkdir(exist_ok=True)
     target = scratch / "image.tar"

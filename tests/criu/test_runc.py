@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.rootfs import copy_with_libraries
+
 from .harness import Criu, alive
 from .simhost import DEV_FULL, NVIDIA_MAJOR, Gpu, HostSpec, SimHost
 
@@ -116,27 +118,10 @@ class Runc:
         )
 
 
-def _copy_with_libraries(rootfs: Path, *programs: str) -> None:
-    """Programs and the shared libraries they load, at the same paths in `rootfs`."""
-    for program in programs:
-        source = Path(shutil.which(program) or program).resolve()
-        (rootfs / "bin").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, rootfs / "bin" / program)
-        listed = subprocess.run(
-            ["ldd", str(source)], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
-        for line in listed.splitlines():
-            parts = line.split()
-            path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
-            if path.startswith("/"):
-                target = rootfs / path.lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(Path(path).resolve(), target)
-
-
 def _bundle(directory: Path) -> Path:
     rootfs = directory / "rootfs"
-    _copy_with_libraries(rootfs, "sh", "sleep")
+    for program in ("sh", "sleep"):
+        copy_with_libraries(rootfs, program)
     for name in ("dev", "proc", "sys", "tmp"):
         (rootfs / name).mkdir(exist_ok=True)
     subprocess.run(["runc", "spec"], cwd=directory, check=True, timeout=TIMEOUT)

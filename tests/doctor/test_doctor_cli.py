@@ -19,6 +19,7 @@ import pytest
 from tests.doctor.simnode import SimNode
 from tests.support.daemonproc import DaemonProcess
 from tests.support.processes import PRIVATE_MOUNTS, namespace_problem
+from tests.support.rootfs import copy_with_libraries
 
 TIMEOUT = 60.0
 REPO = Path(__file__).resolve().parents[2]
@@ -220,29 +221,10 @@ def test_real_criu_and_runc_with_the_action_in_runc_conf(tmp_path: Path) -> None
     assert not Path("/etc/criu/runc.conf").exists() or Path("/etc/criu").is_dir()
 
 
-def _copy_with_libraries(root: Path, program: str, where: str) -> None:
-    """A real program at `where` in the tree, with the shared libraries and the loader it
-    names at the same paths there."""
-    source = Path(shutil.which(program) or program).resolve()
-    target = root / where.lstrip("/")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, target)
-    listed = subprocess.run(
-        ["ldd", str(source)], capture_output=True, text=True, timeout=TIMEOUT, check=True
-    ).stdout
-    for line in listed.splitlines():
-        parts = line.split()
-        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
-        if path.startswith("/"):
-            copy = root / path.lstrip("/")
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(path).resolve(), copy)
-
-
 def test_a_real_binary_under_root_runs_through_the_trees_own_loader(node: SimNode) -> None:
     if shutil.which("crun") is None or shutil.which("ldd") is None:
         pytest.skip("needs crun and ldd (apt-get install crun)")
-    _copy_with_libraries(node.root, "crun", "/usr/bin/crun")
+    copy_with_libraries(node.root, "crun", "/usr/bin/crun")
     real = subprocess.run(["crun", "--version"], capture_output=True, text=True, check=True)
     version = real.stdout.split()[2]
     crun = node.checks()["runtime-crun"]
