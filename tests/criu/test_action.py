@@ -641,9 +641,9 @@ def test_a_stage_the_action_ignores_starts_no_python(
 def action_command() -> list[str]:
     """The command the installed script execs, with `-X importtime` added: the script runs
     Python with `-I`, which ignores PYTHONPROFILEIMPORTTIME as it ignores every PYTHON*."""
-    found = re.search(r"""^exec "\$python" -I -c '([^']+)' "\$@"$""", ACTION.read_text(), re.M)
+    found = re.search(r"""^exec "\$python" -I -S -c '([^']+)' "\$@"$""", ACTION.read_text(), re.M)
     assert found is not None, "the script's exec line changed: update this test"
-    return [sys.executable, "-I", "-X", "importtime", "-c", found.group(1)]
+    return [sys.executable, "-I", "-S", "-X", "importtime", "-c", found.group(1)]
 
 
 @pytest.mark.parametrize("action", ["pre-dump", "pre-restore"])

@@ -197,18 +197,21 @@ def test_no_stage_runs_code_from_the_working_directory_or_the_environment(
         assert done.stdout == done.stderr == ""
 
 
-def test_the_pip_script_carries_the_shared_stage_filter() -> None:
-    """One stage filter for every front: the pip script's copy is shfront.STAGES, verbatim."""
+def test_the_pip_script_carries_the_shared_stage_filter_and_start() -> None:
+    """One stage filter for every front: the pip script's copy is shfront.STAGES, verbatim;
+    and its Python runs shfront.pip_program, isolated and without site."""
     script = (REPO / "scripts" / ACTION.name).read_text()
     assert shfront.STAGES in script
-    assert 'exec "$python" -I -c ' in script
+    assert f"""exec "$python" -I -S -c '{shfront.pip_program("watcher.criu")}' "$@"\n""" in script
 
 
 def test_the_cuda_checkpoint_wrapper_finds_python_by_the_shared_rule() -> None:
     """The wrapper beside install-action's file starts the system's Python 3.11+ by absolute
-    path (shfront.SYSTEM_PYTHON, verbatim), isolated; its tools run through `command -p`."""
+    path (shfront.SYSTEM_PYTHON, verbatim), isolated and without site; pip's runs
+    shfront.pip_program; its tools run through `command -p`."""
     wrapper = (REPO / "watcher" / "criu" / "wrapper.sh").read_text()
     assert shfront.SYSTEM_PYTHON in wrapper
-    assert 'exec "$gdw_python" -I ' in wrapper
-    assert 'exec "$python" -I -c ' in wrapper
+    assert 'exec "$gdw_python" -I -S ' in wrapper
+    program = shfront.pip_program("watcher.criu.cudawrap")
+    assert f"""exec "$python" -I -S -c '{program}' "$self" "$real" "$@"\n""" in wrapper
     assert "$(readlink" not in wrapper

@@ -32,12 +32,14 @@ from watcher.contract import CONFIG_ENV, RECORD_NAME, RECORD_VERSION
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from typing import NoReturn
 
 __all__ = [
     "CONFIG_ENV",
     "RECORD_NAME",
     "RECORD_VERSION",
     "console_main",
+    "exit_now",
     "main",
 ]
 
@@ -90,3 +92,22 @@ def console_main() -> int:
         say(f"takes no arguments (CRIU runs it with none), got {shown(sys.argv[1:])}")
         return EXIT_USAGE
     return main()
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with `code` once stdout and stderr are flushed, skipping the
+    interpreter's teardown.
+
+    Freeing every module and object at exit costs ~2 ms of each stage that starts Python
+    (measured: `python -I -c pass` 15.4 ms, with `os._exit(0)` 13.2 ms), and nothing here
+    needs it: the action and the wrapper register no atexit handler, start no thread, and
+    write their files with os calls that are closed before this. A flush that fails (CRIU
+    closed its log pipe) changes nothing: CRIU acts on the exit code alone.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None when CRIU started us with the fd closed
+                stream.flush()
+        except (OSError, ValueError):
+            pass  # nobody is reading any more; the exit code still is
+    os._exit(code)

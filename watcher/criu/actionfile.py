@@ -4,10 +4,11 @@ In the container deployment the daemon lives in a pod, but CRIU runs on the host
 runc, CRI-O or containerd) and executes the action there, where nothing of ours is
 installed. The file written here is a zipapp behind a /bin/sh front (`FRONT`): the front
 answers the stages that have nothing to do, finds the system's Python 3.11+ by absolute path
-and runs the file with it isolated (`python -I FILE`: the zip is `sys.path[0]`, nothing of
-CRIU's working directory or environment is), and without such a Python fails only a stage
-that needs a GPU record (the rules: `watcher.criu.shfront`). After the front comes a zip of
-the `watcher` modules the action imports, which must need the standard library alone.
+and runs the file with it isolated and without `site` (`python -I -S FILE`: the zip is
+`sys.path[0]`, nothing of CRIU's working directory or environment is, and no host `.pth` file
+runs), and without such a Python fails only a stage that needs a GPU record (the rules:
+`watcher.criu.shfront`). After the front comes a zip of the `watcher` modules the action
+imports, which must need the standard library alone.
 
 Which modules: those `watcher.criu` imports, at module level or inside its functions,
 followed through every module found, as read from their source (the action imports most of
@@ -61,12 +62,13 @@ FRONT = f"""\
 #!/bin/sh
 # gpu-device-watcher's CRIU action (written by `gpu-device-watcher install-action`): this
 # /bin/sh front, then a zip of the action's Python modules, which the front runs with the
-# system's python3.N (N >= {MIN_PYTHON[1]}) by absolute path, isolated (-I). Stages with nothing
-# to do start no Python; without a usable Python only a stage that needs a GPU record fails.
+# system's python3.N (N >= {MIN_PYTHON[1]}) by absolute path, isolated (-I) and without site
+# (-S). Stages with nothing to do start no Python; without a usable Python only a stage that
+# needs a GPU record fails.
 {STAGES}
 {SYSTEM_PYTHON}
 if [ -n "$gdw_python" ]; then
-    exec "$gdw_python" -I "$0" "$@"
+    exec "$gdw_python" -I -S "$0" "$@"
 fi
 {WITHOUT_PYTHON}
 """.encode()
@@ -85,9 +87,9 @@ if sys.version_info < {MIN_PYTHON!r}:
     )
     sys.exit(1)
 
-from watcher.criu import console_main
+from watcher.criu import console_main, exit_now
 
-sys.exit(console_main())
+exit_now(console_main())
 '''
 
 # Run as `python3 -I -c _CHECK PACKAGE_PARENT MODULE...`: imports each module with every

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from watcher.criu.settings import config_path
 from watcher.criu.text import say, shown, tell
 
 TYPE_CHECKING = False
@@ -39,17 +38,39 @@ def current_map(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     return generation, device_map
 
 
+def _load_site_packages() -> None:
+    """Put every site-packages directory on `sys.path`, as `site` does at a normal start.
+
+    The fronts start Python with `-S` and add this install's own packages only (shfront rule
+    4): the scanner's dependencies may sit elsewhere (a venv that uses the system's packages).
+    """
+    import sys  # noqa: PLC0415
+
+    if sys.flags.no_site and "site" not in sys.modules:
+        import site  # noqa: PLC0415
+
+        site.main()
+
+
 def direct_scan(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     # The fallback is allowed to be heavy: it runs only when the daemon is down.
+    from importlib.util import find_spec  # noqa: PLC0415
+
+    if find_spec("watcher.probe") is None:
+        # The file `install-action` writes holds the stdlib-only modules alone; it is not
+        # given the host's site-packages either, whose .pth files would run as root.
+        raise SystemExit(without_scanner(environ))
+    _load_site_packages()
     try:
         import msgspec  # noqa: PLC0415
-    except ImportError:
-        # The file `install-action` writes holds the stdlib-only modules alone.
-        raise SystemExit(without_scanner(environ)) from None
 
-    from watcher.config import ConfigError, resolve_settings  # noqa: PLC0415
-    from watcher.core.snapshot import HostView  # noqa: PLC0415
-    from watcher.probe import scan  # noqa: PLC0415
+        from watcher.config import ConfigError, resolve_settings  # noqa: PLC0415
+        from watcher.core.snapshot import HostView  # noqa: PLC0415
+        from watcher.probe import scan  # noqa: PLC0415
+    except ImportError:
+        # An install whose dependencies are gone: what the action file does without them.
+        raise SystemExit(without_scanner(environ)) from None
+    from watcher.criu.settings import config_path  # noqa: PLC0415 (only without the daemon)
 
     path, explicit = config_path(environ)
     try:

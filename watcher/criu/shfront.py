@@ -16,17 +16,23 @@ program of ours that CRIU runs therefore starts Python by these rules:
    `__future__.py` ran as root), and no `PYTHON*` variable (`PYTHONPATH`, `PYTHONHOME`,
    `PYTHONSTARTUP`, ...) and no user site-packages are honoured. A zipapp keeps its own
    path as `sys.path[0]` under `-I`.
-4. The sh itself uses builtins; a tool from outside runs through `command -p`, which
+4. It runs with `-S` as well: the `site` module, which would run the code of every `.pth`
+   file in site-packages as root, never starts. A zipapp needs nothing but itself and the
+   standard library; a pip-installed front runs `pip_program`, which puts this install's own
+   site-packages on `sys.path` itself in a venv, and only elsewhere lets `site` do it.
+5. The sh itself uses builtins; a tool from outside runs through `command -p`, which
    searches the system's default path rather than CRIU's `PATH`.
 
 The pip-installed `scripts/gpu-device-watcher-criu-action` carries `STAGES` verbatim (a test
-compares them), `install-action` writes `SYSTEM_PYTHON` and `WITHOUT_PYTHON` into its file.
+compares them), `install-action` writes `SYSTEM_PYTHON` and `WITHOUT_PYTHON` into its file;
+the pip-installed action and `cuda-checkpoint` wrapper run `pip_program` of their module (a
+test compares them).
 Standard library only (it is text), imported by `install-action` and the tests.
 """
 
 from __future__ import annotations
 
-__all__ = ["MIN_PYTHON", "STAGES", "SYSTEM_PYTHON", "WITHOUT_PYTHON"]
+__all__ = ["MIN_PYTHON", "STAGES", "SYSTEM_PYTHON", "WITHOUT_PYTHON", "pip_program"]
 
 MIN_PYTHON = (3, 11)
 
@@ -177,3 +183,40 @@ gdw_say "no GPU device in use by the tree of pid $gdw_root; no record written, t
     "$gdw_need"
 exit 0
 """
+
+
+# The `python -I -S -c` program of a pip-installed front. `site` costs ~1 ms of a stage that
+# has ~3 ms of work, and it runs every `.pth` file's code; a venv's layout is fixed, so the
+# program finds this install's packages itself: the venv's site-packages (a wheel install)
+# and, after it, the source tree an editable install's `.pth` names (hatchling's file, a
+# path alone), in the order `site` would put them. The interpreter is this install's (the
+# front read it from the sibling console script), so its venv is this install's. Anything
+# else (a system-wide install, another layout) gets `site` as before. Single quotes cannot
+# appear: the front quotes the program in them.
+_PIP_PROGRAM = """\
+import os, sys
+venv = os.path.dirname(os.path.dirname(sys.executable))
+packages = "%s/lib/python%d.%d/site-packages" % (venv, *sys.version_info[:2])
+roots = [packages]
+try:
+    with open(packages + "/_editable_impl_gpu_device_watcher.pth", "rb") as editable:
+        roots.append(editable.readline().strip().decode())
+except (OSError, UnicodeError):
+    pass
+if os.path.isfile(venv + "/pyvenv.cfg") and any(
+    root.startswith("/") and os.path.isfile(root + "/watcher/criu/__init__.py")
+    for root in roots
+):
+    sys.path += roots
+else:
+    import site
+    site.main()
+from watcher.criu import exit_now
+from {module} import console_main
+exit_now(console_main())"""
+
+
+def pip_program(module: str) -> str:
+    """The program a pip-installed front passes to `python -I -S -c`: `module`'s
+    `console_main` with this install's packages on `sys.path`, then `exit_now`."""
+    return _PIP_PROGRAM.format(module=module)

@@ -8,7 +8,8 @@
 # Every call but a restore of a checkpoint with our record is answered here without Python:
 # the first cuda-checkpoint on PATH past this file is exec'd directly. Python (the package's
 # own interpreter, by absolute path, isolated with -I so that CRIU's working directory, which
-# may be an image directory others can write, and PYTHON* variables count for nothing) runs
+# may be an image directory others can write, and PYTHON* variables count for nothing, and
+# with -S so that no .pth file's code runs: watcher/criu/shfront.py's pip_program) runs
 # only to find a binary that is not on PATH (the map's driver.cuda_checkpoint, under a driver
 # root) and to add --device-map at `--action restore`.
 
@@ -81,7 +82,26 @@ if [ -r "$here/gpu-device-watcher" ]; then
     esac
 fi
 if [ -n "$python" ] && [ -x "$python" ]; then
-    exec "$python" -I -c 'import sys; from watcher.criu.cudawrap import console_main; sys.exit(console_main())' "$self" "$real" "$@"
+    exec "$python" -I -S -c 'import os, sys
+venv = os.path.dirname(os.path.dirname(sys.executable))
+packages = "%s/lib/python%d.%d/site-packages" % (venv, *sys.version_info[:2])
+roots = [packages]
+try:
+    with open(packages + "/_editable_impl_gpu_device_watcher.pth", "rb") as editable:
+        roots.append(editable.readline().strip().decode())
+except (OSError, UnicodeError):
+    pass
+if os.path.isfile(venv + "/pyvenv.cfg") and any(
+    root.startswith("/") and os.path.isfile(root + "/watcher/criu/__init__.py")
+    for root in roots
+):
+    sys.path += roots
+else:
+    import site
+    site.main()
+from watcher.criu import exit_now
+from watcher.criu.cudawrap import console_main
+exit_now(console_main())' "$self" "$real" "$@"
 fi
 if [ -f "$here/gpu-device-watcher-criu-action" ]; then
     # Beside install-action's file: the system's Python 3.11+ by absolute path alone
@@ -100,7 +120,7 @@ for gdw_candidate in /usr/local/bin/python3.[1-9][0-9] /usr/bin/python3.[1-9][0-
     gdw_too_old="$gdw_too_old $gdw_candidate"
 done
     if [ -n "$gdw_python" ]; then
-        exec "$gdw_python" -I "$here/gpu-device-watcher-criu-action" --cuda-checkpoint "$self" "$real" "$@"
+        exec "$gdw_python" -I -S "$here/gpu-device-watcher-criu-action" --cuda-checkpoint "$self" "$real" "$@"
     fi
 fi
 echo "gpu-device-watcher: no cuda-checkpoint on this host (none on PATH past $self, and no Python 3.11 or later to ask the map: install gpu-device-watcher or run install-action beside this file)" >&2
