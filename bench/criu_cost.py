@@ -12,15 +12,16 @@ The same small tree (`sh` with a child `sleep` that holds /dev/zero) is dumped a
 `--runs` times per variant, the variants interleaved so that drift hits them alike:
 
 - no action script (the baseline);
-- the installed `gpu-device-watcher-criu-action`;
-- when the installed one goes through the CLI (argparse and all), the same logic through the
-  lean entry `watcher.criu:console_main`, from a script like the one pip would write;
+- `gpu-device-watcher-criu-action` of this venv (an editable install in a checkout);
+- the same checkout laid out in a new venv as `pip install` of the wheel lays it out
+  (tests.criu.harness.stage_venv_install), what a node that installs the package runs;
 - with `--before TREE` (a checkout of an earlier version): that version's action, started as
   its install started it (the console script pip generates, `import re` first), beside
   this one's, in the same run.
 
-Beside the stages, a bare `python -I -c pass` is timed the same way: the stage costs are
-also given as ratios to it, which carry over between machines better than milliseconds.
+Beside the stages, a bare `python -I -c pass` of the same interpreter is timed the same way,
+interleaved with them: the stage costs are also given as ratios to it, which carry over
+between machines better than milliseconds.
 
 The `cuda-checkpoint` wrapper (watcher/criu/wrapper.sh) is timed beside the binary it runs
 (a compiled stand-in, a shell script where there is no compiler), whole processes started by
@@ -58,6 +59,7 @@ from tests.criu.harness import (
     CriuUnavailable,
     prepare_criu,
     spawn_tree,
+    stage_venv_install,
     stage_wrapper,
 )
 from tests.criu.harness import subreaper as adopt_orphans
@@ -67,23 +69,18 @@ RUNS = 15
 STAGE_RUNS = 30
 
 
+THIS_VENV = "action (this venv)"
+WHEEL = "action (wheel, new venv)"
+
+
 @dataclass
 class Variant:
     label: str
     action: Path | None
+    # The interpreter the action runs on, for its `python -I -c pass` baseline.
+    python: str = sys.executable
     dump_ms: list[float] = field(default_factory=list)
     restore_ms: list[float] = field(default_factory=list)
-
-
-def _lean_entry(directory: Path) -> Path:
-    """A console script for `watcher.criu:console_main`, as pip would write it."""
-    script = directory / "gpu-device-watcher-criu-action-lean"
-    script.write_text(
-        f"#!{sys.executable}\nimport sys\nfrom watcher.criu import console_main\n"
-        "if __name__ == '__main__':\n    sys.exit(console_main())\n"
-    )
-    script.chmod(0o755)
-    return script
 
 
 def _console_script(directory: Path, tree: Path) -> Path:
@@ -123,30 +120,45 @@ def _one_round(criu: Criu, host: SimHost, variant: Variant, work: Path, number: 
         shutil.rmtree(images, ignore_errors=True)
 
 
-def _time_stage(command: list[str], env: dict[str, str], runs: int) -> float:
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, timeout=30, check=False)
-        samples.append((time.perf_counter() - started) * 1000)
-        if done.returncode != 0:
-            raise RuntimeError(f"{command} {env.get('CRTOOLS_SCRIPT_ACTION')}: {done.stderr!r}")
-    return statistics.median(samples)
+def _run_once(command: list[str], env: dict[str, str]) -> float:
+    """Wall ms of one run, which must succeed."""
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, timeout=30, check=False)
+    elapsed = (time.perf_counter() - started) * 1000
+    if done.returncode != 0:
+        raise RuntimeError(f"{command} {env.get('CRTOOLS_SCRIPT_ACTION')}: {done.stderr!r}")
+    return elapsed
 
 
-def _stage_costs(host: SimHost, script: Path, work: Path, runs: int) -> dict[str, float]:
-    """The action alone, started as CRIU starts it, per kind of stage."""
-    images = work / "stage-images"
+def _stage_costs(
+    host: SimHost, script: Path, python: str, work: Path, runs: int
+) -> dict[str, float]:
+    """The action alone, started as CRIU starts it, per kind of stage; and `python -I -c pass`
+    of the interpreter it runs on, interleaved with the stages (one warm-up round)."""
+    images = work / f"stage-images-{script.parent.name}-{script.name}"
     images.mkdir(exist_ok=True)
     tree = spawn_tree("/dev/zero")
     try:
         base = host.env(CRTOOLS_IMAGE_DIR=str(images), CRTOOLS_INIT_PID=str(tree.root))
         # In this order: pre-restore checks the record that pre-dump writes.
-        stages = {"pre-dump": "pre-dump", "pre-restore": "pre-restore", "other": "post-resume"}
-        return {
-            name: _time_stage([str(script)], {**base, "CRTOOLS_SCRIPT_ACTION": action}, runs)
-            for name, action in stages.items()
+        commands = {
+            "python": ([python, "-I", "-c", "pass"], {}),
+            **{
+                name: ([str(script)], {**base, "CRTOOLS_SCRIPT_ACTION": action})
+                for name, action in (
+                    ("pre-dump", "pre-dump"),
+                    ("pre-restore", "pre-restore"),
+                    ("other", "post-resume"),
+                )
+            },
         }
+        samples: dict[str, list[float]] = {name: [] for name in commands}
+        for number in range(runs + 1):
+            for name, (command, env) in commands.items():
+                elapsed = _run_once(command, env)
+                if number:  # the first round warms the page cache and the bytecode
+                    samples[name].append(elapsed)
+        return {name: statistics.median(values) for name, values in samples.items()}
     finally:
         tree.close()
 
@@ -279,10 +291,12 @@ def measure(
     work = Path(tempfile.mkdtemp(prefix="gdw-criu-cost-"))
     try:
         with adopt_orphans(), SimHost(work / "host") as host:
-            variants = [Variant("no action script", None), Variant("action (installed)", ACTION)]
-            installed_is_lean = "watcher.criu" in ACTION.read_text()
-            if not installed_is_lean and "watcher.cli" in ACTION.read_text():
-                variants.append(Variant("action (lean entry)", _lean_entry(work)))
+            wheel = stage_venv_install(work / "venv")
+            variants = [
+                Variant("no action script", None),
+                Variant(THIS_VENV, ACTION),
+                Variant(WHEEL, wheel / ACTION.name, str(wheel / "python3")),
+            ]
             if before is not None:
                 compileall.compile_dir(str(before / "watcher"), quiet=1)
                 variants.append(Variant("action (before)", _console_script(work, before)))
@@ -295,13 +309,12 @@ def measure(
                 rotation = number % len(variants)
                 for variant in variants[rotation:] + variants[:rotation]:
                     _one_round(criu, host, variant, work, number)
-            bare = [sys.executable, "-I", "-c", "pass"]
-            _time_stage(bare, {}, 3)
-            python_ms = _time_stage(bare, {}, stage_runs)
             stages: dict[str, dict[str, float]] = {}
             for variant in variants[1:]:
                 assert variant.action is not None
-                stages[variant.label] = _stage_costs(host, variant.action, work, stage_runs)
+                stages[variant.label] = _stage_costs(
+                    host, variant.action, variant.python, work, stage_runs
+                )
             wrapper = _wrapper_costs(host, work, stage_runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -318,7 +331,7 @@ def measure(
             for variant in variants
         ],
         "stages": stages,
-        "python_ms": round(python_ms, 2),
+        "python_ms": round(stages[THIS_VENV]["python"], 2),
         "cuda_checkpoint": wrapper,
     }
 
@@ -351,19 +364,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{added_restore:>7}"
         )
     print()
-    python_ms = result["python_ms"]
     print(f"the action alone, started as CRIU starts it (median of {STAGE_RUNS}):")
-    print(f"{'':22}  {'pre-dump':>8}  {'pre-restore':>11}  {'other stage':>11}")
+    print(f"{'':24}  {'pre-dump':>8}  {'pre-restore':>11}  {'other stage':>11}  {'python':>6}")
     for label, costs in result["stages"].items():
+        python_ms = costs["python"]
         print(
-            f"{label:22}  {costs['pre-dump']:8.1f}  {costs['pre-restore']:11.1f}  "
-            f"{costs['other']:11.1f}"
+            f"{label:24}  {costs['pre-dump']:8.1f}  {costs['pre-restore']:11.1f}  "
+            f"{costs['other']:11.1f}  {python_ms:6.1f}"
         )
         print(
-            f"{'  x python -I -c pass':22}  {costs['pre-dump'] / python_ms:8.2f}  "
+            f"{'  x python -I -c pass':24}  {costs['pre-dump'] / python_ms:8.2f}  "
             f"{costs['pre-restore'] / python_ms:11.2f}  {costs['other'] / python_ms:11.2f}"
         )
-    print(f"(a dump runs 2 stages, a restore 4; times in ms; python -I -c pass: {python_ms:.1f})")
+    print("(a dump runs 2 stages, a restore 4; times in ms; python: `python -I -c pass` of the")
+    print(" interpreter the action runs on, interleaved with its stages)")
     wrapper = result["cuda_checkpoint"]
     print()
     print(f"the cuda-checkpoint wrapper (median of {STAGE_RUNS}; {wrapper['stand_in']} stand-in):")

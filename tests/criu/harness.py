@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import ctypes
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +55,44 @@ def stage_wrapper(directory: Path) -> Path:
     wrapper.write_bytes(WRAPPER.read_bytes())
     wrapper.chmod(0o755)
     return wrapper
+
+
+def stage_venv_install(venv: Path, *, packages_at: Path | None = None) -> Path:
+    """This checkout laid out in a new venv at `venv` as `pip install` of the wheel lays it out
+    (the package compiled in the venv's site-packages; in bin, the action script, the
+    cuda-checkpoint wrapper and a `gpu-device-watcher` whose shebang names the venv's python,
+    as pip writes it); the venv's bin. With `packages_at`, the package goes there instead,
+    for a `.pth` file to name. No dependency is installed: the action's daemon path needs
+    none (it is stdlib only)."""
+    subprocess.run(
+        [sys._base_executable, "-m", "venv", "--without-pip", str(venv)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    bin_dir = venv / "bin"
+    target = packages_at or site_packages(venv)
+    shutil.copytree(
+        REPO / "watcher", target / "watcher", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    compileall.compile_dir(str(target / "watcher"), quiet=1)
+    console = bin_dir / "gpu-device-watcher"
+    console.write_text(
+        f"#!{bin_dir / 'python3'}\nimport sys\nfrom watcher.cli import main\nsys.exit(main())\n"
+    )
+    console.chmod(0o755)
+    for source, name in (
+        (REPO / "scripts" / ACTION.name, ACTION.name),
+        (WRAPPER, "cuda-checkpoint"),
+    ):
+        (bin_dir / name).write_bytes(source.read_bytes())
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def site_packages(venv: Path) -> Path:
+    """The venv's site-packages, where pip puts a wheel's package."""
+    return venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
 
 
 class CriuUnavailable(Exception):

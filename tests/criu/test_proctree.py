@@ -323,6 +323,42 @@ def test_fd_and_maps_of_one_device_merge(spawn: Spawn) -> None:
     ]
 
 
+def test_an_inode_mapped_by_several_processes_is_examined_once(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forked child maps what its parent maps (the interpreter, libc, /dev/zero): each
+    inode is looked up once for the whole tree, and the device is still found in both."""
+    child, info = spawn(
+        """
+        import json, os, sys
+        map_only("/dev/zero")
+        forked = os.fork()
+        if forked == 0:
+            sys.stdin.read()
+            os._exit(0)
+        print(json.dumps({"forked": forked}), flush=True)
+        sys.stdin.read()
+        """
+    )
+    examined: list[tuple[int, int]] = []
+    real = proctree._stat_mapping
+
+    def counting(pid: int, mapping: Any, proc: str) -> os.stat_result | None:
+        examined.append((mapping.fs_dev, mapping.inode))
+        return real(pid, mapping, proc)
+
+    monkeypatch.setattr(proctree, "_stat_mapping", counting)
+    held = open_char_devices([child.pid, info["forked"]])
+    assert held[ZERO] == DeviceUse(1, 5, tuple(sorted([child.pid, info["forked"]])), ("maps",))
+    mapped = set()
+    for pid in (child.pid, info["forked"]):
+        for line in Path(f"/proc/{pid}/maps").read_bytes().splitlines(keepends=True):
+            parsed = proctree._parse_maps_line(line)
+            if parsed is not None:
+                mapped.add((parsed.fs_dev, parsed.inode))
+    assert sorted(examined) == sorted(mapped)  # every inode once, none twice
+
+
 def test_shared_dev_zero_mapping_is_not_a_device(spawn: Spawn) -> None:
     """MAP_SHARED of /dev/zero is shmem: maps shows '/dev/zero (deleted)'; never reported."""
     child, info = spawn(

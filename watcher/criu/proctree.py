@@ -302,8 +302,17 @@ def _library_name(raw_path: bytes, suffix: bytes) -> str | None:
     return name.decode("utf-8", "backslashreplace")
 
 
+# Per inode mapped anywhere in the tree, keyed by the maps line's own `dev` and `inode` text:
+# its st_rdev when it is a character device, else None.
+_Examined = dict[tuple[bytes, bytes], int | None]
+
+
 def _maps_devices(
-    pid: int, proc: str, library_suffix: bytes | None = None, libraries: set[str] | None = None
+    pid: int,
+    proc: str,
+    library_suffix: bytes | None = None,
+    libraries: set[str] | None = None,
+    examined: _Examined | None = None,
 ) -> set[int] | None:
     """`st_rdev` of every character device `pid` has mapped; None if it is gone.
 
@@ -312,8 +321,10 @@ def _maps_devices(
     not be read.
 
     The maps are streamed line by line (binary, so a line ends at b"\\n" only), and each mapped
-    inode is examined once: memory stays bounded whatever the size of the maps (a process
-    with 60,000 mappings of a long-named file has 63 MiB of them).
+    inode is examined once, for every process that shares `examined`: an inode is a device
+    node or not whichever process maps it, and the processes of a tree map the same
+    libraries (a CUDA process maps a few hundred files). Memory stays bounded whatever the
+    size of the maps (a process with 60,000 mappings of a long-named file has 63 MiB of them).
     """
     try:
         maps = open(f"{proc}/{pid}/maps", "rb")  # noqa: SIM115 (closed below, errors apart)
@@ -322,26 +333,23 @@ def _maps_devices(
             return None
         raise
     found: set[int] = set()
-    checked: dict[tuple[int, int], int | None] = {}
+    examined = {} if examined is None else examined
     with maps:
         try:
             for line in maps:
-                if libraries is not None and library_suffix and library_suffix in line:
-                    parts = line.split(maxsplit=5)
-                    if len(parts) == 6 and len(libraries) < MAX_LIBRARIES:
-                        name = _library_name(parts[5], library_suffix)
-                        if name is not None:
-                            libraries.add(name)
-                m = _parse_maps_line(line)
-                if m is None:
+                parts = line.split(maxsplit=5)
+                # Anonymous and pseudo mappings ([heap], [vdso]) have no absolute path.
+                if len(parts) < 6 or not parts[5].startswith(b"/"):
                     continue
-                key = (m.fs_dev, m.inode)
-                if key not in checked:
-                    st = _stat_mapping(pid, m, proc)
-                    checked[key] = (
-                        st.st_rdev if st is not None and stat.S_ISCHR(st.st_mode) else None
-                    )
-                rdev = checked[key]
+                if library_suffix and libraries is not None and library_suffix in parts[5]:
+                    name = _library_name(parts[5], library_suffix)
+                    if name is not None and len(libraries) < MAX_LIBRARIES:
+                        libraries.add(name)
+                key = (parts[3], parts[4])
+                if key in examined:
+                    rdev = examined[key]
+                else:
+                    rdev = _mapped_device(pid, line, proc, examined, key)
                 if rdev is not None:
                     found.add(rdev)
         except OSError as e:
@@ -349,6 +357,23 @@ def _maps_devices(
                 return None
             raise
     return found
+
+
+def _mapped_device(
+    pid: int, line: bytes, proc: str, examined: _Examined, key: tuple[bytes, bytes]
+) -> int | None:
+    """The st_rdev of the character device one maps line maps, or None; remembered in
+    `examined` when the answer holds for every process (the inode was found)."""
+    m = _parse_maps_line(line)
+    if m is None:
+        examined[key] = None  # inode 0, or a deleted file: for everyone
+        return None
+    st = _stat_mapping(pid, m, proc)
+    if st is None:
+        return None  # not resolvable from this process: another may still tell
+    rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) else None
+    examined[key] = rdev
+    return rdev
 
 
 def open_char_devices(
@@ -369,13 +394,14 @@ def open_char_devices(
     holders: dict[int, set[int]] = {}
     ways: dict[int, set[str]] = {}
     suffix = library_suffix.encode() if library_suffix else None
+    examined: _Examined = {}
     for pid in dict.fromkeys(pids):
         for via in (VIA_FD, VIA_MAPS):
             try:
                 found = (
                     _fd_devices(pid, proc)
                     if via == VIA_FD
-                    else _maps_devices(pid, proc, suffix, libraries)
+                    else _maps_devices(pid, proc, suffix, libraries, examined)
                 )
             except PermissionError:
                 if unreadable is not None and pid not in unreadable:
