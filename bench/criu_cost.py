@@ -30,6 +30,11 @@ name through PATH as CRIU's CUDA plugin starts them, interleaved: a pass-through
 directly, and `--action restore --pid P` for a record whose GPU moved (the wrapper asks the
 daemon, runs the restore gate and adds `--device-map`) against `python -I -c pass`.
 
+With `--mounts N` (default 10,000) the action alone and the wrapper are measured after the
+mount table is grown to N lines (tmpfs mounts in the private mount namespace the bench runs
+in; after the dumps and restores, which CRIU makes with the table as it was): every exec
+and path lookup costs more then, and the action makes more of them than a bare start.
+
 Figures are medians of wall time around the `criu` command. Python's bytecode cache is
 compiled first (`compileall` on `watcher/`), as a wheel install does: with
 PYTHONDONTWRITEBYTECODE set and no cache, every stage would recompile the package.
@@ -52,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.hostmounts import grow_mount_table, mount_tmpfs, reexec_unshared, umount
 from tests.criu.harness import (
     ACTION,
     REPO,
@@ -67,6 +73,7 @@ from tests.criu.simhost import SimHost
 
 RUNS = 15
 STAGE_RUNS = 30
+MOUNTS = 10_000
 
 
 THIS_VENV = "action (this venv)"
@@ -277,9 +284,14 @@ def _wrapper_costs(host: SimHost, work: Path, runs: int) -> dict[str, Any]:
 
 
 def measure(
-    runs: int = RUNS, stage_runs: int = STAGE_RUNS, before: Path | None = None
+    runs: int = RUNS,
+    stage_runs: int = STAGE_RUNS,
+    before: Path | None = None,
+    mounts: int = MOUNTS,
 ) -> dict[str, Any]:
-    """Dumps and restores with and without the action; raises CriuUnavailable without CRIU."""
+    """Dumps and restores with and without the action; raises CriuUnavailable without CRIU.
+
+    Run inside a private mount namespace (`main` re-executes itself so) when `mounts`."""
     if os.geteuid() != 0:
         raise CriuUnavailable("needs root (CRIU, unshare -m, mknod)")
     criu = Criu(prepare_criu(), verbosity=None)
@@ -289,6 +301,7 @@ def measure(
     ).stdout.split("\n", 1)[0]
 
     work = Path(tempfile.mkdtemp(prefix="gdw-criu-cost-"))
+    mount_lines: int | None = None
     try:
         with adopt_orphans(), SimHost(work / "host") as host:
             wheel = stage_venv_install(work / "venv")
@@ -309,6 +322,11 @@ def measure(
                 rotation = number % len(variants)
                 for variant in variants[rotation:] + variants[:rotation]:
                     _one_round(criu, host, variant, work, number)
+            if mounts:
+                # Under one tmpfs of their own, detached whole (children too) at the end.
+                (work / "mounts").mkdir()
+                mount_tmpfs(str(work / "mounts"), "size=16m")
+                mount_lines = grow_mount_table(work / "mounts", mounts)
             stages: dict[str, dict[str, float]] = {}
             for variant in variants[1:]:
                 assert variant.action is not None
@@ -317,6 +335,8 @@ def measure(
                 )
             wrapper = _wrapper_costs(host, work, stage_runs)
     finally:
+        if mount_lines:
+            umount(str(work / "mounts"), lazy=True)
         shutil.rmtree(work, ignore_errors=True)
     return {
         "version": version,
@@ -331,6 +351,7 @@ def measure(
             for variant in variants
         ],
         "stages": stages,
+        "mount_lines": mount_lines,
         "python_ms": round(stages[THIS_VENV]["python"], 2),
         "cuda_checkpoint": wrapper,
     }
@@ -343,9 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--before", type=Path, help="a checkout of an earlier version, measured beside this one"
     )
+    parser.add_argument(
+        "--mounts",
+        type=int,
+        default=MOUNTS,
+        help="mount table lines while the action alone is timed (0: as it is)",
+    )
     arguments = parser.parse_args(argv)
+    if arguments.mounts:
+        reexec_unshared()
     try:
-        result = measure(arguments.runs, before=arguments.before)
+        result = measure(arguments.runs, before=arguments.before, mounts=arguments.mounts)
     except CriuUnavailable as error:
         sys.exit(f"bench.criu_cost: no CRIU: {error}")
     if arguments.json is not None:
@@ -364,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{added_restore:>7}"
         )
     print()
-    print(f"the action alone, started as CRIU starts it (median of {STAGE_RUNS}):")
+    lines = result["mount_lines"]
+    table = f"{lines} mount table lines" if lines else "the mount table as it was"
+    print(f"the action alone, started as CRIU starts it (median of {STAGE_RUNS}; {table}):")
     print(f"{'':24}  {'pre-dump':>8}  {'pre-restore':>11}  {'other stage':>11}  {'python':>6}")
     for label, costs in result["stages"].items():
         python_ms = costs["python"]

@@ -31,6 +31,10 @@ from __future__ import annotations
 import os
 import stat
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 __all__ = [
     "MARKER_WINDOW",
     "NAME",
@@ -117,10 +121,10 @@ def is_wrapper(path: str | os.PathLike[str], *, root: str = "/") -> bool:
     return head.startswith(b"#!") and WRAPPER_MARKER.encode() in head
 
 
-def _candidates(path_env: str, root: str) -> list[tuple[str, str]]:
-    """(host path, resolved path under root) of each executable `cuda-checkpoint` on PATH."""
+def _candidates(path_env: str, root: str) -> Iterator[tuple[str, str]]:
+    """(host path, resolved path under root) of each executable `cuda-checkpoint` on PATH, in
+    PATH's order, found as they are asked for (the first is often all that is needed)."""
     under_root = os.path.abspath(root) != "/"
-    found: list[tuple[str, str]] = []
     for entry in path_env.split(os.pathsep):
         if not entry.startswith("/") and under_root:
             continue  # the working directory of a process of another root: unknowable
@@ -129,14 +133,12 @@ def _candidates(path_env: str, root: str) -> list[tuple[str, str]]:
         # runs inside pre-dump, for every PATH entry).
         real = host_path_in_root(host, root) if under_root else host
         if real is not None and _regular_executable(real):
-            found.append((host, real))
-    return found
+            yield host, real
 
 
 def resolve_on_path(path_env: str, root: str = "/") -> str | None:
     """The host path of the `cuda-checkpoint` that `path_env` leads to, or None."""
-    found = _candidates(path_env, root)
-    return found[0][0] if found else None
+    return next((host for host, _ in _candidates(path_env, root)), None)
 
 
 def _same_file(first: str, second: str) -> bool:
