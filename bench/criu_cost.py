@@ -13,8 +13,9 @@ The same small tree (`sh` with a child `sleep` that holds /dev/zero) is dumped a
 
 - no action script (the baseline);
 - `gpu-device-watcher-criu-action` of this venv (an editable install in a checkout);
-- the same checkout laid out in a new venv as `pip install` of the wheel lays it out
-  (tests.criu.harness.stage_venv_install), what a node that installs the package runs;
+- the same checkout laid out in a new venv (made by `python -m venv`, with its pip) as
+  `pip install` of the wheel lays it out (tests.criu.harness.stage_venv_install), what a
+  node that installs the package runs;
 - with `--before TREE` (a checkout of an earlier version): that version's action, started as
   its install started it (the console script pip generates, `import re` first), beside
   this one's, in the same run.
@@ -304,7 +305,7 @@ def measure(
     mount_lines: int | None = None
     try:
         with adopt_orphans(), SimHost(work / "host") as host:
-            wheel = stage_venv_install(work / "venv")
+            wheel = stage_venv_install(work / "venv", with_pip=True)
             variants = [
                 Variant("no action script", None),
                 Variant(THIS_VENV, ACTION),

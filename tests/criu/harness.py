@@ -57,18 +57,22 @@ def stage_wrapper(directory: Path) -> Path:
     return wrapper
 
 
-def stage_venv_install(venv: Path, *, packages_at: Path | None = None) -> Path:
+def stage_venv_install(
+    venv: Path, *, packages_at: Path | None = None, with_pip: bool = False
+) -> Path:
     """This checkout laid out in a new venv at `venv` as `pip install` of the wheel lays it out
     (the package compiled in the venv's site-packages; in bin, the action script, the
     cuda-checkpoint wrapper and a `gpu-device-watcher` whose shebang names the venv's python,
     as pip writes it); the venv's bin. With `packages_at`, the package goes there instead,
     for a `.pth` file to name. No dependency is installed: the action's daemon path needs
-    none (it is stdlib only)."""
+    none (it is stdlib only). `with_pip` makes the venv as users make it (`python -m venv`
+    with its pip, and on 3.11 its setuptools `.pth`), which the bare interpreter's start
+    pays for; slower (seconds)."""
     subprocess.run(
-        [sys._base_executable, "-m", "venv", "--without-pip", str(venv)],
+        [sys._base_executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(venv)],
         check=True,
         capture_output=True,
-        timeout=60,
+        timeout=300,
     )
     bin_dir = venv / "bin"
     target = packages_at or site_packages(venv)

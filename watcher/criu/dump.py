@@ -190,18 +190,21 @@ def pre_dump(environ: Mapping[str, str]) -> int:
         return EXIT_USAGE
     pid = int(pid_text)
 
+    from watcher.criu.hostmap import MapRequest  # noqa: PLC0415
+
+    # Asked first: the daemon answers while the rest is imported and the root is checked.
+    asked = MapRequest(environ)
     from watcher.criu import proctree  # noqa: PLC0415
 
     if not proctree.is_running(pid):
+        asked.close()
         say(
             f"CRTOOLS_INIT_PID {pid} is not a running process (it exited, or this is another "
             "pid namespace): there is no tree to record; dump stopped"
         )
         return EXIT_REFUSE
 
-    from watcher.criu.hostmap import current_map  # noqa: PLC0415
-
-    generation, device_map = current_map(environ)
+    generation, device_map = asked.result()
     driver = device_map.get("driver")
     version = driver.get("version") if isinstance(driver, dict) else None
     unreadable: list[int] = []

@@ -18,24 +18,61 @@ DAEMON_TIMEOUT_S = 5.0
 
 def current_map(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     """(generation, map) from the daemon; a direct scan (generation 0) when it cannot answer."""
-    from watcher import client  # noqa: PLC0415 (only the stages that need it pay for it)
+    return MapRequest(environ).result()
 
-    path = client.socket_path(environ.get(client.SOCKET_ENV))
-    try:
-        reply = client.request(path, {"op": "get"}, timeout=DAEMON_TIMEOUT_S)
-        generation, device_map = reply["generation"], reply["map"]
-        if not isinstance(generation, int) or not isinstance(device_map, dict):
-            raise TypeError("the reply holds no map")  # noqa: TRY301 (same fallback as below)
-    except (client.Unreachable, client.ServerError) as error:
-        say(f"{shown(error, 400)}; scanning this host directly instead")
-        return direct_scan(environ)
-    except (ValueError, KeyError, TypeError) as error:
-        say(
-            f"the daemon at {shown(path)} sent a reply that is not a map ({shown(error)}); "
-            "scanning directly"
-        )
-        return direct_scan(environ)
-    return generation, device_map
+
+class MapRequest:
+    """The daemon's map, asked for at once and read when it is needed.
+
+    The daemon takes 0.2-0.5 ms to answer (measured on a two-core machine; more when it was
+    idle); a stage that has other work meanwhile (pre-dump: its imports, the tree's root)
+    does it while the daemon answers, instead of waiting first. `result()` reads the reply
+    (once), falling back to a direct scan as `current_map` does.
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        from watcher import client  # noqa: PLC0415 (only the stages that need it pay for it)
+
+        self._environ = environ
+        self._path = client.socket_path(environ.get(client.SOCKET_ENV))
+        self._connection: client.Connection | None = None
+        self._failure: Exception | None = None
+        try:
+            self._connection = client.Connection(self._path, timeout=DAEMON_TIMEOUT_S)
+            self._connection.send({"op": "get"})
+        except (client.Unreachable, client.ServerError) as error:
+            self.close()
+            self._failure = error
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def result(self) -> tuple[int, dict[str, Any]]:
+        from watcher import client  # noqa: PLC0415 (loaded by __init__ already)
+
+        connection, self._connection = self._connection, None
+        if connection is None:
+            say(f"{shown(self._failure, 400)}; scanning this host directly instead")
+            return direct_scan(self._environ)
+        try:
+            reply = connection.receive()
+            generation, device_map = reply["generation"], reply["map"]
+            if not isinstance(generation, int) or not isinstance(device_map, dict):
+                raise TypeError("the reply holds no map")  # noqa: TRY301 (same fallback as below)
+        except (client.Unreachable, client.ServerError) as error:
+            say(f"{shown(error, 400)}; scanning this host directly instead")
+            return direct_scan(self._environ)
+        except (ValueError, KeyError, TypeError) as error:
+            say(
+                f"the daemon at {shown(self._path)} sent a reply that is not a map "
+                f"({shown(error)}); scanning directly"
+            )
+            return direct_scan(self._environ)
+        finally:
+            connection.close()
+        return generation, device_map
 
 
 def _load_site_packages() -> None:
