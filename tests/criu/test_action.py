@@ -13,6 +13,7 @@ import os
 import re
 import select
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -178,6 +179,47 @@ def test_pre_dump_replaces_an_old_record_by_rename(
         # A reader that had the old file open still reads all of it: the new record arrived
         # by rename, never by rewriting the old file in place.
         assert old.read() == '{"old": true}\n'
+    assert read_record(images)["used"] == []
+    assert sorted(p.name for p in images.iterdir()) == [RECORD]
+
+
+def test_pre_dump_writes_a_new_record_in_place(
+    host: SimHost, trees: Callable[..., Tree], images: Path
+) -> None:
+    """In a fresh image directory the record is created where it belongs: no temporary file,
+    no rename (one metadata operation less at every dump), the same mode as before."""
+    tree = trees(None)
+    trace = images.parent / "pre-dump.trace"
+    command = ["strace", "-f", "-qq", "-e", "trace=rename,renameat,renameat2", "-o", str(trace)]
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace (.ci/run installs it) to see that nothing is renamed")
+    done = run_action("pre-dump", host.env(), images, tree.root, command=[*command, str(ACTION)])
+    assert done.returncode == 0, done.stderr
+    assert "rename" not in trace.read_text()
+    assert sorted(p.name for p in images.iterdir()) == [RECORD]
+    assert stat.S_IMODE((images / RECORD).stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("planted", ["symlink", "hard link", "fifo"])
+def test_pre_dump_never_writes_through_what_is_planted_at_the_record_name(
+    host: SimHost, trees: Callable[..., Tree], images: Path, tmp_path: Path, planted: str
+) -> None:
+    """The image directory may be the workload's: whatever it put at the record's name is
+    replaced by a new file, never opened, and the file it pointed at is left as it was."""
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    record = images / RECORD
+    if planted == "symlink":
+        record.symlink_to(victim)
+    elif planted == "hard link":
+        os.link(victim, record)
+    else:
+        os.mkfifo(record)
+    tree = trees(None)
+    done = run_action("pre-dump", host.env(), images, tree.root)
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "untouched\n"
+    assert record.is_file() and not record.is_symlink()
     assert read_record(images)["used"] == []
     assert sorted(p.name for p in images.iterdir()) == [RECORD]
 

@@ -266,8 +266,18 @@ def pre_dump(environ: Mapping[str, str]) -> int:
     try:
         # No fsync at all: CRIU writes its images beside the record without one, so after a
         # crash the checkpoint is lost with or without a durable record, and on a busy disk
-        # the fsync alone cost more than the rest of pre-dump (tens of ms, measured).
-        write_atomically(image_dir, RECORD_NAME, data, sync_directory=False, sync_data=False)
+        # the fsync alone cost more than the rest of pre-dump (tens of ms, measured). In a
+        # fresh image directory the record is written in place: nothing reads it before
+        # CRIU's dump (which runs after this stage) is done, and a record cut short by a
+        # crash is refused at restore.
+        write_atomically(
+            image_dir,
+            RECORD_NAME,
+            data,
+            sync_directory=False,
+            sync_data=False,
+            new_in_place=True,
+        )
     except OSError as error:
         say(
             f"cannot write {RECORD_NAME} into {shown(image_dir_name(image_dir), 400)}: "
