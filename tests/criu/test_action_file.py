@@ -225,6 +225,48 @@ def test_the_file_runs_on_the_bare_host_python(
     assert quiet.stdout == quiet.stderr == ""
 
 
+def test_the_file_starts_python_without_runpy_zlib_or_site(
+    bare_python: Path, host: SimHost, trees: Callable[..., Tree], tmp_path: Path
+) -> None:
+    """The front runs actionfile.ZIP_PROGRAM with the file's own path: a pre-dump imports the
+    zip's modules and nothing of `python FILE`'s runpy (importlib.util, contextlib, ...), of
+    inflating (zlib) or of `site`; and with no config file, no TOML parser (the dump has a
+    check, cuda-checkpoint missing, so the `dump_checks` setting is looked up)."""
+    action, images = installed(tmp_path)
+    program = actionfile.ZIP_PROGRAM
+    assert f"""exec "$gdw_python" -I -S -c '{program}' "$0" "$@"\n""".encode() in (
+        action.read_bytes()
+    )
+    tree = trees("/dev/zero")
+    done = subprocess.run(
+        [str(bare_python), "-I", "-S", "-X", "importtime", "-c", program, str(action)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "CRTOOLS_SCRIPT_ACTION": "pre-dump",
+            "CRTOOLS_IMAGE_DIR": str(images),
+            "CRTOOLS_INIT_PID": str(tree.root),
+            "GPU_DEVICE_WATCHER_SOCKET": str(host.socket),
+            "GPU_DEVICE_WATCHER_CONFIG": str(images / "no-config.toml"),
+        },
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert {"watcher.criu", "watcher.criu.dump"} <= imported
+    assert "watcher.criu.settings" in imported
+    unwanted = {"runpy", "zlib", "site", "contextlib", "importlib.util", "tomllib"}
+    assert imported & unwanted == set()
+    assert json.loads((images / RECORD).read_text())["used"][0]["name"] == "nvidia5"
+
+
 def test_without_the_daemon_a_dump_goes_on_only_for_a_tree_without_a_gpu(
     bare_python: Path, trees: Callable[..., Tree], tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from watcher.criu import shfront
+from watcher.criu.actionfile import ZIP_PROGRAM
 
 from .harness import ACTION, REPO, Criu, Tree, alive
 from .simhost import SimHost
@@ -211,7 +212,7 @@ def test_the_cuda_checkpoint_wrapper_finds_python_by_the_shared_rule() -> None:
     shfront.pip_program; its tools run through `command -p`."""
     wrapper = (REPO / "watcher" / "criu" / "wrapper.sh").read_text()
     assert shfront.SYSTEM_PYTHON in wrapper
-    assert 'exec "$gdw_python" -I -S ' in wrapper
+    assert f"""exec "$gdw_python" -I -S -c '{ZIP_PROGRAM}' "$here/{ACTION.name}" \\\n""" in wrapper
     program = shfront.pip_program("watcher.criu.cudawrap")
     assert f"""exec "$python" -I -S -c '{program}' "$self" "$real" "$@"\n""" in wrapper
     assert "$(readlink" not in wrapper

@@ -34,8 +34,6 @@ def _load(environ: Mapping[str, str]) -> dict[str, object]:
     path, explicit = config_path(environ)
     if path in _cache:
         return _cache[path]
-    import tomllib  # noqa: PLC0415 (only when a key matters)
-
     config: dict[str, object] = {}
     try:
         with open(path, "rb") as file:
@@ -45,11 +43,16 @@ def _load(environ: Mapping[str, str]) -> dict[str, object]:
             if (unsafe := config_file_problem(shown(path), info)) is not None:
                 say(f"{unsafe[0]}; ignoring it")
             else:
+                # Only for a file that is there: tomllib and its imports (re, typing,
+                # datetime) cost ~6 ms, more than the rest of a stage.
+                import tomllib  # noqa: PLC0415
+
                 config = tomllib.load(file)
     except FileNotFoundError:
         if explicit:
             say(f"config {shown(path)} (from {CONFIG_ENV}) does not exist; using the defaults")
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+    # tomllib.TOMLDecodeError is a ValueError.
+    except (OSError, ValueError) as error:
         say(f"cannot read config {shown(path)} ({shown(error)}); using the defaults")
     _cache[path] = config
     return config

@@ -120,7 +120,11 @@ for gdw_candidate in /usr/local/bin/python3.[1-9][0-9] /usr/bin/python3.[1-9][0-
     gdw_too_old="$gdw_too_old $gdw_candidate"
 done
     if [ -n "$gdw_python" ]; then
-        exec "$gdw_python" -I -S "$here/gpu-device-watcher-criu-action" --cuda-checkpoint "$self" "$real" "$@"
+        exec "$gdw_python" -I -S -c 'import sys
+sys.path.insert(0, sys.argv.pop(1))
+from watcher.criu import console_main, exit_now
+exit_now(console_main())' "$here/gpu-device-watcher-criu-action" \
+            --cuda-checkpoint "$self" "$real" "$@"
     fi
 fi
 echo "gpu-device-watcher: no cuda-checkpoint on this host (none on PATH past $self, and no Python 3.11 or later to ask the map: install gpu-device-watcher or run install-action beside this file)" >&2
