@@ -53,8 +53,6 @@ _GONE = (errno.ENOENT, errno.ESRCH)
 _ENTRY_SKIP = (*_GONE, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)
 
 _DELETED = " (deleted)"
-# readlink() of an fd that cannot be a device node: no stat needed.
-_PSEUDO_FD = ("socket:", "pipe:", "anon_inode:")
 
 VIA_FD = "fd"
 VIA_MAPS = "maps"
@@ -211,9 +209,9 @@ def _fd_devices(pid: int, proc: str) -> set[int] | None:
     for name in names:
         path = f"{fd_dir}/{name}"
         try:
-            if os.readlink(path).startswith(_PSEUDO_FD):
-                continue
-            st = os.stat(path)  # follows the magic link to the open inode itself
+            # Follows the magic link to the open inode itself; one call whatever the fd is (a
+            # socket, pipe or anonymous inode is simply not a character device).
+            st = os.stat(path)
         except OSError as e:
             if e.errno in _ENTRY_SKIP:  # closed meanwhile, or not resolvable
                 continue
