@@ -384,13 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     baseline = result["variants"][0]
     base_dump, base_restore = baseline["dump_ms"], baseline["restore_ms"]
     print(f"{result['version']}; {arguments.runs} dumps and restores per row; median wall time")
-    print(f"{'':22}  {'dump ms':>8}  {'added':>7}  {'restore ms':>10}  {'added':>7}")
+    print(f"{'':24}  {'dump ms':>8}  {'added':>7}  {'restore ms':>10}  {'added':>7}")
     for variant in result["variants"]:
         dump, restore = variant["dump_ms"], variant["restore_ms"]
         added_dump = "" if variant is baseline else f"{dump - base_dump:+7.1f}"
         added_restore = "" if variant is baseline else f"{restore - base_restore:+7.1f}"
         print(
-            f"{variant['label']:22}  {dump:8.1f}  {added_dump:>7}  {restore:10.1f}  "
+            f"{variant['label']:24}  {dump:8.1f}  {added_dump:>7}  {restore:10.1f}  "
             f"{added_restore:>7}"
         )
     print()

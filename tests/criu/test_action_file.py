@@ -322,6 +322,37 @@ def test_without_the_daemon_a_dump_goes_on_only_for_a_tree_without_a_gpu(
     assert not (images / RECORD).exists()
 
 
+def test_a_host_python_with_the_daemons_dependencies_still_gets_the_files_rule(
+    trees: Callable[..., Tree], tmp_path: Path
+) -> None:
+    """The file run by a Python that can import msgspec (here this venv's, with its site):
+    the scanner is still not in the file, so without the daemon it answers as it does
+    anywhere (it stopped the stage with `ModuleNotFoundError: watcher.config` before)."""
+    action, images = installed(tmp_path)
+    probe = [sys.executable, "-I", "-c", "import msgspec"]
+    assert subprocess.run(probe, cwd="/", timeout=TIMEOUT, check=False).returncode == 0
+    plain = trees(None)
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", actionfile.ZIP_PROGRAM, str(action)],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "CRTOOLS_SCRIPT_ACTION": "pre-dump",
+            "CRTOOLS_IMAGE_DIR": str(images),
+            "CRTOOLS_INIT_PID": str(plain.root),
+            "GPU_DEVICE_WATCHER_SOCKET": str(tmp_path / "no-daemon.sock"),
+            "GPU_DEVICE_WATCHER_CONFIG": str(images / "no-config.toml"),
+        },
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no GPU device in use by the tree" in done.stdout
+    assert "failed unexpectedly" not in done.stderr
+
+
 def test_without_the_daemon_a_dump_of_an_amd_tree_is_refused(
     bare_python: Path, trees: Callable[..., Tree], tmp_path: Path
 ) -> None:
