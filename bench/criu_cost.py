@@ -17,8 +17,9 @@ The same small tree (`sh` with a child `sleep` that holds /dev/zero) is dumped a
   `pip install` of the wheel lays it out (tests.criu.harness.stage_venv_install), what a
   node that installs the package runs;
 - with `--before TREE` (a checkout of an earlier version): that version's action, started as
-  its install started it (the console script pip generates, `import re` first), beside
-  this one's, in the same run.
+  its install started it (its /bin/sh script in a new venv like the one above; before there
+  was one, the console script pip generates, `import re` first), beside this one's, in the
+  same run.
 
 Beside the stages, a bare `python -I -c pass` of the same interpreter is timed the same way,
 interleaved with them: the stage costs are also given as ratios to it, which carry over
@@ -89,6 +90,16 @@ class Variant:
     python: str = sys.executable
     dump_ms: list[float] = field(default_factory=list)
     restore_ms: list[float] = field(default_factory=list)
+
+
+def _before_variant(work: Path, before: Path) -> Variant:
+    """An earlier version's action as its install started it: its /bin/sh script in a new
+    venv of its own (from the version that has one), else the console script pip generated."""
+    if (before / "scripts" / ACTION.name).exists():
+        bin_dir = stage_venv_install(work / "venv-before", with_pip=True, tree=before)
+        return Variant("action (before)", bin_dir / ACTION.name, str(bin_dir / "python3"))
+    compileall.compile_dir(str(before / "watcher"), quiet=1)
+    return Variant("action (before)", _console_script(work, before))
 
 
 def _console_script(directory: Path, tree: Path) -> Path:
@@ -312,8 +323,7 @@ def measure(
                 Variant(WHEEL, wheel / ACTION.name, str(wheel / "python3")),
             ]
             if before is not None:
-                compileall.compile_dir(str(before / "watcher"), quiet=1)
-                variants.append(Variant("action (before)", _console_script(work, before)))
+                variants.append(_before_variant(work, before))
             # One unmeasured round each: page cache, CRIU's kernel-feature cache, pyc files.
             for variant in variants:
                 _one_round(criu, host, variant, work, -1)

@@ -58,16 +58,16 @@ def stage_wrapper(directory: Path) -> Path:
 
 
 def stage_venv_install(
-    venv: Path, *, packages_at: Path | None = None, with_pip: bool = False
+    venv: Path, *, packages_at: Path | None = None, with_pip: bool = False, tree: Path = REPO
 ) -> Path:
-    """This checkout laid out in a new venv at `venv` as `pip install` of the wheel lays it out
-    (the package compiled in the venv's site-packages; in bin, the action script, the
-    cuda-checkpoint wrapper and a `gpu-device-watcher` whose shebang names the venv's python,
-    as pip writes it); the venv's bin. With `packages_at`, the package goes there instead,
-    for a `.pth` file to name. No dependency is installed: the action's daemon path needs
-    none (it is stdlib only). `with_pip` makes the venv as users make it (`python -m venv`
-    with its pip, and on 3.11 its setuptools `.pth`), which the bare interpreter's start
-    pays for; slower (seconds)."""
+    """This checkout (or `tree`, another one) laid out in a new venv at `venv` as `pip install`
+    of the wheel lays it out (the package compiled in the venv's site-packages; in bin, the
+    action script, the cuda-checkpoint wrapper and a `gpu-device-watcher` whose shebang names
+    the venv's python, as pip writes it); the venv's bin. With `packages_at`, the package goes
+    there instead, for a `.pth` file to name. No dependency is installed: the action's daemon
+    path needs none (it is stdlib only). `with_pip` makes the venv as users make it (`python
+    -m venv` with its pip, and on 3.11 its setuptools `.pth`), which the bare interpreter's
+    start pays for; slower (seconds)."""
     subprocess.run(
         [sys._base_executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(venv)],
         check=True,
@@ -77,7 +77,7 @@ def stage_venv_install(
     bin_dir = venv / "bin"
     target = packages_at or site_packages(venv)
     shutil.copytree(
-        REPO / "watcher", target / "watcher", ignore=shutil.ignore_patterns("__pycache__")
+        tree / "watcher", target / "watcher", ignore=shutil.ignore_patterns("__pycache__")
     )
     compileall.compile_dir(str(target / "watcher"), quiet=1)
     console = bin_dir / "gpu-device-watcher"
@@ -86,11 +86,12 @@ def stage_venv_install(
     )
     console.chmod(0o755)
     for source, name in (
-        (REPO / "scripts" / ACTION.name, ACTION.name),
-        (WRAPPER, "cuda-checkpoint"),
+        (tree / "scripts" / ACTION.name, ACTION.name),
+        (tree / WRAPPER.relative_to(REPO), "cuda-checkpoint"),
     ):
-        (bin_dir / name).write_bytes(source.read_bytes())
-        (bin_dir / name).chmod(0o755)
+        if source.exists():  # an older tree may have no wrapper
+            (bin_dir / name).write_bytes(source.read_bytes())
+            (bin_dir / name).chmod(0o755)
     return bin_dir
 
 
