@@ -540,6 +540,48 @@ def test_mapping_of_an_unlinked_node_is_skipped(spawn: Spawn, tmp_path: Path) ->
     assert [(u["name"], u["via"]) for u in used] == [("nvidiactl", ["fd"])]
 
 
+SHARED_INODE = """
+    import json, os, stat, subprocess, sys
+    dev = sys.argv[1]
+    mount = ["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", dev]
+    subprocess.run(mount, check=True, timeout=10)
+    os.mknod(f"{dev}/a", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    os.link(f"{dev}/a", f"{dev}/b")
+    ready_r, ready_w = os.pipe()
+    kid = os.fork()
+    if kid == 0:
+        map_only(f"{dev}/b")
+        os.write(ready_w, b"x")
+        sys.stdin.read()
+        os._exit(0)
+    os.read(ready_r, 1)
+    map_only(f"{dev}/a")
+    os.unlink(f"{dev}/a")
+    print(json.dumps({"kid": kid, "maps": open("/proc/self/maps").read()}), flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.realfs
+def test_an_unlinked_name_does_not_hide_the_inode_mapped_through_another(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """The root maps a node through a name since unlinked (' (deleted)', skipped); its child
+    maps the same inode through a hard link that stands: the walk, which examines each inode
+    once for the whole tree, still finds it in the child."""
+    _need_unshare()
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    child, info = spawn(
+        SHARED_INODE, str(dev), prefix=["unshare", "-m", "--propagation", "private"]
+    )
+    assert f"{dev}/a (deleted)" in info["maps"]
+    used = used_devices(child.pid, NS_DEVICES)
+    assert [(u["name"], u["pids"], u["via"]) for u in used] == [
+        ("nvidia-uvm", [info["kid"]], ["maps"]),
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Maps a workload can craft: a file name with "\r", and a maps file of 63 MiB
 

@@ -24,9 +24,10 @@ def current_map(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
 class MapRequest:
     """The daemon's map, asked for at once and read when it is needed.
 
-    The daemon takes 0.2-0.5 ms to answer (measured on a two-core machine; more when it was
-    idle); a stage that has other work meanwhile (pre-dump: its imports, the tree's root)
-    does it while the daemon answers, instead of waiting first. `result()` reads the reply
+    The daemon takes 0.2-0.5 ms to answer a new connection (measured on a two-core machine;
+    more when it was idle); a stage that has other work meanwhile (pre-dump: its imports, the
+    tree's root) does it while the daemon answers, instead of waiting first (where the woken
+    daemon takes this process's core, the two simply run in turn). `result()` reads the reply
     (once), falling back to a direct scan as `current_map` does.
     """
 
@@ -62,17 +63,18 @@ class MapRequest:
             if not isinstance(generation, int) or not isinstance(device_map, dict):
                 raise TypeError("the reply holds no map")  # noqa: TRY301 (same fallback as below)
         except (client.Unreachable, client.ServerError) as error:
-            say(f"{shown(error, 400)}; scanning this host directly instead")
-            return direct_scan(self._environ)
+            why = f"{shown(error, 400)}; scanning this host directly instead"
         except (ValueError, KeyError, TypeError) as error:
-            say(
+            why = (
                 f"the daemon at {shown(self._path)} sent a reply that is not a map "
                 f"({shown(error)}); scanning directly"
             )
-            return direct_scan(self._environ)
+        else:
+            return generation, device_map
         finally:
-            connection.close()
-        return generation, device_map
+            connection.close()  # before a scan that may take a while
+        say(why)
+        return direct_scan(self._environ)
 
 
 def _load_site_packages() -> None:

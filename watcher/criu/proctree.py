@@ -364,7 +364,8 @@ def _mapped_device(
     `examined` when the answer holds for every process (the inode was found)."""
     m = _parse_maps_line(line)
     if m is None:
-        examined[key] = None  # inode 0, or a deleted file: for everyone
+        # Not remembered: a node unlinked since this process mapped it (" (deleted)") may be
+        # mapped by another process, or again, through a name that still stands.
         return None
     st = _stat_mapping(pid, m, proc)
     if st is None:
