@@ -317,3 +317,26 @@ def test_the_wrapper_with_nothing_behind_it_fails_as_a_missing_binary(
         )
     finally:
         tree.close()
+
+
+def test_without_the_daemon_the_wrapper_scans_for_the_driver_roots_binary(
+    make_host: Callable[..., SimHost], tmp_path: Path
+) -> None:
+    """The daemon unreachable, nothing on PATH past the wrapper: its Python side scans the
+    host view the config names (hostmap.scanned_map, quietly) and runs the binary the map
+    finds under the driver root, with the call's arguments as they were."""
+    driver_root, log, stand_in, binary = stand_in_under_driver_root(tmp_path)
+    host = make_host(node_spec(HostSpec(), driver_root, stand_in))
+    env = host.env(
+        cuda_checkpoint=False,
+        wrapper=True,
+        GPU_DEVICE_WATCHER_SOCKET=str(tmp_path / "no-daemon.sock"),
+        GPU_DEVICE_WATCHER_CONFIG=str(host.config),
+    )
+    wrapper = env["PATH"].split(":", 1)[0]
+    env["PATH"] = f"{wrapper}:/usr/bin:/bin"
+    done = host.run_inside(["cuda-checkpoint", "--get-state", "--pid", "1"], env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "running\n"
+    assert done.stderr == ""  # quiet: what the real binary prints is all the caller sees
+    assert calls(log) == [f"binary={binary} --get-state --pid 1"]

@@ -161,22 +161,9 @@ def _quiet_map(environ: Mapping[str, str]) -> dict[str, Any] | None:
             return device_map
     except (client.Unreachable, client.ServerError, ValueError, TypeError):
         pass
-    try:
-        import msgspec  # noqa: PLC0415
-    except ImportError:
-        return None  # the action file packs no scanner
-    from watcher.config import ConfigError, resolve_settings  # noqa: PLC0415
-    from watcher.core.snapshot import HostView  # noqa: PLC0415
-    from watcher.criu.settings import config_path  # noqa: PLC0415
-    from watcher.probe import scan  # noqa: PLC0415
+    from watcher.criu.hostmap import scanned_map  # noqa: PLC0415 (without the daemon only)
 
-    config, explicit = config_path(environ)
-    try:
-        view = resolve_settings({"config": config if explicit else None}, environ).view
-    except ConfigError:
-        view = HostView()
-    scanned: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(scan(view, generation=0)))
-    return scanned
+    return scanned_map(environ, quiet=True)  # None in install-action's file: no scanner
 
 
 def restore_device_map(

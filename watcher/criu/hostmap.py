@@ -93,12 +93,25 @@ def _load_site_packages() -> None:
 
 def direct_scan(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     # The fallback is allowed to be heavy: it runs only when the daemon is down.
+    device_map = scanned_map(environ)
+    if device_map is None:
+        # The file `install-action` writes holds the stdlib-only modules alone; an install
+        # whose dependencies are gone does what it does.
+        raise SystemExit(without_scanner(environ))
+    return 0, device_map
+
+
+def scanned_map(environ: Mapping[str, str], *, quiet: bool = False) -> dict[str, Any] | None:
+    """This host's map from a scan of our own, in the shape the daemon sends; None when this
+    install has no scanner (install-action's file) or cannot import its dependencies.
+    `quiet`: a config that cannot be used is not reported (the scan then uses the default
+    host view either way)."""
     from importlib.util import find_spec  # noqa: PLC0415
 
     if find_spec("watcher.probe") is None:
-        # The file `install-action` writes holds the stdlib-only modules alone; it is not
-        # given the host's site-packages either, whose .pth files would run as root.
-        raise SystemExit(without_scanner(environ))
+        # Not in the file: it is not given the host's site-packages either, whose .pth files
+        # would run as root.
+        return None
     _load_site_packages()
     try:
         import msgspec  # noqa: PLC0415
@@ -107,19 +120,19 @@ def direct_scan(environ: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
         from watcher.core.snapshot import HostView  # noqa: PLC0415
         from watcher.probe import scan  # noqa: PLC0415
     except ImportError:
-        # An install whose dependencies are gone: what the action file does without them.
-        raise SystemExit(without_scanner(environ)) from None
+        return None
     from watcher.criu.settings import config_path  # noqa: PLC0415 (only without the daemon)
 
     path, explicit = config_path(environ)
     try:
         view = resolve_settings({"config": path if explicit else None}, environ).view
     except ConfigError as error:
-        say(f"{shown(error, 400)}; scanning with the default host view")
+        if not quiet:
+            say(f"{shown(error, 400)}; scanning with the default host view")
         view = HostView()
     # Through JSON, not to_builtins (which keeps tuples): the same shape the daemon sends.
     device_map: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(scan(view, generation=0)))
-    return 0, device_map
+    return device_map
 
 
 # --------------------------------------------------------------------------------------------
