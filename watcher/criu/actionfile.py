@@ -4,11 +4,11 @@ In the container deployment the daemon lives in a pod, but CRIU runs on the host
 runc, CRI-O or containerd) and executes the action there, where nothing of ours is
 installed. The file written here is a zipapp behind a /bin/sh front (`FRONT`): the front
 answers the stages that have nothing to do, finds the system's Python 3.11+ by absolute path
-and runs the file with it isolated and without `site` (`python -I -S FILE`: the zip is
-`sys.path[0]`, nothing of CRIU's working directory or environment is, and no host `.pth` file
-runs), and without such a Python fails only a stage that needs a GPU record (the rules:
-`watcher.criu.shfront`). After the front comes a zip of the `watcher` modules the action
-imports, which must need the standard library alone.
+and runs the file with it isolated and without `site` (`python -I -S -c ZIP_PROGRAM FILE`:
+the zip is put first on `sys.path`, nothing of CRIU's working directory or environment is,
+and no host `.pth` file runs), and without such a Python fails only a stage that needs a GPU
+record (the rules: `watcher.criu.shfront`). After the front comes a zip of the `watcher`
+modules the action imports, which must need the standard library alone.
 
 Which modules: those `watcher.criu` imports, at module level or inside its functions,
 followed through every module found, as read from their source (the action imports most of

@@ -14,8 +14,8 @@ program of ours that CRIU runs therefore starts Python by these rules:
 3. It runs with `-I`: neither the working directory nor the script's directory is put on
    `sys.path` (the `-c` form put the working directory first, so a planted `watcher/` or
    `__future__.py` ran as root), and no `PYTHON*` variable (`PYTHONPATH`, `PYTHONHOME`,
-   `PYTHONSTARTUP`, ...) and no user site-packages are honoured. A zipapp keeps its own
-   path as `sys.path[0]` under `-I`.
+   `PYTHONSTARTUP`, ...) and no user site-packages are honoured. The install-action file
+   puts itself first on `sys.path` (`actionfile.ZIP_PROGRAM`, given the file's own path).
 4. It runs with `-S` as well: the `site` module, which would run the code of every `.pth`
    file in site-packages as root, never starts. A zipapp needs nothing but itself and the
    standard library; a pip-installed front runs `pip_program`, which puts this install's own
